@@ -1,0 +1,66 @@
+"""Command line: ``python -m minipsft train --model PATH_OR_ID --data FILE --method psft --out DIR``.
+
+Every ``TrainConfig`` field is a flag (``eps_high`` -> ``--eps-high``) with the field's help text.
+"""
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+
+from .data import load_rows
+from .model import CausalLM, DataError
+from .train import METHODS, NonFiniteLossError, TrainConfig, heldout_eval, train
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata["help"]
+        if hints[f.name] is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        else:
+            parser.add_argument(flag, type=hints[f.name], default=f.default, help=help_text,
+                                choices=METHODS if f.name == "method" else None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m minipsft", description="Proximal Supervised Fine-Tuning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="fine-tune a causal LM with SFT, PSFT, DFT or SFT+KL",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Fine-tune a Hugging Face causal LM on a JSONL/Parquet file in TRL's "
+                                   "prompt-completion or conversational format. Writes OUT/history.jsonl "
+                                   "(one line per optimizer step), OUT/evals.jsonl, OUT/checkpoint.pt and "
+                                   "OUT/final/ (save_pretrained).")
+    p.add_argument("--model", required=True, help="hub id or local folder of a causal LM and its tokenizer")
+    p.add_argument("--data", required=True, help="training data: .jsonl/.json/.parquet with prompt+completion or messages")
+    p.add_argument("--eval-data", help="held-out data in the same format: NLL and entropy on it after every epoch")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--max-length", type=int, default=None, help="longest sequence in tokens (default: the model's context)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16, ... (auto: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    _add_config_flags(p)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    try:
+        cfg.check()
+        lm = CausalLM.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+        # every row is read, checked and encoded before the first step: bad data fails fast
+        examples = lm.encode(load_rows(args.data), max_length=args.max_length)
+        eval_fn = None
+        if args.eval_data:
+            heldout = lm.encode(load_rows(args.eval_data), max_length=args.max_length)
+            eval_fn = lambda lm: heldout_eval(lm, heldout)  # noqa: E731
+        result = train(lm, examples, cfg, out_dir=args.out, eval_fn=eval_fn, resume=args.resume)
+    except (DataError, ValueError, FileNotFoundError, NonFiniteLossError) as e:
+        sys.exit(f"error: {e}")
+    last = result["history"][-1]
+    print(json.dumps({"steps": last["step"], "loss": last["loss"], "entropy": last["entropy"],
+                      "clipfrac": last["clipfrac"], "out": args.out}))

@@ -1,0 +1,123 @@
+"""Fine-tuning losses on per-token log-probs: SFT, PSFT and the baselines.
+
+Every loss takes the log-probabilities of the *target* tokens (the demonstration, or a sampled
+completion), so it drops into any framework that can produce them:
+
+    logp, logp_old, logp_ref : float [B, T]   log pi(a_t | s_t) under the current / snapshot / base model
+    mask                     : [B, T]         1 on completion tokens, 0 on prompt and padding
+
+and returns ``(loss, metrics)``: a scalar tensor (the token-mean over ``mask``, as in the official
+PSFT code) and a dict of plain Python floats computed without gradient.
+
+Why PSFT is a policy gradient (PAPER.md): SFT's gradient ``-mean_t grad log pi(a_t|s_t)`` is the
+policy gradient with advantage ``A = 1`` on samples from the data set. PSFT keeps ``A = 1`` and
+swaps ``log pi`` for PPO's clipped importance ratio against a frozen snapshot ``pi_old``::
+
+    L = -mean_t min(r_t A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t),   r_t = pi(a_t|s_t) / pi_old(a_t|s_t)
+
+``clipped_surrogate`` is that one formula; ``psft_loss`` calls it with ``A = 1`` and an RL stage
+calls it with group-normalised advantages.
+"""
+import torch
+
+__all__ = ["clipped_surrogate", "psft_loss", "sft_loss", "dft_loss", "sft_kl_loss", "masked_mean"]
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Token-mean of ``x`` over the positions where ``mask`` is 1 (all tokens of the batch pooled)."""
+    return (x * mask).sum() / mask.sum()
+
+
+def _check(logp: torch.Tensor, mask: torch.Tensor, **others: torch.Tensor) -> torch.Tensor:
+    """Validate shapes and the mask; return the mask in ``logp``'s dtype."""
+    if logp.dim() != 2:
+        raise ValueError(f"logp must be [B, T], got shape {tuple(logp.shape)}")
+    for name, t in {"mask": mask, **others}.items():
+        if t.shape != logp.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(logp.shape)} like logp")
+    if not (mask != 0).any():
+        # a silent zero loss would "train" on nothing and report success: refuse instead
+        raise ValueError("mask has no completion token: nothing to train on (check prompt/completion "
+                         "lengths and truncation)")
+    return mask.to(logp.dtype)
+
+
+def clipped_surrogate(logp, logp_old, advantages, mask, eps_low: float = 0.2, eps_high: float = 0.28):
+    """PPO's pessimistic clipped objective, ``-min(r A, clip(r, 1-eps_low, 1+eps_high) A)``, token-mean.
+
+    ``advantages`` is a float, a ``[B]`` tensor (one per sequence, as in GRPO) or ``[B, T]``.
+    Metrics: ``clipfrac`` (fraction of tokens whose gradient the clip removed), split into
+    ``clipfrac_high`` (A > 0 and r > 1+eps_high) and ``clipfrac_low`` (A < 0 and r < 1-eps_low),
+    ``ratio_mean``, ``ratio_max``, ``approx_kl`` (the "k3" estimate ``(r-1) - log r``), ``num_tokens``.
+    """
+    advantages = torch.as_tensor(advantages, dtype=logp.dtype, device=logp.device)
+    if advantages.dim() == 1:
+        advantages = advantages[:, None]
+    advantages = advantages.expand_as(logp)
+    m = _check(logp, mask, logp_old=logp_old)
+    log_ratio = logp - logp_old.detach()
+    ratio = torch.exp(log_ratio)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * advantages
+    loss = masked_mean(-torch.minimum(unclipped, clipped), m)
+
+    with torch.no_grad():
+        on = m.bool()
+        # The min picks the clipped (constant, zero-gradient) branch only when the ratio has already
+        # moved in the direction the advantage pushes it: up past 1+eps_high for A > 0, down past
+        # 1-eps_low for A < 0. For A > 0 and r < 1-eps_low the min keeps r*A, so the gradient still
+        # flows: with PSFT's A = 1 only the upper bound can ever stop a gradient.
+        high = (advantages > 0) & (ratio > 1.0 + eps_high) & on
+        low = (advantages < 0) & (ratio < 1.0 - eps_low) & on
+        n = on.sum()
+        metrics = {
+            "clipfrac": ((high | low).sum() / n).item(),
+            "clipfrac_high": (high.sum() / n).item(),
+            "clipfrac_low": (low.sum() / n).item(),
+            "ratio_mean": masked_mean(ratio, m).item(),
+            "ratio_max": ratio[on].max().item(),
+            # k3 estimator of KL(pi_old || pi), low-variance and always >= 0 (Schulman's note, as in TRL/verl)
+            "approx_kl": masked_mean(ratio - 1.0 - log_ratio, m).item(),
+            "num_tokens": int(n.item()),
+        }
+    return loss, metrics
+
+
+def psft_loss(logp, logp_old, mask, eps_low: float = 0.2, eps_high: float = 0.28):
+    """PSFT: the clipped surrogate with advantage 1 on every demonstration token.
+
+    A token whose probability already rose past ``(1 + eps_high)`` times its ``pi_old`` value gets
+    zero gradient; every other token gets ``r_t * grad log pi``. At ``r = 1`` this is SFT's gradient.
+    """
+    return clipped_surrogate(logp, logp_old, 1.0, mask, eps_low, eps_high)
+
+
+def sft_loss(logp, mask):
+    """SFT: token-mean negative log-likelihood of the demonstration."""
+    m = _check(logp, mask)
+    return masked_mean(-logp, m), {"num_tokens": int(m.sum().item())}
+
+
+def dft_loss(logp, mask):
+    """DFT ("dynamic fine-tuning", TRL's ``loss_type="dft"``): ``-stopgrad(p_t) * log p_t``.
+
+    Each token's NLL gradient is scaled by its own probability, so tokens the model finds unlikely
+    are pushed less (the opposite of SFT's ``1/p`` weighting of ``grad p``).
+    """
+    m = _check(logp, mask)
+    return masked_mean(-torch.exp(logp.detach()) * logp, m), {"num_tokens": int(m.sum().item())}
+
+
+def sft_kl_loss(logp, logp_ref, mask, kl_coef: float = 0.5):
+    """SFT plus ``kl_coef`` times a per-token estimate of KL(pi || pi_ref) on the demonstration tokens.
+
+    Estimator: "k3", ``exp(logp_ref - logp) - (logp_ref - logp) - 1`` (>= 0, the one GRPO/TRL use).
+    Its gradient per token is ``(1 - pi_ref/pi) grad log pi``: it pulls a token back only once the
+    model puts more mass on it than the reference does. Metrics: ``nll``, ``kl``.
+    """
+    m = _check(logp, mask, logp_ref=logp_ref)
+    delta = logp_ref.detach() - logp
+    kl = torch.exp(delta) - delta - 1.0
+    nll = masked_mean(-logp, m)
+    kl_mean = masked_mean(kl, m)
+    return nll + kl_coef * kl_mean, {"nll": nll.item(), "kl": kl_mean.item(), "num_tokens": int(m.sum().item())}

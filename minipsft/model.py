@@ -1,0 +1,271 @@
+"""One small wrapper over a Hugging Face causal LM and its tokenizer.
+
+What fine-tuning needs from a model, and nothing else:
+  * load (hub id or local folder) / build from a config / ``save_pretrained`` so plain transformers reloads it;
+  * ``encode`` rows (prompt-completion or conversational) into token ids and a completion mask;
+  * ``token_logprobs``: log pi(x_t | x_<t) of every target token and, optionally, the entropy of
+    pi(. | x_<t), computed chunk by chunk from the hidden states so that no full [B, T, V] logits
+    tensor is ever built (real vocabularies are 150k wide);
+  * batched ``generate`` (greedy or sampled) through transformers.
+Runs on CPU (float32) or GPU (bfloat16); nothing here needs a GPU to import or to test.
+"""
+import copy
+import warnings
+
+import torch
+from torch.utils.checkpoint import checkpoint
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+__all__ = ["CausalLM", "DataError", "token_logprobs", "char_tokenizer", "resolve_device", "resolve_dtype"]
+
+CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                   "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+# Elements of one [rows, positions, vocab] float32 logits chunk (2**25 floats = 128 MiB).
+CHUNK_ELEMENTS = 2**25
+
+
+class DataError(ValueError):
+    """A row that cannot be trained on: the message names the row (1-based, like a JSONL line) and why."""
+
+    @classmethod
+    def listing(cls, header: str, problems: list):
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        return cls(f"{header}:\n  " + "\n  ".join(problems[:10]) + more)
+
+
+def resolve_device(device=None) -> torch.device:
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype in (None, "auto"):
+        gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if gpu_bf16 else torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def char_tokenizer(alphabet: str, chat_template: str | None = None):
+    """A character-level Hugging Face tokenizer (built with `tokenizers`, saved and reloaded by
+    ``AutoTokenizer``): one token per character of ``alphabet`` plus ``<pad>``, ``<bos>``, ``<eos>``
+    and the ChatML markers; other characters map to ``<unk>``. ``chat_template="chatml"`` attaches a
+    ChatML template (and adds the characters of its role names to the alphabet)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<bos>", "<eos>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    if chat_template is not None:
+        alphabet += "systemuserassistant\n"
+    chars = sorted(set(alphabet))
+    core = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + chars)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                                  unk_token="<unk>", additional_special_tokens=specials[4:])
+    if chat_template is not None:
+        tok.chat_template = CHATML_TEMPLATE if chat_template == "chatml" else chat_template
+    return tok
+
+
+def _chunk_logprobs(hidden, targets, head, with_entropy: bool):
+    logits = head(hidden).float()  # [B, c, V], float32 so that exp(logp - logp_old) is exact enough to clip
+    logz = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz
+    if not with_entropy:
+        return logp, None
+    with torch.no_grad():  # entropy is a diagnostic: H = log Z - sum_v p_v * logit_v
+        entropy = logz - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    return logp, entropy
+
+
+def _hidden_and_head(model, input_ids, attention_mask):
+    """Final hidden states and the output head, or (logits, identity) for models whose head is not a plain linear map."""
+    cfg = model.config
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    plain_head = not getattr(cfg, "final_logit_softcapping", None) and not getattr(cfg, "logit_scale", None)
+    if decoder is not None and decoder is not model and plain_head:
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state, model.get_output_embeddings()
+    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits, torch.nn.Identity()
+
+
+def token_logprobs(model, input_ids, attention_mask, with_entropy: bool = False, chunk_elements: int = CHUNK_ELEMENTS):
+    """Per-token log-probs (and entropies) aligned with ``input_ids``: shape [B, T], position 0 is 0.
+
+    ``logp[b, t] = log pi(input_ids[b, t] | input_ids[b, :t])``; ``entropy[b, t]`` is the entropy of
+    pi(. | input_ids[b, :t]). Padding positions are 0. The vocabulary projection runs in chunks of
+    positions; with gradients on and more than one chunk, each chunk is recomputed in backward
+    (activation checkpointing), so at most one chunk of logits is alive at a time.
+    """
+    hidden, head = _hidden_and_head(model, input_ids, attention_mask)
+    hidden, targets = hidden[:, :-1], input_ids[:, 1:]
+    B, T1 = targets.shape
+    vocab = model.config.vocab_size if isinstance(head, torch.nn.Identity) else head.out_features
+    step = max(1, chunk_elements // max(1, B * vocab))
+    recompute = torch.is_grad_enabled() and T1 > step
+    logps, ents = [], []
+    for s in range(0, T1, step):
+        args = (hidden[:, s:s + step], targets[:, s:s + step], head, with_entropy)
+        lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False) if recompute else _chunk_logprobs(*args)
+        logps.append(lp)
+        ents.append(ent)
+    keep = attention_mask[:, 1:].bool()
+    zero = hidden.new_zeros(B, 1, dtype=torch.float32)
+    logp = torch.cat([zero, torch.cat(logps, 1).masked_fill(~keep, 0.0)], 1)
+    if not with_entropy:
+        return logp, None
+    return logp, torch.cat([zero, torch.cat(ents, 1).masked_fill(~keep, 0.0)], 1)
+
+
+class CausalLM:
+    """A causal LM plus its tokenizer, on one device, with the few operations fine-tuning needs."""
+
+    def __init__(self, model, tokenizer, device=None, dtype=None):
+        self.device = resolve_device(device)
+        self.model = model.to(device=self.device, dtype=resolve_dtype(dtype, self.device))
+        self.tokenizer = tokenizer
+        if tokenizer.pad_token_id is None:  # many chat models ship without one; padding is masked anyway
+            tokenizer.pad_token = tokenizer.eos_token
+
+    # ---------------------------------------------------------------- loading and saving
+    @classmethod
+    def from_pretrained(cls, name_or_path, device=None, dtype=None, attn_implementation="sdpa", **kwargs):
+        """Load from a hub id or a local folder written by ``save_pretrained``."""
+        dev = resolve_device(device)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=resolve_dtype(dtype, dev), attn_implementation=attn_implementation, **kwargs)
+        return cls(model, tokenizer, dev, dtype)
+
+    @classmethod
+    def from_config(cls, config, tokenizer, seed: int = 0, device=None, dtype=None):
+        """A freshly initialised model of any transformers architecture (tiny ones for tests and the toy world)."""
+        torch.manual_seed(seed)
+        return cls(AutoModelForCausalLM.from_config(config), tokenizer, device, dtype)
+
+    def save_pretrained(self, path):
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+    def frozen_copy(self):
+        """A gradient-free copy of the current weights (pi_ref for SFT+KL, or an anchored pi_old)."""
+        model = copy.deepcopy(self.model).eval()
+        model.requires_grad_(False)
+        return model
+
+    @property
+    def max_length(self) -> int:
+        return getattr(self.model.config, "max_position_embeddings", None) or 2048
+
+    # ---------------------------------------------------------------- encoding
+    def _render(self, messages, add_generation_prompt: bool) -> str:
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)  # plain fallback, no template
+        return text + ("assistant: " if add_generation_prompt else "")
+
+    def prompt_ids(self, prompt) -> list:
+        """Token ids of a prompt: a string (tokenised with the tokenizer's special tokens, e.g. BOS) or a
+        list of chat messages (rendered with the chat template, generation prompt appended)."""
+        if isinstance(prompt, str):
+            return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        return self.tokenizer(self._render(prompt, True), add_special_tokens=False)["input_ids"]
+
+    def _split(self, row):
+        """(prompt ids, completion ids) of one row in TRL's formats."""
+        tok = self.tokenizer
+        if row.get("messages") is not None:
+            prompt, completion = row["messages"][:-1], row["messages"][-1:]
+        else:
+            prompt, completion = row["prompt"], row["completion"]
+        if isinstance(prompt, str):
+            ids = tok(completion, add_special_tokens=False)["input_ids"]
+            return self.prompt_ids(prompt), ids + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
+        head = self._render(prompt, add_generation_prompt=True)
+        full = self._render(list(prompt) + list(completion), add_generation_prompt=False)
+        if not full.startswith(head):
+            raise DataError("the chat template renders the conversation so that the prompt is not a prefix of it")
+        return (tok(head, add_special_tokens=False)["input_ids"],
+                tok(full[len(head):], add_special_tokens=False)["input_ids"])
+
+    def encode(self, rows, max_length=None) -> list:
+        """Rows -> examples ``{"input_ids": [...], "completion_mask": [...]}`` (1 on completion tokens).
+
+        Formats (TRL's): ``{"prompt": str, "completion": str}`` (EOS appended to the completion),
+        ``{"messages": [...]}`` (the final assistant message is the completion, the rest the prompt,
+        via the chat template), or ``{"prompt": [msgs], "completion": [msgs]}``. Sequences longer than
+        ``max_length`` (default: the model's context) lose the end of their completion; a row left with
+        no completion token is never trained on: all such rows are reported in one ``DataError``.
+        """
+        max_length = max_length or self.max_length
+        examples, problems, cut = [], [], 0
+        for i, row in enumerate(rows, start=1):
+            try:
+                prompt, completion = self._split(row)
+            except DataError as e:
+                problems.append(f"row {i}: {e}")
+                continue
+            if not prompt:
+                problems.append(f"row {i}: the prompt encodes to no token")
+            elif not completion:
+                problems.append(f"row {i}: the completion encodes to no token")
+            elif len(prompt) >= max_length:
+                problems.append(f"row {i}: completion truncated away (prompt has {len(prompt)} tokens, "
+                                f"max_length is {max_length})")
+            else:
+                keep = min(len(completion), max_length - len(prompt))
+                cut += keep < len(completion)
+                examples.append({"input_ids": prompt + completion[:keep],
+                                 "completion_mask": [0] * len(prompt) + [1] * keep})
+        if problems:
+            raise DataError.listing(f"{len(problems)} row(s) cannot be trained on", problems)
+        if cut:
+            warnings.warn(f"{cut} of {len(examples)} completions were shortened to max_length={max_length}")
+        return examples
+
+    def collate(self, examples) -> dict:
+        """Right-pad a list of examples into tensors on the model's device."""
+        T = max(len(e["input_ids"]) for e in examples)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(examples), T), pad, dtype=torch.long)
+        attn = torch.zeros((len(examples), T), dtype=torch.long)
+        comp = torch.zeros((len(examples), T), dtype=torch.long)
+        for b, e in enumerate(examples):
+            n = len(e["input_ids"])
+            ids[b, :n] = torch.tensor(e["input_ids"])
+            attn[b, :n] = 1
+            comp[b, :n] = torch.tensor(e["completion_mask"])
+        return {k: v.to(self.device) for k, v in
+                {"input_ids": ids, "attention_mask": attn, "completion_mask": comp}.items()}
+
+    # ---------------------------------------------------------------- scoring and sampling
+    def token_logprobs(self, batch, with_entropy: bool = False, model=None):
+        """``token_logprobs`` of a collated batch under this model (or another one, e.g. a frozen copy)."""
+        return token_logprobs(model if model is not None else self.model,
+                              batch["input_ids"], batch["attention_mask"], with_entropy)
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
+                 top_p: float = 1.0, batch_size: int = 64) -> list:
+        """Completions (decoded text, special tokens dropped) for a list of prompts (strings or message lists).
+
+        Prompts are encoded exactly as in ``encode`` and left-padded, so a completion continues the
+        same token sequence the model was trained on.
+        """
+        tok, out = self.tokenizer, []
+        was_training = self.model.training
+        self.model.eval()
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
+        for s in range(0, len(prompts), batch_size):
+            enc = [self.prompt_ids(p) for p in prompts[s:s + batch_size]]
+            T = max(map(len, enc))
+            ids = torch.tensor([[tok.pad_token_id] * (T - len(e)) + e for e in enc], device=self.device)
+            attn = torch.tensor([[0] * (T - len(e)) + [1] * len(e) for e in enc], device=self.device)
+            gen = self.model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens,
+                                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **sampling)
+            out += tok.batch_decode(gen[:, T:], skip_special_tokens=True)
+        self.model.train(was_training)
+        return out

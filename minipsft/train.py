@@ -1,0 +1,334 @@
+"""One training loop for SFT, PSFT, DFT and SFT+KL, with the official ``pi_old`` snapshot schedule.
+
+Schedule (as in the official verl recipe): the data are shuffled once per epoch (the order depends
+only on ``seed`` and the epoch, so every method sees the same sequence of demonstrations) and cut
+into batches of ``batch_size``. For PSFT, the current weights are frozen as ``pi_old`` at the start
+of each batch and its log-probs computed under no grad; then the batch is cut into minibatches of
+``minibatch_size`` and the model takes one optimizer step per minibatch. So ``pi_old`` is refreshed
+every ``batch_size / minibatch_size`` steps. With one step per snapshot the ratio is exactly 1 at
+that step and PSFT's gradient *is* SFT's: the clip only acts from the second minibatch on.
+
+The loop knows no task: it takes encoded examples (``CausalLM.encode``) and an optional
+``eval_fn(lm) -> dict`` called at the start, after every epoch and every ``eval_every`` steps.
+"""
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .losses import dft_loss, masked_mean, psft_loss, sft_kl_loss, sft_loss
+
+__all__ = ["TrainConfig", "train", "heldout_eval", "METHODS", "NonFiniteLossError"]
+
+METHODS = ("sft", "psft", "dft", "sft_kl")
+# keys that may differ when resuming (they do not change the result)
+_RESUME_FREE = {"progress", "eval_every", "checkpoint_every"}
+
+
+def _f(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a fine-tuning run. The help text of each field is also its ``--help`` line."""
+    method: str = _f("psft", "loss: sft | psft | dft | sft_kl (one loop, one data order; only the loss differs)")
+    epochs: int = _f(4, "passes over the data set")
+    lr: float = _f(1e-5, "peak AdamW learning rate (official: PSFT 1e-6, their SFT baseline 2e-5)")
+    batch_size: int = _f(256, "demonstrations per pi_old snapshot (official 256); log pi_old is computed once per batch")
+    minibatch_size: int = _f(32, "demonstrations per optimizer step (official 32): batch_size/minibatch_size "
+                                 "steps per snapshot; equal to batch_size, PSFT is exactly SFT")
+    micro_batch_size: int = _f(0, "demonstrations per forward/backward within a minibatch, gradients accumulated "
+                                  "(saves memory, same result); 0 = the whole minibatch at once")
+    eps_low: float = _f(0.2, "lower clip, ratio >= 1-eps_low (never acts when the advantage is positive)")
+    eps_high: float = _f(0.28, "upper clip, ratio <= 1+eps_high (DAPO's clip-higher, as the official code); "
+                               "a huge value turns the clip off")
+    refresh_pi_old: bool = _f(True, "refresh pi_old at every batch; off anchors pi_old to the starting model "
+                                    "(the paper's 'no update' ablation)")
+    sft_warmup_steps: int = _f(0, "plain-SFT optimizer steps before PSFT starts")
+    kl_coef: float = _f(0.5, "weight of the KL(pi || pi_ref) penalty of sft_kl (paper: 0.5)")
+    weight_decay: float = _f(0.1, "AdamW weight decay")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = off)")
+    lr_warmup_steps: int = _f(0, "linear learning-rate warm-up, in optimizer steps")
+    lr_schedule: str = _f("constant", "after warm-up: constant | cosine (down to 0 at the last step)")
+    seed: int = _f(0, "seed of the data order and of torch's RNG")
+    eval_every: int = _f(0, "also evaluate every N optimizer steps (always: at the start and after each epoch)")
+    checkpoint_every: int = _f(0, "with an output folder, save a resumable checkpoint every N batches "
+                                  "(always after each epoch)")
+    progress: bool = _f(True, "show a tqdm progress bar")
+
+    def check(self) -> None:
+        """Refuse settings that cannot run, naming the setting."""
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r}: choose one of {', '.join(METHODS)}")
+        for name in ("epochs", "batch_size", "minibatch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.minibatch_size > self.batch_size:
+            raise ValueError(f"minibatch_size={self.minibatch_size} is larger than batch_size={self.batch_size}")
+        if self.lr <= 0 or self.eps_low < 0 or self.eps_high < 0 or self.eps_low >= 1:
+            raise ValueError(f"need lr > 0, 0 <= eps_low < 1, eps_high >= 0 (got lr={self.lr}, "
+                             f"eps_low={self.eps_low}, eps_high={self.eps_high})")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule={self.lr_schedule!r}: choose constant or cosine")
+        if min(self.micro_batch_size, self.sft_warmup_steps, self.lr_warmup_steps, self.eval_every,
+               self.checkpoint_every) < 0 or self.grad_clip < 0 or self.kl_coef < 0:
+            raise ValueError("step counts, sizes, grad_clip and kl_coef must be >= 0")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN/inf loss or gradient; the last good checkpoint is left untouched."""
+
+
+def _epoch_batches(n: int, cfg: TrainConfig, epoch: int) -> list:
+    """Example indices of each batch of ``epoch``: a permutation that depends on (seed, epoch) only."""
+    g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    return [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
+
+
+def _chunks(seq, size):
+    return [seq[i:i + size] for i in range(0, len(seq), size)]
+
+
+def _micro_batches(mb: dict, cfg) -> list:
+    """Row slices of a minibatch that are run through forward/backward one at a time."""
+    size = cfg.micro_batch_size or len(mb["input_ids"])
+    return [(s, {k: v[s:s + size] for k, v in mb.items()}) for s in range(0, len(mb["input_ids"]), size)]
+
+
+def _lr_lambda(cfg: TrainConfig, total_steps: int):
+    def f(step):  # step = optimizer steps taken so far
+        if step < cfg.lr_warmup_steps:
+            return (step + 1) / cfg.lr_warmup_steps
+        if cfg.lr_schedule == "cosine":
+            done = (step - cfg.lr_warmup_steps) / max(1, total_steps - cfg.lr_warmup_steps)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, done)))
+        return 1.0
+    return f
+
+
+def _merge(parts: list) -> dict:
+    """Token-weighted mean of per-micro-batch metrics (max for ``*_max``, sum for counts)."""
+    total = sum(p["num_tokens"] for p in parts)
+    out = {}
+    for k in parts[0]:
+        vals = [p[k] for p in parts]
+        if k in ("num_tokens", "tokens"):
+            out[k] = sum(vals)
+        elif k.endswith("_max"):
+            out[k] = max(vals)
+        else:
+            out[k] = sum(v * p["num_tokens"] for v, p in zip(vals, parts)) / total
+    return out
+
+
+@torch.no_grad()
+def heldout_eval(lm, examples, batch_size: int = 32) -> dict:
+    """Mean NLL and mean token entropy over the completion tokens of held-out examples."""
+    was_training = lm.model.training
+    lm.model.eval()
+    nll = ent = n = 0.0
+    for chunk in _chunks(examples, batch_size):
+        batch = lm.collate(chunk)
+        logp, entropy = lm.token_logprobs(batch, with_entropy=True)
+        m = batch["completion_mask"].float()
+        nll, ent, n = nll - (logp * m).sum().item(), ent + (entropy * m).sum().item(), n + m.sum().item()
+    lm.model.train(was_training)
+    return {"heldout_nll": nll / n, "heldout_entropy": ent / n}
+
+
+def _loss(method, cfg, logp, mask, logp_old, logp_ref):
+    if method == "psft":
+        return psft_loss(logp, logp_old, mask, cfg.eps_low, cfg.eps_high)
+    if method == "sft_kl":
+        return sft_kl_loss(logp, logp_ref, mask, cfg.kl_coef)
+    return (dft_loss if method == "dft" else sft_loss)(logp, mask)
+
+
+def _rng_state():
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def train(lm, examples: list, cfg: TrainConfig, out_dir=None, eval_fn=None, resume: bool = False,
+          on_step=None) -> dict:
+    """Fine-tune ``lm`` in place on encoded ``examples``; return ``{"history": [...], "evals": [...]}``.
+
+    ``history`` has one record per optimizer step (``step``, ``epoch``, ``loss``, ``nll``, ``entropy``,
+    ``clipfrac``, ratio stats, ``approx_kl``, ``grad_norm``, ``lr``, ``tokens_per_s``, ...); ``evals``
+    one per evaluation. With ``out_dir``: ``history.jsonl``, ``evals.jsonl``, ``config.json``,
+    ``checkpoint.pt`` (model, optimizer, scheduler, RNG states, data position) and ``final/``
+    (``save_pretrained``). ``resume=True`` continues from ``out_dir/checkpoint.pt`` and gives the
+    same result as an uninterrupted run. ``on_step(record)`` is called after every step.
+    """
+    cfg.check()
+    if not examples:
+        raise ValueError("no training examples")
+    model = lm.model
+    out = Path(out_dir) if out_dir is not None else None
+    torch.manual_seed(cfg.seed)
+    # a frozen copy of the *starting* weights: pi_ref for sft_kl, or pi_old when it is never refreshed
+    anchored = cfg.method == "sft_kl" or (cfg.method == "psft" and not cfg.refresh_pi_old)
+    base = lm.frozen_copy() if anchored else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    batch_sizes = [len(b) for b in _epoch_batches(len(examples), cfg, 0)]
+    steps_per_epoch = sum(math.ceil(n / cfg.minibatch_size) for n in batch_sizes)
+    total_steps = steps_per_epoch * cfg.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total_steps))
+    pos = {"epoch": 0, "batch": 0, "step": 0}
+    history, evals = [], []
+    ckpt_path = out / "checkpoint.pt" if out is not None else None
+
+    if resume:
+        if ckpt_path is None or not ckpt_path.is_file():
+            raise FileNotFoundError(f"resume=True but there is no checkpoint at {ckpt_path}")
+        ck = torch.load(ckpt_path, map_location=lm.device, weights_only=False)
+        diff = {k for k in ck["config"] if ck["config"][k] != getattr(cfg, k)} - _RESUME_FREE
+        if diff:
+            raise ValueError(f"cannot resume: settings differ from the checkpoint's: {sorted(diff)}")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        _set_rng_state(ck["rng"])
+        pos, history, evals = ck["position"], ck["history"], ck["evals"]
+
+    log = None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        log = open(out / "history.jsonl", "w")
+        for rec in history:
+            log.write(json.dumps(rec) + "\n")
+        log.flush()
+
+    def evaluate(epoch):
+        if eval_fn is not None:
+            was_training = model.training
+            model.eval()
+            evals.append({"step": pos["step"], "epoch": epoch, **eval_fn(lm)})
+            model.train(was_training)
+
+    def save_checkpoint():
+        if ckpt_path is not None:
+            tmp = ckpt_path.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                        "rng": _rng_state(), "position": dict(pos), "history": history, "evals": evals,
+                        "config": asdict(cfg)}, tmp)
+            os.replace(tmp, ckpt_path)  # atomic: a crash mid-save never leaves a broken checkpoint
+
+    if not resume:
+        evaluate(0)
+    model.train()
+    bar = tqdm(total=total_steps, initial=pos["step"], disable=not cfg.progress, desc=cfg.method, dynamic_ncols=True)
+    try:
+        for epoch in range(pos["epoch"], cfg.epochs):
+            batches = _epoch_batches(len(examples), cfg, epoch)
+            for b in range(pos["batch"], len(batches)):
+                minibatches = [lm.collate([examples[i] for i in idx]) for idx in _chunks(batches[b], cfg.minibatch_size)]
+                # log pi_old per minibatch; filled at the batch's first PSFT step ("take the snapshot")
+                old = [None] * len(minibatches)
+                for j in range(len(minibatches)):
+                    rec = _step(lm, cfg, opt, sched, base, minibatches, old, j, pos["step"])
+                    pos["step"] += 1
+                    rec.update(step=pos["step"], epoch=epoch + 1, epoch_frac=pos["step"] / steps_per_epoch)
+                    history.append(rec)
+                    if log is not None:
+                        log.write(json.dumps(rec) + "\n")
+                        log.flush()
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", ent=f"{rec['entropy']:.3f}",
+                                    clip=f"{rec['clipfrac']:.3f}", refresh=False)
+                    if on_step is not None:
+                        on_step(rec)
+                    if cfg.eval_every and pos["step"] % cfg.eval_every == 0:
+                        evaluate(pos["step"] / steps_per_epoch)
+                pos["batch"] = b + 1
+                end_of_epoch = b + 1 == len(batches)
+                if end_of_epoch:
+                    pos["epoch"], pos["batch"] = epoch + 1, 0
+                    evaluate(epoch + 1)
+                if end_of_epoch or (cfg.checkpoint_every and (b + 1) % cfg.checkpoint_every == 0):
+                    save_checkpoint()
+    except NonFiniteLossError as e:
+        kept = f"; the last good checkpoint is {ckpt_path}" if ckpt_path is not None and ckpt_path.exists() else ""
+        raise NonFiniteLossError(f"{e}. Training stopped{kept}.") from None
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+        if out is not None:
+            with open(out / "evals.jsonl", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in evals)
+    if out is not None:
+        lm.save_pretrained(out / "final")
+    return {"history": history, "evals": evals}
+
+
+@torch.no_grad()
+def _snapshot_logprobs(lm, minibatches, old, j, cfg):
+    """Freeze the current weights as pi_old for minibatch ``j`` and the batch's later ones.
+
+    Minibatch ``j``'s own log pi_old equals the log-probs of its training forward (same weights), so
+    it is taken from there ("self"); each later minibatch costs one no-grad forward. (Scoring the
+    whole batch in one forward was slower on CPU, measured with benchmarks/step_time.py.)
+    """
+    old[j] = "self"
+    for k in range(j + 1, len(minibatches)):
+        old[k] = torch.cat([lm.token_logprobs(micro)[0] for _, micro in _micro_batches(minibatches[k], cfg)])
+
+
+def _step(lm, cfg, opt, sched, base, minibatches, old, j, step) -> dict:
+    """One optimizer step on minibatch ``j`` of the current batch."""
+    t0 = time.perf_counter()
+    model, mb = lm.model, minibatches[j]
+    method = "sft" if cfg.method == "psft" and step < cfg.sft_warmup_steps else cfg.method
+    if method == "psft" and cfg.refresh_pi_old and old[j] is None:
+        _snapshot_logprobs(lm, minibatches, old, j, cfg)
+    total_tokens = mb["completion_mask"].sum()
+    parts = []
+    for s, micro in _micro_batches(mb, cfg):
+        mask = micro["completion_mask"]
+        logp, entropy = lm.token_logprobs(micro, with_entropy=True)
+        logp_base = None  # the frozen starting model: pi_ref of sft_kl, or the anchored pi_old
+        if base is not None and method != "sft":
+            with torch.no_grad():
+                logp_base = lm.token_logprobs(micro, model=base)[0]
+        logp_old = logp.detach() if isinstance(old[j], str) else old[j][s:s + len(mask)] if old[j] is not None else logp_base
+        loss, metrics = _loss(method, cfg, logp, mask, logp_old, logp_base)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at step {step + 1}")
+        (loss * (mask.sum() / total_tokens)).backward()
+        m = mask.to(logp.dtype)
+        parts.append({**metrics, "loss": loss.item(), "nll": masked_mean(-logp.detach(), m).item(),
+                      "entropy": masked_mean(entropy, m).item(),
+                      "tokens": int(micro["attention_mask"].sum().item())})
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    if not torch.isfinite(grad_norm):
+        opt.zero_grad(set_to_none=True)
+        raise NonFiniteLossError(f"non-finite gradient norm at step {step + 1}")
+    lr = sched.get_last_lr()[0]
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    rec = _merge(parts)
+    rec.setdefault("clipfrac", 0.0)  # no clip in this loss: nothing was clipped
+    for k in ("clipfrac_high", "clipfrac_low", "ratio_mean", "ratio_max", "approx_kl", "kl"):
+        rec.setdefault(k, None)
+    rec.update(method=method, grad_norm=grad_norm.item(), lr=lr,
+               tokens_per_s=rec["tokens"] / (time.perf_counter() - t0))
+    return rec

@@ -1,0 +1,81 @@
+"""The command line: a real run through ``python -m minipsft`` and every bad-input case."""
+import json
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from conftest import addition_rows
+from minipsft.cli import main
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_train_command_writes_history_and_final_model(saved_model_dir, tmp_path):
+    data = _jsonl(tmp_path / "train.jsonl", addition_rows(16))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "minipsft", "train", "--model", str(saved_model_dir), "--data", str(data),
+           "--method", "psft", "--epochs", "2", "--lr", "3e-3", "--batch-size", "8", "--minibatch-size", "2",
+           "--eps-high", "0.28", "--seed", "0", "--out", str(out), "--eval-data", str(data), "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in history] == list(range(1, 17))
+    assert all({"step", "epoch", "loss", "entropy", "clipfrac"} <= set(r) for r in history)
+    assert max(r["clipfrac"] for r in history) > 0
+    evals = [json.loads(line) for line in (out / "evals.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in evals] == [0, 1, 2] and evals[-1]["heldout_nll"] < evals[0]["heldout_nll"]
+    AutoModelForCausalLM.from_pretrained(out / "final")
+
+
+def test_train_accepts_conversational_parquet(saved_model_dir, tmp_path):
+    import datasets
+
+    rows = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
+            for r in addition_rows(8)]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "chat.parquet"))
+    main(["train", "--model", str(saved_model_dir), "--data", str(tmp_path / "chat.parquet"), "--method", "sft",
+          "--epochs", "1", "--batch-size", "4", "--minibatch-size", "4", "--out", str(tmp_path / "o"), "--no-progress"])
+    assert len((tmp_path / "o" / "history.jsonl").read_text().splitlines()) == 2
+
+
+GOOD = {"prompt": "1+1=", "completion": "2"}
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([GOOD, {"prompt": "1+2="}], "row 2: field 'completion' is missing"),
+    ([GOOD, GOOD, {"prompt": "1+2=", "completion": ""}], "row 3: field 'completion' is empty"),
+    ([{"prompt": "  ", "completion": "3"}, GOOD], "row 1: field 'prompt' is empty"),
+    ([{"messages": [{"role": "user", "content": "1+1="}]}], "row 1: field 'messages' must end with an assistant"),
+    ([GOOD, {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}]}],
+     "row 2: field 'messages': message 1 needs a non-empty 'role' and 'content'"),
+    ([GOOD, {"prompt": "1" * 70, "completion": "2"}], "row 2: completion truncated away"),
+])
+def test_bad_rows_fail_before_training_naming_the_row(saved_model_dir, tmp_path, capsys, rows, message):
+    data = _jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--model", str(saved_model_dir), "--data", str(data), "--out", str(tmp_path / "o")])
+    assert e.value.code != 0 and message in str(e.value.code)
+    assert not (tmp_path / "o").exists()  # nothing was trained
+
+
+def test_bad_file_and_settings_are_clear_errors(saved_model_dir, tmp_path):
+    for args, message in [(["--data", str(tmp_path / "none.jsonl")], "no such file"),
+                          (["--data", str(_jsonl(tmp_path / "d.csv", [GOOD]))], "unknown data format"),
+                          (["--data", str(_jsonl(tmp_path / "d.jsonl", [GOOD])), "--minibatch-size", "512"],
+                           "minibatch_size=512 is larger than batch_size=256")]:
+        with pytest.raises(SystemExit) as e:
+            main(["train", "--model", str(saved_model_dir), "--out", str(tmp_path / "o"), *args])
+        assert message in str(e.value.code)
+
+
+def test_help_lists_every_setting(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--minibatch-size", "--eps-high", "--refresh-pi-old", "--sft-warmup-steps", "--resume"):
+        assert flag in text

@@ -1,0 +1,100 @@
+"""Model wrapper: save/load, encoding and masks, chunked log-probs and entropy, generation."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import tiny_lm
+from minipsft.model import CausalLM, DataError, token_logprobs
+
+
+def test_save_pretrained_reloads_with_plain_transformers(lm, tmp_path):
+    lm.save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    ids = torch.tensor([tok("12+3=15")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, lm.model(ids).logits)
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == \
+        lm.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    again = CausalLM.from_pretrained(tmp_path, device="cpu")
+    assert again.model.dtype == torch.float32 and again.device.type == "cpu"
+
+
+def test_encode_prompt_completion_masks_only_completion_and_eos(lm):
+    (ex,) = lm.encode([{"prompt": "12+3=", "completion": "15"}])
+    tok = lm.tokenizer
+    assert ex["input_ids"] == tok("12+3=")["input_ids"] + tok("15")["input_ids"] + [tok.eos_token_id]
+    assert ex["completion_mask"] == [0] * 5 + [1, 1, 1]
+
+
+def test_encode_messages_uses_chat_template(lm):
+    rows = [{"messages": [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"}]},
+            {"prompt": [{"role": "user", "content": "1+1="}], "completion": [{"role": "assistant", "content": "2"}]}]
+    a, b = lm.encode(rows)
+    assert a == b
+    completion = [t for t, m in zip(a["input_ids"], a["completion_mask"]) if m]
+    prompt = [t for t, m in zip(a["input_ids"], a["completion_mask"]) if not m]
+    assert lm.tokenizer.decode(completion) == "2<|im_end|>\n"
+    assert lm.tokenizer.decode(prompt) == "<|im_start|>user\n1+1=<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_encode_messages_without_template_falls_back_to_plain_roles():
+    lm = tiny_lm(chat=False)
+    (ex,) = lm.encode([{"messages": [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"}]}])
+    prompt = [t for t, m in zip(ex["input_ids"], ex["completion_mask"]) if not m]
+    assert lm.tokenizer.decode(prompt) == "user: 1+1=\nassistant: "
+
+
+def test_completion_truncated_away_is_reported_with_its_row(lm):
+    rows = [{"prompt": "1+1=", "completion": "2"}, {"prompt": "1" * 20, "completion": "2"}]
+    with pytest.raises(DataError, match=r"row 2: completion truncated away \(prompt has 20 tokens, max_length is 10\)"):
+        lm.encode(rows, max_length=10)
+    with pytest.warns(UserWarning, match="1 of 1 completions were shortened"):
+        (ex,) = lm.encode([{"prompt": "1+1=", "completion": "22222222"}], max_length=6)
+    assert len(ex["input_ids"]) == 6 and sum(ex["completion_mask"]) == 2
+
+
+def test_collate_pads_right_and_masks_padding(lm):
+    batch = lm.collate(lm.encode([{"prompt": "1+1=", "completion": "2"}, {"prompt": "10+10=", "completion": "20"}]))
+    assert batch["input_ids"].shape == (2, 9)  # "10+10=" + "20" + EOS
+    assert batch["attention_mask"].tolist()[0] == [1] * 6 + [0] * 3
+    assert (batch["input_ids"][0, 6:] == lm.tokenizer.pad_token_id).all()
+    assert batch["completion_mask"].sum().item() == 2 + 3
+
+
+def _naive(model, ids, attn):
+    logits = model(input_ids=ids, attention_mask=attn).logits.float()
+    logp_all = logits.log_softmax(-1)
+    logp = logp_all[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    ent = -(logp_all.exp() * logp_all).sum(-1)[:, :-1]
+    keep = attn[:, 1:].bool()
+    return logp.masked_fill(~keep, 0), ent.masked_fill(~keep, 0)
+
+
+@pytest.mark.parametrize("chunk_elements", [2**25, 3 * 32 * 2])  # one chunk; two positions per chunk
+def test_token_logprobs_and_entropy_match_full_log_softmax(lm, chunk_elements):
+    batch = lm.collate(lm.encode([{"prompt": "1+1=", "completion": "2"}, {"prompt": "10+10=", "completion": "20"}]))
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    logp, ent = token_logprobs(lm.model, ids, attn, with_entropy=True, chunk_elements=chunk_elements)
+    ref_logp, ref_ent = _naive(lm.model, ids, attn)
+    assert logp.shape == ids.shape and ent.shape == ids.shape
+    assert (logp[:, 0] == 0).all() and (logp[0, 6:] == 0).all()
+    torch.testing.assert_close(logp[:, 1:], ref_logp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent[:, 1:], ref_ent, atol=1e-5, rtol=1e-5)
+    # gradients agree too (the chunked path recomputes each chunk in backward)
+    (logp * batch["completion_mask"]).sum().backward()
+    g = [p.grad.clone() for p in lm.model.parameters()]
+    lm.model.zero_grad()
+    (ref_logp * batch["completion_mask"][:, 1:]).sum().backward()
+    for a, p in zip(g, lm.model.parameters()):
+        torch.testing.assert_close(a, p.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_generate_batched_equals_one_by_one(lm):
+    prompts = ["1+1=", "10+20=", [{"role": "user", "content": "2+2="}]]
+    batched = lm.generate(prompts, max_new_tokens=5)
+    single = [lm.generate([p], max_new_tokens=5)[0] for p in prompts]
+    assert batched == single and all(isinstance(s, str) for s in batched)
+    torch.manual_seed(0)
+    sampled = lm.generate(prompts[:1] * 4, max_new_tokens=5, do_sample=True)
+    assert len(sampled) == 4

@@ -1,0 +1,25 @@
+"""pyproject.toml and environment.yml list the same packages with the same lower bounds."""
+import re
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CONDA_NAMES = {"pytorch": "torch"}
+
+
+def _parse(spec):
+    name, bound = re.match(r"^([A-Za-z0-9_.\-]+)\s*(.*)$", spec.strip()).groups()
+    name = name.lower().replace("_", "-")
+    return CONDA_NAMES.get(name, name), bound.replace(" ", "")
+
+
+def test_environment_yml_matches_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pip = dict(_parse(s) for s in project["dependencies"] + project["optional-dependencies"]["dev"])
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    conda = dict(_parse(d) for d in env["dependencies"]
+                 if isinstance(d, str) and not re.match(r"^(python|pip)\b", d))
+    assert conda == pip
+    assert any(isinstance(d, dict) and "pip" in d for d in env["dependencies"])  # installs this package

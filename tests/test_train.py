@@ -1,0 +1,166 @@
+"""Training loop: learning, the snapshot schedule and the clip, equivalences, resume, determinism, errors."""
+import json
+
+import pytest
+import torch
+
+from conftest import addition_rows, tiny_lm
+from minipsft.train import NonFiniteLossError, TrainConfig, heldout_eval, train
+
+
+def cfg(**kw):
+    base = dict(method="psft", epochs=2, lr=3e-3, batch_size=16, minibatch_size=4, progress=False, seed=0)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return tiny_lm().encode(addition_rows(32))
+
+
+def _weights(lm):
+    return [p.detach().clone() for p in lm.model.parameters()]
+
+
+def _no_timing(history):
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in history]
+
+
+def test_tiny_model_memorises_a_small_set():
+    lm = tiny_lm()
+    ex = lm.encode(addition_rows(8))
+    before = heldout_eval(lm, ex)["heldout_nll"]
+    train(lm, ex, cfg(method="sft", epochs=60, lr=1e-2, batch_size=8, minibatch_size=8))
+    after = heldout_eval(lm, ex)["heldout_nll"]
+    assert after < 0.1 * before and after < 0.3
+    greedy = lm.generate([r["prompt"] for r in addition_rows(8)], max_new_tokens=4)
+    assert sum(g == r["completion"] for g, r in zip(greedy, addition_rows(8))) >= 6
+
+
+def test_psft_with_several_minibatches_per_snapshot_clips(examples):
+    hist = train(tiny_lm(), examples, cfg(epochs=3))["history"]
+    assert max(r["clipfrac"] for r in hist) > 0
+    # the first minibatch of every snapshot sees r == 1 exactly: nothing can be clipped there
+    for r in hist[::4]:
+        assert r["clipfrac"] == 0.0 and r["ratio_mean"] == pytest.approx(1.0) and r["ratio_max"] == pytest.approx(1.0)
+    assert {"step", "epoch", "loss", "entropy", "clipfrac", "ratio_mean", "approx_kl", "grad_norm", "lr",
+            "tokens_per_s", "nll"} <= set(hist[0])
+
+
+def test_one_minibatch_per_snapshot_is_exactly_sft(examples):
+    lm_sft, lm_psft = tiny_lm(), tiny_lm()
+    train(lm_sft, examples, cfg(method="sft", batch_size=4, minibatch_size=4))
+    hist = train(lm_psft, examples, cfg(method="psft", batch_size=4, minibatch_size=4))["history"]
+    assert all(r["clipfrac"] == 0.0 for r in hist)
+    for a, b in zip(_weights(lm_sft), _weights(lm_psft)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_same_data_order_for_every_method_and_batch_size(examples):
+    from minipsft.train import _epoch_batches
+    a = sum(_epoch_batches(32, cfg(batch_size=16), 1), [])
+    b = sum(_epoch_batches(32, cfg(batch_size=4, minibatch_size=4, method="sft"), 1), [])
+    assert a == b and sorted(a) == list(range(32)) and a != sum(_epoch_batches(32, cfg(), 0), [])
+
+
+def test_same_seed_same_history_other_seed_differs(examples):
+    h1 = train(tiny_lm(), examples, cfg(epochs=1))["history"]
+    h2 = train(tiny_lm(), examples, cfg(epochs=1))["history"]
+    h3 = train(tiny_lm(), examples, cfg(epochs=1, seed=1))["history"]
+    assert _no_timing(h1) == _no_timing(h2)
+    assert [r["loss"] for r in h1] != [r["loss"] for r in h3]
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(examples, tmp_path):
+    full_lm = tiny_lm()
+    full = train(full_lm, examples, cfg(epochs=2, checkpoint_every=1), out_dir=tmp_path / "full",
+                 eval_fn=lambda lm: heldout_eval(lm, examples[:4]))
+
+    def crash(rec):
+        if rec["step"] == 11:  # mid-batch in epoch 2: the last checkpoint is after step 8 (batch 2)
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_lm(), examples, cfg(epochs=2, checkpoint_every=1), out_dir=tmp_path / "cut",
+              eval_fn=lambda lm: heldout_eval(lm, examples[:4]), on_step=crash)
+    resumed_lm = tiny_lm()
+    resumed = train(resumed_lm, examples, cfg(epochs=2, checkpoint_every=1), out_dir=tmp_path / "cut",
+                    eval_fn=lambda lm: heldout_eval(lm, examples[:4]), resume=True)
+    assert _no_timing(resumed["history"]) == _no_timing(full["history"])
+    assert resumed["evals"] == full["evals"]
+    for a, b in zip(_weights(full_lm), _weights(resumed_lm)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    lines = (tmp_path / "cut" / "history.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == list(range(1, 17))
+
+
+def test_resume_refuses_changed_settings(examples, tmp_path):
+    train(tiny_lm(), examples, cfg(epochs=1), out_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"settings differ.*'lr'"):
+        train(tiny_lm(), examples, cfg(epochs=1, lr=1e-3), out_dir=tmp_path, resume=True)
+    with pytest.raises(FileNotFoundError):
+        train(tiny_lm(), examples, cfg(epochs=1), out_dir=tmp_path / "none", resume=True)
+
+
+def test_anchored_pi_old_never_refreshes(examples):
+    hist = train(tiny_lm(), examples, cfg(refresh_pi_old=False))["history"]
+    # against the starting model the ratio drifts; with refresh it is exactly 1 at each snapshot
+    assert hist[0]["ratio_mean"] == pytest.approx(1.0)
+    assert abs(hist[8]["ratio_mean"] - 1.0) > 1e-3
+
+
+def test_sft_warmup_then_psft(examples):
+    hist = train(tiny_lm(), examples, cfg(sft_warmup_steps=6))["history"]
+    assert [r["method"] for r in hist[:7]] == ["sft"] * 6 + ["psft"]
+    assert hist[6]["ratio_mean"] == pytest.approx(1.0)  # the snapshot is taken when PSFT starts, mid-batch
+    assert hist[5]["clipfrac"] == 0.0 and hist[5]["ratio_mean"] is None
+
+
+def test_micro_batches_give_the_same_step(examples):
+    a, b = tiny_lm(), tiny_lm()
+    ha = train(a, examples, cfg(epochs=1))["history"]
+    hb = train(b, examples, cfg(epochs=1, micro_batch_size=1))["history"]
+    for x, y in zip(_weights(a), _weights(b)):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+    assert ha[-1]["clipfrac"] == pytest.approx(hb[-1]["clipfrac"])
+
+
+@pytest.mark.parametrize("method", ["dft", "sft_kl"])
+def test_baselines_train_and_log(examples, method):
+    lm = tiny_lm()
+    before = heldout_eval(lm, examples)["heldout_nll"]
+    hist = train(lm, examples, cfg(method=method))["history"]
+    assert heldout_eval(lm, examples)["heldout_nll"] < before
+    if method == "sft_kl":
+        assert hist[0]["kl"] == pytest.approx(0.0, abs=1e-6) and hist[-1]["kl"] > 0
+
+
+def test_eval_at_start_and_after_every_epoch(examples, tmp_path):
+    res = train(tiny_lm(), examples, cfg(epochs=2, eval_every=3), out_dir=tmp_path,
+                eval_fn=lambda lm: {"x": 1.0})
+    assert [e["epoch"] for e in res["evals"] if e["epoch"] in (0, 1, 2)] == [0, 1, 2]
+    assert [e["step"] for e in res["evals"]] == [0, 3, 6, 8, 9, 12, 15, 16]
+    assert (tmp_path / "final" / "config.json").exists() and (tmp_path / "evals.jsonl").exists()
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(examples, tmp_path):
+    lm = tiny_lm()
+
+    def poison(rec):
+        if rec["step"] == 5:
+            with torch.no_grad():
+                next(lm.model.parameters()).fill_(float("nan"))
+
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 6.*last good checkpoint"):
+        train(lm, examples, cfg(checkpoint_every=1), out_dir=tmp_path, on_step=poison)
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert ck["position"]["step"] == 4
+    assert all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+@pytest.mark.parametrize("bad, msg", [
+    (dict(method="ppo"), "method='ppo'"), (dict(minibatch_size=32), "minibatch_size=32 is larger"),
+    (dict(batch_size=0), "batch_size=0"), (dict(lr=0.0), "lr > 0"), (dict(lr_schedule="step"), "lr_schedule")])
+def test_bad_settings_are_refused(examples, bad, msg):
+    with pytest.raises(ValueError, match=msg):
+        train(tiny_lm(), examples, cfg(**bad))
