@@ -43,11 +43,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, ... (auto: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     _add_config_flags(p)
+
+    r = sub.add_parser("reproduce", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       help="reproduce the paper's epoch-stability claims in the toy world",
+                       description="Pretrain (or load from the cache) the toy world's base model, fine-tune it with "
+                                   "PSFT, SFT (paper recipe, same schedule, PSFT's step size), SFT+KL and DFT over "
+                                   "several seeds, evaluate every epoch, and write DIR/results.json, DIR/report.md, "
+                                   "DIR/histories/ and DIR/epoch_stability.png, DIR/tradeoff.png (and "
+                                   "DIR/ablations.png).")
+    r.add_argument("--preset", choices=["smoke", "cpu", "gpu"], default="cpu",
+                   help="sizes: smoke (<2 min, CI), cpu (3 seeds, <20 min on 2 cores), gpu (larger, one GPU)")
+    r.add_argument("--out", required=True, help="output folder")
+    r.add_argument("--cache", default=None, help="base-model cache folder (default: $MINIPSFT_CACHE or ~/.cache/minipsft)")
+    r.add_argument("--seeds", type=int, nargs="+", default=None, help="override the preset's seeds")
+    r.add_argument("--workers", type=int, default=None, help="parallel runs (processes); default: the preset's")
+    r.add_argument("--ablations", nargs="*", default=[], choices=["refresh", "eps", "warmup"],
+                   help="also run these PSFT ablations (refresh period; eps_high and no clip; SFT warm-up)")
+    r.add_argument("--skip-main", action="store_true", help="run only the ablations")
+    r.add_argument("--device", default="cpu", help="device of the fine-tuning runs (cuda for the gpu preset)")
     return parser
 
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    if args.command == "reproduce":
+        from .experiments import reproduce
+
+        reproduce(args.preset, args.out, cache_dir=args.cache, seeds=args.seeds, workers=args.workers,
+                  ablations=args.ablations, main=not args.skip_main, device=args.device)
+        return
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     try:
         cfg.check()

@@ -165,7 +165,7 @@ def _set_rng_state(s):
 
 
 def train(lm, examples: list, cfg: TrainConfig, out_dir=None, eval_fn=None, resume: bool = False,
-          on_step=None) -> dict:
+          on_step=None, token_hook=None) -> dict:
     """Fine-tune ``lm`` in place on encoded ``examples``; return ``{"history": [...], "evals": [...]}``.
 
     ``history`` has one record per optimizer step (``step``, ``epoch``, ``loss``, ``nll``, ``entropy``,
@@ -173,7 +173,9 @@ def train(lm, examples: list, cfg: TrainConfig, out_dir=None, eval_fn=None, resu
     one per evaluation. With ``out_dir``: ``history.jsonl``, ``evals.jsonl``, ``config.json``,
     ``checkpoint.pt`` (model, optimizer, scheduler, RNG states, data position) and ``final/``
     (``save_pretrained``). ``resume=True`` continues from ``out_dir/checkpoint.pt`` and gives the
-    same result as an uninterrupted run. ``on_step(record)`` is called after every step.
+    same result as an uninterrupted run. ``on_step(record)`` is called after every step;
+    ``token_hook(micro_batch, logp, logp_old)`` on every PSFT forward (per-token diagnostics, e.g.
+    which tokens the clip stops).
     """
     cfg.check()
     if not examples:
@@ -243,7 +245,7 @@ def train(lm, examples: list, cfg: TrainConfig, out_dir=None, eval_fn=None, resu
                 # log pi_old per minibatch; filled at the batch's first PSFT step ("take the snapshot")
                 old = [None] * len(minibatches)
                 for j in range(len(minibatches)):
-                    rec = _step(lm, cfg, opt, sched, base, minibatches, old, j, pos["step"])
+                    rec = _step(lm, cfg, opt, sched, base, minibatches, old, j, pos["step"], token_hook)
                     pos["step"] += 1
                     rec.update(step=pos["step"], epoch=epoch + 1, epoch_frac=pos["step"] / steps_per_epoch)
                     history.append(rec)
@@ -292,7 +294,7 @@ def _snapshot_logprobs(lm, minibatches, old, j, cfg):
         old[k] = torch.cat([lm.token_logprobs(micro)[0] for _, micro in _micro_batches(minibatches[k], cfg)])
 
 
-def _step(lm, cfg, opt, sched, base, minibatches, old, j, step) -> dict:
+def _step(lm, cfg, opt, sched, base, minibatches, old, j, step, token_hook=None) -> dict:
     """One optimizer step on minibatch ``j`` of the current batch."""
     t0 = time.perf_counter()
     model, mb = lm.model, minibatches[j]
@@ -310,6 +312,8 @@ def _step(lm, cfg, opt, sched, base, minibatches, old, j, step) -> dict:
                 logp_base = lm.token_logprobs(micro, model=base)[0]
         logp_old = logp.detach() if isinstance(old[j], str) else old[j][s:s + len(mask)] if old[j] is not None else logp_base
         loss, metrics = _loss(method, cfg, logp, mask, logp_old, logp_base)
+        if token_hook is not None and method == "psft":
+            token_hook(micro, logp.detach(), logp_old)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at step {step + 1}")
         (loss * (mask.sum() / total_tokens)).backward()

@@ -1,0 +1,404 @@
+"""The experiment runner: toy world + training loop -> results files and figures.
+
+``python -m minipsft reproduce --preset cpu --out DIR`` pretrains (or loads) the base model, then
+fine-tunes it with every *arm* below from the same base, on the same data and data order per seed,
+evaluating after every epoch, and writes ``DIR/results.json``, per-step histories, ``DIR/report.md``
+and the figures. Two regimes, because the paper's comparison changed two things at once:
+
+  paper recipe  ``psft``      several minibatch steps per pi_old snapshot, lower lr
+                ``sft_paper`` one update per batch at a higher lr (the paper's SFT baseline)
+  controlled    ``sft``       PSFT's schedule and lr, only the loss differs
+                ``sft_kl``, ``dft``  the baselines, same schedule and lr
+                ``sft_small`` SFT at PSFT's *effective* step size: its lr is ``lr`` times the ratio of
+                              PSFT's to SFT's weight drift after epoch 1 (same seed), since Adam makes
+                              step size a matter of how far the weights move, not of loss scale.
+
+Ablations (``--ablations refresh eps warmup``): refresh period, eps_high and no clip, SFT warm-up.
+"""
+import json
+import math
+import os
+import statistics
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import plots, toy
+from .model import CausalLM
+from .train import TrainConfig, train
+
+ARMS = ("psft", "sft", "sft_kl", "dft", "sft_paper", "sft_small")
+ABLATIONS = ("refresh", "eps", "warmup")
+
+
+@dataclass
+class Preset:
+    """Sizes of one reproduction. ``lr`` is PSFT's (and the controlled arms'); ``sft_paper_lr`` the
+    paper-recipe SFT's (20x, as the official 2e-5 vs 1e-6). Batch/minibatch mirror the official
+    256/32 (8 steps per snapshot). The cpu preset's lr was chosen on SFT alone (seed 0), before any
+    PSFT run of this world: at 3e-4 SFT reached its ID plateau at epoch 2, at 1e-4 around epoch 4 (as
+    the paper's SFT did), so 1e-4."""
+    base: toy.BaseConfig
+    n_train: int = 1024
+    n_id_eval: int = 256
+    ood_per_task: int = 32
+    n_samples: int = 128
+    epochs: int = 6
+    batch_size: int = 128
+    minibatch_size: int = 16
+    lr: float = 1e-4
+    sft_paper_lr: float = 2e-3
+    kl_coef: float = 0.5
+    seeds: tuple = (0, 1, 2)
+    workers: int = 2
+    threads: int = 1
+
+
+PRESETS = {
+    "smoke": Preset(base=toy.BaseConfig(hidden=64, layers=2, pretrain_rows=6_000, pretrain_lr=5e-3),
+                    n_train=64, n_id_eval=32, ood_per_task=4, n_samples=16, epochs=4, batch_size=32,
+                    minibatch_size=8, lr=1e-3, sft_paper_lr=4e-3, seeds=(0,), workers=1, threads=2),
+    "cpu": Preset(base=toy.BaseConfig()),
+    "gpu": Preset(base=toy.BaseConfig(hidden=256, layers=6, heads=8, pretrain_rows=640_000, pretrain_batch=128,
+                                      pretrain_lr=1e-3),
+                  n_train=4096, n_id_eval=1024, ood_per_task=128, n_samples=512, epochs=8, batch_size=256,
+                  minibatch_size=32, lr=5e-5, sft_paper_lr=1e-3, seeds=(0, 1, 2, 3, 4), workers=1, threads=8),
+}
+
+
+def preset_from_env(default: str = "cpu") -> str:
+    """The preset a notebook should run: MINIPSFT_PRESET if set, else ``smoke`` under CI=true."""
+    if os.environ.get("MINIPSFT_PRESET"):
+        return os.environ["MINIPSFT_PRESET"]
+    return "smoke" if os.environ.get("CI", "").lower() == "true" else default
+
+
+def arm_config(p: Preset, arm: str, **overrides) -> TrainConfig:
+    common = dict(epochs=p.epochs, batch_size=p.batch_size, minibatch_size=p.minibatch_size, lr=p.lr,
+                  kl_coef=p.kl_coef, progress=False)
+    method = {"psft": "psft", "sft_kl": "sft_kl", "dft": "dft"}.get(arm, "sft")
+    cfg = TrainConfig(method=method, **common)
+    if arm == "sft_paper":
+        cfg = replace(cfg, minibatch_size=p.batch_size, lr=p.sft_paper_lr)
+    return replace(cfg, **overrides)
+
+
+# ------------------------------------------------------------------------------------------- one run
+def run_one(job: dict) -> dict:
+    """Fine-tune the base with one arm and seed; return its eval records and step history."""
+    torch.set_num_threads(job["threads"])
+    p: Preset = job["preset"]
+    lm = CausalLM.from_pretrained(job["base_path"], device=job.get("device", "cpu"), dtype="float32")
+    examples = lm.encode(toy.id_rows(p.n_train, seed=10_000 + job["seed"]))
+    evaluator = toy.Evaluator(lm, toy.id_rows(p.n_id_eval, seed=1), toy.ood_rows(p.ood_per_task, seed=2),
+                              n_samples=p.n_samples)
+    cfg = replace(TrainConfig(**job["config"]), seed=job["seed"])
+    clipped = ClippedTokens(lm.tokenizer, cfg.eps_high) if job.get("clip_analysis") else None
+    t0 = time.perf_counter()
+    result = train(lm, examples, cfg, eval_fn=evaluator, token_hook=clipped)
+    by_epoch = defaultdict(list)
+    for r in result["history"]:
+        by_epoch[r["epoch"]].append(r)
+    records = []
+    for ev in result["evals"]:
+        steps = by_epoch.get(ev["epoch"], [])
+        records.append({"method": job["arm"], "loss": cfg.method, "seed": job["seed"], **ev,
+                        "train_entropy": statistics.fmean(r["entropy"] for r in steps) if steps else None,
+                        "clipfrac": statistics.fmean(r["clipfrac"] for r in steps) if steps else None,
+                        "group": job.get("group", "main"), "setting": job.get("setting", job["arm"])})
+    return {"job": {k: v for k, v in job.items() if k != "preset"}, "records": records,
+            "history": result["history"], "seconds": time.perf_counter() - t0,
+            "clipped_tokens": clipped.summary() if clipped else None}
+
+
+class ClippedTokens:
+    """Counts which completion tokens PSFT's clip stops (ratio > 1 + eps_high), by role
+    (``toy.completion_roles``): ``format`` (the teacher's style words and separators, EOS) or
+    ``content`` (the letter count and the answer): the toy analogue of the paper's finding that
+    clipped tokens are mostly "thinking-pattern" words."""
+
+    def __init__(self, tokenizer, eps_high: float):
+        self.tokenizer, self.eps_high = tokenizer, eps_high
+        self.seen, self.clipped, self.by_token = Counter(), Counter(), Counter()
+
+    def __call__(self, micro, logp, logp_old):
+        hit = torch.exp(logp - logp_old) > 1 + self.eps_high
+        for ids, mask, row in zip(micro["input_ids"], micro["completion_mask"].bool(), hit):
+            pieces = self.tokenizer.convert_ids_to_tokens(ids[mask].tolist())
+            eos = pieces[-1] == self.tokenizer.eos_token
+            roles = toy.completion_roles("".join(pieces[:-1] if eos else pieces)) + (["format"] if eos else [])
+            for piece, role, h in zip(pieces, roles, row[mask].tolist()):
+                self.seen[role] += 1
+                self.clipped[role] += h
+                if h:
+                    self.by_token[f"{piece} ({role})"] += 1
+
+    def summary(self) -> dict:
+        total = max(1, sum(self.clipped.values()))
+        return {"seen": dict(self.seen), "clipped": dict(self.clipped),
+                "clip_rate": {r: self.clipped[r] / max(1, self.seen[r]) for r in self.seen},
+                "share_of_clipped": {r: self.clipped[r] / total for r in self.seen},
+                "share_of_tokens": {r: self.seen[r] / max(1, sum(self.seen.values())) for r in self.seen},
+                "top_tokens": self.by_token.most_common(12)}
+
+
+# ------------------------------------------------------------------------------------------- orchestration
+def _run_jobs(jobs: list, workers: int, desc: str) -> list:
+    if workers <= 1:
+        return [run_one(j) for j in tqdm(jobs, desc=desc)]
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        return list(tqdm(pool.map(run_one, jobs), total=len(jobs), desc=desc))
+
+
+def _drift_at_epoch1(run: dict) -> float:
+    return next(r["drift"] for r in run["records"] if r["epoch"] == 1)
+
+
+def reproduce(preset_name: str, out_dir, cache_dir=None, seeds=None, workers=None, ablations=(), main=True,
+              device: str = "cpu") -> dict:
+    """Run the comparison (and ablations) and write every results file and figure into ``out_dir``."""
+    p = PRESETS[preset_name]
+    if seeds is not None:
+        p = replace(p, seeds=tuple(seeds))
+    if workers is not None:
+        p = replace(p, workers=workers)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cache_dir = Path(cache_dir or os.environ.get("MINIPSFT_CACHE", Path.home() / ".cache" / "minipsft"))
+    t0 = time.perf_counter()
+    torch.set_num_threads(max(1, p.threads * p.workers))
+    base, base_path, cached = toy.pretrained_base(p.base, cache_dir)
+    print(f"base model: {base_path} ({'loaded from cache' if cached else 'pretrained now'}, "
+          f"{sum(x.numel() for x in base.model.parameters()) / 1e6:.2f}M parameters)")
+    t_base = time.perf_counter() - t0
+    job0 = dict(preset=p, base_path=str(base_path), threads=p.threads, device=device)
+    runs = []
+    if main:
+        jobs = [dict(job0, arm=arm, seed=s, config=asdict(arm_config(p, arm)), clip_analysis=(arm == "psft" and s == p.seeds[0]))
+                for s in p.seeds for arm in ARMS if arm != "sft_small"]
+        runs += _run_jobs(jobs, p.workers, "main runs")
+        small = []
+        for s in p.seeds:
+            psft, sft = (next(r for r in runs if r["job"]["arm"] == a and r["job"]["seed"] == s) for a in ("psft", "sft"))
+            ratio = _drift_at_epoch1(psft) / _drift_at_epoch1(sft)
+            small.append(dict(job0, arm="sft_small", seed=s, step_ratio=ratio,
+                              config=asdict(arm_config(p, "sft_small", lr=p.lr * ratio))))
+        runs += _run_jobs(small, p.workers, "sft at psft's step size")
+    for name in ablations:
+        runs += _run_jobs(ablation_jobs(p, name, job0), p.workers, f"ablation {name}")
+    runs.sort(key=lambda r: (r["job"].get("group", "main"), r["job"]["arm"], r["job"].get("setting", ""), r["job"]["seed"]))
+    wall = time.perf_counter() - t0
+    return write_results(out, p, preset_name, runs, base_path, cached, wall, t_base)
+
+
+def reproduce_or_load(preset_name: str, out_dir, ablations=(), main=True, **kw) -> dict:
+    """Load ``out_dir``'s results when they were made with this preset's exact settings (and hold the
+    asked-for ablations), else run ``reproduce``. Says which it did."""
+    path = Path(out_dir) / "results.json"
+    if path.exists():
+        res = load_results(out_dir)
+        same = json.loads(json.dumps(asdict(PRESETS[preset_name]))) == res["summary"]["preset_config"]
+        groups = {r["group"] for r in res["records"]}
+        if same and set(ablations) <= groups and (not main or "main" in groups):
+            print(f"loaded results from {path} (made with the same '{preset_name}' settings; "
+                  f"delete the folder to run again)")
+            return res
+    reproduce(preset_name, out_dir, ablations=ablations, main=main, **kw)
+    return load_results(out_dir)
+
+
+def ablation_jobs(p: Preset, name: str, job0: dict) -> list:
+    """Settings of one ablation, each a PSFT run (refresh 1 is SFT's schedule: the clip never acts)."""
+    mb = p.minibatch_size
+    if name == "refresh":
+        settings = {f"refresh {k}": dict(batch_size=mb * k) for k in (1, 4, 8, 16)}
+        settings["refresh never"] = dict(refresh_pi_old=False)
+    elif name == "eps":
+        settings = {f"eps_high {e}": dict(eps_high=e) for e in (0.14, 0.28, 0.42)}
+        settings["no clip"] = dict(eps_high=1e9)
+    elif name == "warmup":
+        steps = p.n_train // mb // 2
+        settings = {"no warm-up": {}, f"sft warm-up {steps} steps": dict(sft_warmup_steps=steps)}
+    else:
+        raise ValueError(f"unknown ablation {name!r}: choose from {', '.join(ABLATIONS)}")
+    return [dict(job0, arm="psft", group=name, setting=label, seed=s, config=asdict(arm_config(p, "psft", **kw)))
+            for label, kw in settings.items() for s in p.seeds]
+
+
+# ------------------------------------------------------------------------------------------- results
+def _mean_std(xs):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return float("nan"), float("nan")
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def _fmt(xs, digits=3):
+    m, s = _mean_std(xs)
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def matched_id(records: list, arms) -> dict:
+    """OOD accuracy at the first epoch each arm reaches a common ID level: the highest level (rounded
+    down to 0.05) that every *learning* arm reaches on average, i.e. the lowest of their best mean
+    ID accuracies. An arm whose mean ID never rises above the base model's is not learning the task:
+    it is listed, but does not set the level."""
+    curves = {a: defaultdict(list) for a in arms}
+    for r in records:
+        if r["method"] in curves:
+            curves[r["method"]][r["epoch"]].append(r)
+    best, base = {}, {}
+    for a, c in curves.items():
+        if c:
+            means = {e: statistics.fmean(x["id_acc"] for x in rs) for e, rs in c.items()}
+            base[a] = means.get(0, 0.0)
+            best[a] = max(v for e, v in means.items() if e > 0)
+    learning = [a for a in best if best[a] > base[a]] or list(best)
+    level = math.floor(min(best[a] for a in learning) * 20) / 20
+    out = {"level": level, "not_learning": [a for a in best if a not in learning], "arms": {}}
+    for a, c in curves.items():
+        seeds = sorted({x["seed"] for rs in c.values() for x in rs})
+        hits = []
+        for s in seeds:
+            rs = sorted((x for rs in c.values() for x in rs if x["seed"] == s), key=lambda x: x["epoch"])
+            first = next((x for x in rs if x["id_acc"] >= level and x["epoch"] > 0), None)
+            if first:
+                hits.append(first)
+        out["arms"][a] = {"reached": f"{len(hits)}/{len(seeds)}", "epoch": [h["epoch"] for h in hits],
+                          "id_acc": [h["id_acc"] for h in hits], "ood_acc": [h["ood_acc"] for h in hits]}
+    return out
+
+
+def write_results(out: Path, p: Preset, preset_name: str, runs: list, base_path, cached, wall, t_base) -> dict:
+    records = [r for run in runs for r in run["records"]]
+    (out / "histories").mkdir(exist_ok=True)
+    for run in runs:
+        j = run["job"]
+        with open(_history_path(out, j.get("group", "main"), j.get("setting", j["arm"]), j["seed"]), "w") as f:
+            f.writelines(json.dumps(h) + "\n" for h in run["history"])
+    summary = {"preset": preset_name, "preset_config": asdict(p), "base_model": str(base_path),
+               "base_loaded_from_cache": cached, "wall_seconds": wall, "pretrain_seconds": t_base,
+               "run_seconds": {f"{r['job'].get('setting', r['job']['arm'])}-s{r['job']['seed']}": r["seconds"] for r in runs},
+               "sft_small_step_ratio": {r["job"]["seed"]: r["job"]["step_ratio"] for r in runs if r["job"]["arm"] == "sft_small"},
+               "clipped_tokens": next((r["clipped_tokens"] for r in runs if r["clipped_tokens"]), None)}
+    (out / "results.json").write_text(json.dumps({"summary": summary, "records": records}, indent=1))
+    figures = finalize(out)
+    print(f"wrote {out / 'results.json'}, {out / 'report.md'}, " + ", ".join(str(out / f) for f in figures))
+    print(f"wall time {wall / 60:.1f} min (base model {t_base / 60:.1f} min)")
+    return json.loads((out / "results.json").read_text())
+
+
+def _history_path(out: Path, group: str, setting: str, seed: int) -> Path:
+    return out / "histories" / f"{group}-{setting}-s{seed}.jsonl".replace(" ", "_")
+
+
+def load_results(out_dir) -> dict:
+    """Read a results folder back: ``{"summary", "records", "runs"}``; each run has its ``job``
+    (arm, seed, group, setting), its eval ``records`` and its step ``history``."""
+    out = Path(out_dir)
+    data = json.loads((out / "results.json").read_text())
+    runs = {}
+    for r in data["records"]:
+        key = (r["group"], r["setting"], r["seed"])
+        if key not in runs:
+            path = _history_path(out, *key)
+            history = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+            runs[key] = {"job": {"arm": r["method"], "seed": r["seed"], "group": r["group"], "setting": r["setting"]},
+                         "records": [], "history": history}
+        runs[key]["records"].append(r)
+    return {**data, "runs": list(runs.values())}
+
+
+def finalize(out_dir) -> list:
+    """Derive everything that follows from a results folder's records: the matched-ID comparison
+    (into results.json), the figures and report.md. Re-runnable: no training involved."""
+    out = Path(out_dir)
+    data = json.loads((out / "results.json").read_text())
+    main_records = [r for r in data["records"] if r["group"] == "main"]
+    if main_records:
+        arms = [a for a in ARMS if any(r["method"] == a for r in main_records)]
+        data["summary"]["matched_id"] = matched_id(main_records, arms)
+        (out / "results.json").write_text(json.dumps(data, indent=1))
+    figures = make_figures(out)
+    (out / "report.md").write_text(report(data["summary"], data["records"]))
+    return figures
+
+
+def make_figures(out_dir) -> list:
+    """(Re)draw every figure of a results folder from its files."""
+    out = Path(out_dir)
+    res = load_results(out)
+    main_records = [r for r in res["records"] if r["group"] == "main"]
+    figures = []
+    if main_records:
+        plots.epoch_stability(res["runs"], ARMS, out / "epoch_stability.png")
+        plots.tradeoff(main_records, ARMS, res["summary"]["matched_id"], out / "tradeoff.png")
+        figures += ["epoch_stability.png", "tradeoff.png"]
+    if any(r["group"] != "main" for r in res["records"]):
+        plots.ablations(res["records"], out / "ablations.png")
+        figures.append("ablations.png")
+    return figures
+
+
+def report(summary: dict, records: list) -> str:
+    """Markdown tables of the numbers (mean ± std over seeds), written from the records."""
+    lines = [f"# Toy-world results, preset `{summary['preset']}`", "",
+             f"Wall time {summary['wall_seconds'] / 60:.1f} min (base model {summary['pretrain_seconds'] / 60:.1f} min, "
+             f"{'from cache' if summary['base_loaded_from_cache'] else 'pretrained in this run'}). "
+             "Values are mean ± std over seeds.", ""]
+    main = [r for r in records if r["group"] == "main"]
+    if main:
+        last = max(r["epoch"] for r in main)
+        keys = ("id_acc", "ood_acc", "ood_format", "entropy", "sample_entropy", "ood_kl", "drift")
+        lines += ["## Per epoch (main comparison)", "",
+                  "| arm | epoch | " + " | ".join(keys) + " | train_entropy | clipfrac |",
+                  "|---|---|" + "---|" * (len(keys) + 2)]
+        for arm in ARMS:
+            for e in range(last + 1):
+                rs = [r for r in main if r["method"] == arm and r["epoch"] == e]
+                if rs:
+                    cells = [_fmt([r[k] for r in rs]) for k in keys]
+                    extra = [_fmt([r["train_entropy"] for r in rs]) if e else "", _fmt([r["clipfrac"] for r in rs]) if e else ""]
+                    lines.append(f"| {arm} | {e} | " + " | ".join(cells + extra) + " |")
+        m = summary["matched_id"]
+        lines += ["", f"## OOD at matched ID (first epoch with id_acc >= {m['level']:.2f})", "",
+                  "The level is the highest that every arm learning the task reaches on average"
+                  + (f"; not learning (mean ID never above the base's): {', '.join(m['not_learning'])}"
+                     if m.get("not_learning") else "") + ".", "",
+                  "| arm | seeds reaching | epoch | id_acc | ood_acc |", "|---|---|---|---|---|"]
+        for arm, v in m["arms"].items():
+            lines.append(f"| {arm} | {v['reached']} | {v['epoch']} | {_fmt(v['id_acc'])} | {_fmt(v['ood_acc'])} |")
+        if summary["sft_small_step_ratio"]:
+            lines += ["", "sft_small lr = lr x (PSFT drift / SFT drift after epoch 1): ratio per seed "
+                      + ", ".join(f"{k}: {v:.3f}" for k, v in summary["sft_small_step_ratio"].items())]
+    ct = summary.get("clipped_tokens")
+    if ct:
+        lines += ["", "## Which tokens PSFT clips (psft, first seed, all steps)", "",
+                  "| role | tokens seen | share of tokens | clipped | clip rate | share of clipped |",
+                  "|---|---|---|---|---|---|"]
+        for role in ct["seen"]:
+            lines.append(f"| {role} | {ct['seen'][role]} | {ct['share_of_tokens'][role]:.3f} | "
+                         f"{ct['clipped'].get(role, 0)} | {ct['clip_rate'][role]:.4f} | {ct['share_of_clipped'][role]:.3f} |")
+        lines += ["", "Most clipped tokens: " + ", ".join(f"`{t}` {n}" for t, n in ct["top_tokens"])]
+    abl = [r for r in records if r["group"] != "main"]
+    if abl:
+        lines += ["", "## Ablations (PSFT; at the last epoch and at the best-ID epoch)", "",
+                  "| ablation | setting | id_acc (last) | ood_acc (last) | entropy (last) | best id_acc | ood at best id |",
+                  "|---|---|---|---|---|---|---|"]
+        last = max(r["epoch"] for r in abl)
+        for group in dict.fromkeys(r["group"] for r in abl):
+            for setting in dict.fromkeys(r["setting"] for r in abl if r["group"] == group):
+                rs = [r for r in abl if r["group"] == group and r["setting"] == setting]
+                end = [r for r in rs if r["epoch"] == last]
+                best = [max((r for r in rs if r["seed"] == s and r["epoch"] > 0), key=lambda r: r["id_acc"])
+                        for s in sorted({r["seed"] for r in rs})]
+                lines.append(f"| {group} | {setting} | {_fmt([r['id_acc'] for r in end])} | "
+                             f"{_fmt([r['ood_acc'] for r in end])} | {_fmt([r['entropy'] for r in end])} | "
+                             f"{_fmt([r['id_acc'] for r in best])} | {_fmt([r['ood_acc'] for r in best])} |")
+    return "\n".join(lines) + "\n"

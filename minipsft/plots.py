@@ -1,0 +1,126 @@
+"""Figures of the toy-world results: mean over seeds as a line, min-max over seeds as a band."""
+import statistics
+from collections import defaultdict
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+COLORS = {"psft": "tab:blue", "sft": "tab:red", "sft_kl": "tab:green", "dft": "tab:purple",
+          "sft_paper": "tab:orange", "sft_small": "tab:brown"}
+LABELS = {"psft": "PSFT", "sft": "SFT (PSFT's schedule and lr)", "sft_kl": "SFT+KL", "dft": "DFT",
+          "sft_paper": "SFT (paper recipe: 1 step/batch, higher lr)", "sft_small": "SFT at PSFT's step size"}
+
+
+def _band(ax, xs, ys_by_seed, color, label, smooth=1, **kw):
+    """Mean line and min-max band over seeds (seeds aligned by index)."""
+    n = min(len(y) for y in ys_by_seed)
+    cols = [[y[i] for y in ys_by_seed] for i in range(n)]
+    mean = [statistics.fmean(c) for c in cols]
+    lo, hi = [min(c) for c in cols], [max(c) for c in cols]
+    if smooth > 1:
+        k = smooth
+        mean, lo, hi = ([statistics.fmean(s[max(0, i - k + 1):i + 1]) for i in range(n)] for s in (mean, lo, hi))
+    ax.plot(xs[:n], mean, color=color, label=label, **kw)
+    if len(ys_by_seed) > 1:
+        ax.fill_between(xs[:n], lo, hi, color=color, alpha=0.18, linewidth=0)
+
+
+def _per_epoch(records, arm, key):
+    by_seed = defaultdict(dict)
+    for r in records:
+        if r["method"] == arm and r.get(key) is not None:
+            by_seed[r["seed"]][r["epoch"]] = r[key]
+    if not by_seed:
+        return [], []
+    epochs = sorted(set.intersection(*(set(d) for d in by_seed.values())))
+    return epochs, [[d[e] for e in epochs] for d in by_seed.values()]
+
+
+def epoch_stability(runs, arms, path):
+    """Training entropy per step; ID, OOD and format accuracy, sample entropy and KL per epoch."""
+    main = [r for r in runs if r["job"].get("group", "main") == "main"]
+    records = [x for r in main for x in r["records"]]
+    arms = [a for a in arms if any(r["job"]["arm"] == a for r in main)]
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
+    ax = axes[0, 0]
+    for arm in arms:
+        hs = [r["history"] for r in main if r["job"]["arm"] == arm]
+        xs = [h["epoch_frac"] for h in hs[0]]
+        _band(ax, xs, [[h["entropy"] for h in hist] for hist in hs], COLORS[arm], LABELS[arm],
+              smooth=max(1, len(xs) // 100))
+    ax.set(title="Token entropy of the training minibatches", xlabel="epoch", ylabel="mean entropy (nats)")
+    panels = [(axes[0, 1], "id_acc", "In-domain accuracy (held-out 8-11 letter reversals)", "accuracy"),
+              (axes[0, 2], "ood_acc", "Out-of-domain accuracy (prior tasks)", "accuracy"),
+              (axes[1, 0], "sample_entropy", "Entropy on the model's own samples (ID prompts)", "mean entropy (nats)"),
+              (axes[1, 1], "ood_format", "Format instructions followed (IFEval analogue)", "accuracy"),
+              (axes[1, 2], "ood_kl", "KL(model || base) on OOD demonstrations", "nats per token")]
+    for ax, key, title, ylabel in panels:
+        for arm in arms:
+            epochs, ys = _per_epoch(records, arm, key)
+            if epochs:
+                _band(ax, epochs, ys, COLORS[arm], LABELS[arm], marker="o", markersize=3)
+        ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+        if ylabel == "accuracy":
+            ax.set_ylim(-0.02, 1.02)
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0, 1].get_legend_handles_labels()
+    seeds = len({r["job"]["seed"] for r in main})
+    fig.legend(handles, labels, loc="lower center", ncol=len(arms), frameon=False)
+    fig.suptitle(f"SFT vs PSFT across epochs in the toy world (mean over {seeds} seed(s), band = min-max)")
+    fig.tight_layout(rect=(0, 0.05, 1, 0.96))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def tradeoff(records, arms, matched, path):
+    """OOD against ID accuracy along training: one thin line per seed, a thick one for the mean."""
+    fig, ax = plt.subplots(figsize=(7.5, 6))
+    for arm in arms:
+        epochs, ys_id = _per_epoch(records, arm, "id_acc")
+        if not epochs:
+            continue
+        _, ys_ood = _per_epoch(records, arm, "ood_acc")
+        for a, b in zip(ys_id, ys_ood):
+            ax.plot(a, b, color=COLORS[arm], alpha=0.25, linewidth=0.8)
+        mid = [statistics.fmean(c) for c in zip(*ys_id)]
+        mood = [statistics.fmean(c) for c in zip(*ys_ood)]
+        ax.plot(mid, mood, color=COLORS[arm], marker="o", markersize=4, label=LABELS[arm], linewidth=2)
+        ax.annotate(str(epochs[-1]), (mid[-1], mood[-1]), fontsize=8, color=COLORS[arm])
+    ax.axvline(matched["level"], color="gray", linestyle="--", linewidth=1, label=f"common ID level {matched['level']:.2f}")
+    ax.set(title="Forgetting for the same skill: OOD vs ID along training\n(epoch 0 = base model; numbers = last epoch)",
+           xlabel="in-domain accuracy", ylabel="out-of-domain accuracy")
+    ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right", bbox_to_anchor=(1.0, 0.12))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def ablations(records, path):
+    """Per ablation: ID and OOD accuracy per epoch for each setting."""
+    groups = list(dict.fromkeys(r["group"] for r in records if r["group"] != "main"))
+    fig, axes = plt.subplots(len(groups), 3, figsize=(16, 4.2 * len(groups)), squeeze=False)
+    cmap = plt.get_cmap("viridis")
+    for row, group in zip(axes, groups):
+        settings = list(dict.fromkeys(r["setting"] for r in records if r["group"] == group))
+        for i, setting in enumerate(settings):
+            rs = [dict(r, method=setting) for r in records if r["group"] == group and r["setting"] == setting]
+            color = cmap(i / max(1, len(settings) - 1) * 0.9)
+            for ax, key in zip(row, ("id_acc", "ood_acc", "entropy")):
+                epochs, ys = _per_epoch(rs, setting, key)
+                _band(ax, epochs, ys, color, setting, marker="o", markersize=3)
+        for ax, (key, title) in zip(row, (("id_acc", "ID accuracy"), ("ood_acc", "OOD accuracy"),
+                                          ("entropy", "held-out demonstration entropy"))):
+            ax.set(title=f"{group}: {title}", xlabel="epoch", ylabel=key)
+            if key != "entropy":
+                ax.set_ylim(-0.02, 1.02)
+            ax.grid(alpha=0.3)
+        row[0].legend(fontsize=8)
+    fig.suptitle("PSFT ablations in the toy world (mean over seeds, band = min-max)")
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

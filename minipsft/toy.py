@@ -1,0 +1,271 @@
+"""The toy world: a CPU-sized miniature of the paper's setting, with real mechanisms.
+
+Design (each piece is there because the paper's effects depend on it):
+
+* **Prior capabilities.** A tiny Llama-style model is pretrained from scratch on six small tasks
+  (``add``/``sub``/``max`` of 1- and 2-digit numbers, ``rev``erse a 3-6 letter word, ``sort`` a
+  string, ``pick`` any letter of a word) plus some 7-9 letter reversals answered directly. The six tasks
+  are the model's prior capabilities; their held-out accuracy is the OOD score (the analogue of the
+  paper's general benchmarks).
+* **Instructions and format.** 30% of pretraining prompts end in ``()``, asking for the answer in
+  parentheses: the toy analogue of IFEval's format instructions, scored separately (``ood_format``).
+* **A stochastic teacher.** Answers come in two styles (``82`` or ``it is 82``) and ``pick`` has
+  several right answers, so the true conditional entropy is above zero and entropy collapse is
+  measurable against it.
+* **An off-policy in-domain task.** Fine-tuning data are reversals of 8-11 letter words
+  (``rev szycidpq:``) the base does only partly (it saw 7-9 letter ones), demonstrated in a style it
+  never saw: the answer followed by a "reflection" (``qpdicyzs;wait 8 letters ok``, the two words
+  drawn at random), like a stronger model's reasoning with its "wait" and "alternatively". The
+  style tokens are shared by every demonstration and rise fast; they can bleed into the prior tasks
+  (a ``()`` prompt answered ``(ab);hmm 2 letters ok`` breaks the format) - the way fine-tuning
+  erodes prior skills in the paper. (A preamble *before* the answer was tried first: it moved the
+  answer away from the prompt, broke the base's position-based reversal, and no arm learned the task.)
+* **Finite data revisited.** A fixed set of demonstrations is trained on for several epochs, so
+  memorising it (and its random style choices) is possible, as in multi-epoch SFT.
+
+Answers are scored without the reflection tail, so a change of style alone is not an error.
+Everything is generated from seeds, so the world, the base model and every run are reproducible.
+The tokenizer is a real Hugging Face tokenizer (``model.char_tokenizer``) saved with the model.
+"""
+import hashlib
+import json
+import random
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .model import CausalLM, char_tokenizer
+from .train import TrainConfig, heldout_eval, train
+
+ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz +=;:()"
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+PRIOR_TASKS = ("add", "sub", "max", "rev", "sort", "pick")
+ID_TASK = "rev_long"
+OPENERS = ("wait", "check", "hmm")  # the ID teacher's random reflection words: entropy above zero there
+CONNECTIVES = ("ok", "good")
+
+
+# ------------------------------------------------------------------------------------------- tasks
+def _small(rng: random.Random) -> int:
+    return rng.randrange(10) if rng.random() < 0.5 else rng.randrange(10, 100)
+
+
+def _task(name: str, rng: random.Random):
+    """(prompt body, set of right answers) for one instance of a task."""
+    if name == "add":
+        a, b = _small(rng), _small(rng)
+        return f"add {a} {b}", {str(a + b)}
+    if name in ("rev_long", "rev_pretrain"):  # fine-tuning: 8-11 letters; pretraining has 7-9 (a partial skill)
+        w = "".join(rng.choice(LETTERS) for _ in range(rng.randint(8, 11) if name == "rev_long" else rng.randint(7, 9)))
+        return f"rev {w}", {w[::-1]}
+    if name == "sub":
+        a, b = sorted((_small(rng), _small(rng)), reverse=True)
+        return f"sub {a} {b}", {str(a - b)}
+    if name == "max":
+        xs = [rng.randrange(100) for _ in range(rng.randint(3, 4))]
+        return "max " + " ".join(map(str, xs)), {str(max(xs))}
+    if name == "rev":
+        w = "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 6)))
+        return f"rev {w}", {w[::-1]}
+    if name == "sort":
+        w = "".join(rng.choice(LETTERS[:10]) for _ in range(rng.randint(3, 6)))
+        return f"sort {w}", {"".join(sorted(w))}
+    if name == "pick":
+        w = "".join(rng.sample(LETTERS, rng.randint(3, 5)))
+        return f"pick {w}", set(w)
+    raise ValueError(f"unknown task {name!r}")
+
+
+def _styled(answer: str, paren: bool, rng: random.Random) -> str:
+    text = answer if rng.random() < 0.75 else f"it is {answer}"
+    return f"({text})" if paren else text
+
+
+def prior_row(name: str, rng: random.Random, paren_rate: float = 0.3) -> dict:
+    """One pretraining demonstration of a prior task, in the teacher's (stochastic) style."""
+    body, answers = _task(name, rng)
+    paren = rng.random() < paren_rate
+    return {"prompt": body + (" ()" if paren else "") + ":", "completion": _styled(rng.choice(sorted(answers)), paren, rng),
+            "task": name, "answers": sorted(answers), "paren": paren}
+
+
+def chain_of_thought(word: str, rng: random.Random) -> str:
+    """The ID teacher's style: the answer, then a "reflection" that checks it (``qpdicyzs;wait 8 letters ok``)."""
+    return f"{word[::-1]};{rng.choice(OPENERS)} {len(word)} letters {rng.choice(CONNECTIVES)}"
+
+
+def completion_roles(text: str) -> list:
+    """Role of each character of an ID demonstration: ``content`` (the answer and the letter count)
+    or ``format`` (``;``, the reflection words, spaces)."""
+    answer, tail = text.split(";", 1)
+    return ["content"] * len(answer) + ["format"] + ["content" if c.isdigit() else "format" for c in tail]
+
+
+def id_row(rng: random.Random) -> dict:
+    body, answers = _task(ID_TASK, rng)
+    return {"prompt": body + ":", "completion": chain_of_thought(body.split()[1], rng), "task": ID_TASK,
+            "answers": sorted(answers), "paren": False}
+
+
+def id_direct_row(rng: random.Random) -> dict:
+    """A 7-9 letter reversal answered directly (5% of pretraining): the base can do the shorter half
+    of the ID task (8-11 letters) and fails the longer half, so it starts with some ID skill."""
+    body, answers = _task("rev_pretrain", rng)
+    return {"prompt": body + ":", "completion": _styled(next(iter(answers)), False, rng), "task": ID_TASK,
+            "answers": sorted(answers), "paren": False}
+
+
+def pretrain_rows(n: int, seed: int, id_direct_rate: float = 0.05) -> list:
+    rng = random.Random(seed)
+    return [id_direct_row(rng) if rng.random() < id_direct_rate else prior_row(rng.choice(PRIOR_TASKS), rng)
+            for _ in range(n)]
+
+
+def id_rows(n: int, seed: int) -> list:
+    rng = random.Random(seed)
+    return [id_row(rng) for _ in range(n)]
+
+
+def ood_rows(per_task: int, seed: int) -> list:
+    """Held-out prompts of every prior task, with and without the ``()`` instruction."""
+    rng = random.Random(seed)
+    rows = []
+    for name in PRIOR_TASKS:
+        for paren in (False, True):
+            rows += [prior_row(name, rng, paren_rate=float(paren)) for _ in range(per_task)]
+    return rows
+
+
+_NUMBER = re.compile(r"\d+")
+
+
+def is_correct(row: dict, output: str) -> bool:
+    """Check a generated answer. A reflection tail (``;wait ...``) is ignored, so a change of style
+    alone is not an error (but it breaks a ``()`` answer). Numeric tasks: the last number.
+    Others: the answer itself, with an optional ``it is``. ``()`` prompts also need the parentheses."""
+    text = output.strip()
+    if row["paren"]:
+        if not (text.startswith("(") and text.endswith(")")):
+            return False
+        text = text[1:-1].strip()
+    text = text.split(";", 1)[0]  # drop a reflection tail (no answer contains ";")
+    if row["task"] in ("add", "sub", "max"):
+        numbers = _NUMBER.findall(text)
+        return bool(numbers) and numbers[-1] in row["answers"]
+    return text.removeprefix("it is ").strip() in row["answers"]
+
+
+# ------------------------------------------------------------------------------------------- model
+@dataclass
+class BaseConfig:
+    """The base model and its pretraining. Its hash names the cache folder."""
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    pretrain_rows: int = 160_000
+    pretrain_batch: int = 64
+    pretrain_lr: float = 3e-3
+    pretrain_seed: int = 1234
+    max_position: int = 96
+
+    def key(self) -> str:
+        """Hash of the settings, the alphabet and a sample of the pretraining data, so that a change
+        to the tasks or the teacher also invalidates the cache."""
+        world = {"config": asdict(self), "alphabet": ALPHABET, "sample": pretrain_rows(500, self.pretrain_seed)}
+        return hashlib.sha1(json.dumps(world, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def new_model(cfg: BaseConfig) -> CausalLM:
+    from transformers import LlamaConfig
+
+    tok = char_tokenizer(ALPHABET)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=cfg.hidden, intermediate_size=3 * cfg.hidden,
+                         num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
+                         max_position_embeddings=cfg.max_position, tie_word_embeddings=True,
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    return CausalLM.from_config(config, tok, seed=cfg.pretrain_seed, device="cpu")
+
+
+def pretrained_base(cfg: BaseConfig, cache_dir, progress: bool = True) -> tuple:
+    """The base model: loaded from ``cache_dir/base-<hash>`` if there, else pretrained (deterministic
+    for a given thread count) and saved there. Returns ``(CausalLM, path, loaded_from_cache)``."""
+    path = Path(cache_dir) / f"base-{cfg.key()}"
+    if (path / "config.json").exists():
+        return CausalLM.from_pretrained(path, device="cpu", dtype="float32"), path, True
+    lm = new_model(cfg)
+    examples = lm.encode(pretrain_rows(cfg.pretrain_rows, cfg.pretrain_seed))
+    steps = len(examples) // cfg.pretrain_batch
+    train(lm, examples, TrainConfig(method="sft", epochs=1, lr=cfg.pretrain_lr, batch_size=cfg.pretrain_batch,
+                                    minibatch_size=cfg.pretrain_batch, lr_warmup_steps=max(1, steps // 20),
+                                    lr_schedule="cosine", weight_decay=0.1, seed=cfg.pretrain_seed,
+                                    progress=progress))
+    lm.save_pretrained(path)
+    (path / "base_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    return lm, path, False
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+def generate_accuracy(lm, rows, max_new_tokens: int) -> list:
+    outputs = lm.generate([r["prompt"] for r in rows], max_new_tokens=max_new_tokens, batch_size=256)
+    return [is_correct(r, o) for r, o in zip(rows, outputs)]
+
+
+@torch.no_grad()
+def mean_kl(lm, base_model, examples, batch_size: int = 128) -> float:
+    """Exact per-token KL(pi || pi_base), summed over the (small) vocabulary, averaged over the
+    completion tokens of ``examples``."""
+    total = n = 0.0
+    for s in range(0, len(examples), batch_size):
+        batch = lm.collate(examples[s:s + batch_size])
+        ids, attn = batch["input_ids"], batch["attention_mask"]
+        lp = lm.model(input_ids=ids, attention_mask=attn).logits[:, :-1].float().log_softmax(-1)
+        lq = base_model(input_ids=ids, attention_mask=attn).logits[:, :-1].float().log_softmax(-1)
+        kl = (lp.exp() * (lp - lq)).sum(-1)
+        m = batch["completion_mask"][:, 1:].float()
+        total, n = total + (kl * m).sum().item(), n + m.sum().item()
+    return total / n
+
+
+@torch.no_grad()
+def param_distance(model, base_model) -> float:
+    """||theta - theta_base|| / ||theta_base||: how far fine-tuning moved the weights."""
+    diff = sum(((p - q) ** 2).sum() for p, q in zip(model.parameters(), base_model.parameters()))
+    norm = sum((q ** 2).sum() for q in base_model.parameters())
+    return (diff / norm).sqrt().item()
+
+
+class Evaluator:
+    """Everything measured at each evaluation: ID and OOD accuracy (greedy), held-out demonstration
+    NLL/entropy, entropy of the model's own samples, KL from the base on OOD demonstrations and the
+    relative weight distance from the base (``drift``)."""
+
+    def __init__(self, base: CausalLM, id_eval: list, ood_eval: list, n_samples: int = 128, seed: int = 0):
+        self.id_eval, self.ood_eval, self.seed = id_eval, ood_eval, seed
+        self.base_model = base.frozen_copy()
+        self.id_examples = base.encode(id_eval)
+        self.ood_examples = base.encode(ood_eval)
+        self.sample_prompts = [r["prompt"] for r in id_eval[:n_samples]]
+        self.id_tokens = max(len(r["completion"]) for r in id_eval) + 4
+
+    def __call__(self, lm) -> dict:
+        id_ok = generate_accuracy(lm, self.id_eval, self.id_tokens)
+        ood_ok = generate_accuracy(lm, self.ood_eval, self.id_tokens)
+        out = {"id_acc": sum(id_ok) / len(id_ok), "ood_acc": sum(ood_ok) / len(ood_ok)}
+        for name in PRIOR_TASKS:
+            hits = [ok for ok, r in zip(ood_ok, self.ood_eval) if r["task"] == name]
+            out[f"ood_{name}"] = sum(hits) / len(hits)
+        fmt = [ok for ok, r in zip(ood_ok, self.ood_eval) if r["paren"]]
+        out["ood_format"] = sum(fmt) / len(fmt)
+        held = heldout_eval(lm, self.id_examples)
+        out["heldout_nll"], out["entropy"] = held["heldout_nll"], held["heldout_entropy"]
+        state = torch.get_rng_state()
+        torch.manual_seed(self.seed)  # the same sampling noise at every evaluation, restored after
+        samples = lm.generate(self.sample_prompts, max_new_tokens=self.id_tokens, do_sample=True, batch_size=256)
+        torch.set_rng_state(state)
+        sampled = lm.encode([{"prompt": p, "completion": c} for p, c in zip(self.sample_prompts, samples)])
+        out["sample_entropy"] = heldout_eval(lm, sampled)["heldout_entropy"]
+        out["ood_kl"] = mean_kl(lm, self.base_model, self.ood_examples)
+        out["drift"] = param_distance(lm.model, self.base_model)
+        return out

@@ -1,0 +1,48 @@
+"""GPU checks (skipped without CUDA): bf16 by default, chunked log-probs in bf16, the training loop
+and generation on the device, and the one-step-per-snapshot identity on GPU."""
+import pytest
+import torch
+
+from conftest import addition_rows, tiny_lm
+from minipsft.model import CausalLM, token_logprobs
+from minipsft.train import TrainConfig, train
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _on_gpu(dtype=None):
+    lm = tiny_lm()
+    return CausalLM(lm.model, lm.tokenizer, device="cuda", dtype=dtype)
+
+
+def test_gpu_defaults_to_bf16_and_chunked_logprobs_match():
+    lm = _on_gpu()
+    assert lm.model.dtype == torch.bfloat16 and lm.device.type == "cuda"
+    batch = lm.collate(lm.encode(addition_rows(8)))
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    full, ent_full = token_logprobs(lm.model, ids, attn, with_entropy=True)
+    chunked, ent_chunked = token_logprobs(lm.model, ids, attn, with_entropy=True, chunk_elements=8 * 3 * len(lm.tokenizer))
+    assert full.dtype == torch.float32  # log-probs in float32 even from a bf16 model
+    torch.testing.assert_close(full, chunked, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ent_full, ent_chunked, atol=1e-4, rtol=1e-4)
+
+
+def test_psft_trains_on_gpu_and_clips():
+    lm = _on_gpu()
+    examples = lm.encode(addition_rows(64))
+    hist = train(lm, examples, TrainConfig(method="psft", epochs=2, lr=3e-3, batch_size=32, minibatch_size=4,
+                                           progress=False))["history"]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in hist)
+    assert max(r["clipfrac"] for r in hist) > 0
+    out = lm.generate(["1+1=", "20+3="], max_new_tokens=4)
+    assert len(out) == 2 and all(isinstance(o, str) for o in out)
+
+
+def test_one_step_per_snapshot_is_sft_on_gpu():
+    a, b = _on_gpu(torch.float32), _on_gpu(torch.float32)
+    examples = a.encode(addition_rows(32))
+    cfg = dict(epochs=1, lr=3e-3, batch_size=8, minibatch_size=8, progress=False)
+    train(a, examples, TrainConfig(method="sft", **cfg))
+    train(b, examples, TrainConfig(method="psft", **cfg))
+    for x, y in zip(a.model.parameters(), b.model.parameters()):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)

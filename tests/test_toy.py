@@ -1,0 +1,124 @@
+"""The toy world: task checkers, the teacher, the tokenizer, cached deterministic pretraining,
+evaluation, and the smoke reproduction end to end (files and keys)."""
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from minipsft import toy
+from minipsft.experiments import PRESETS, ablation_jobs, arm_config
+
+
+def test_teacher_demonstrations_pass_their_own_checker():
+    rows = toy.pretrain_rows(500, seed=0) + toy.id_rows(200, seed=1) + toy.ood_rows(10, seed=2)
+    assert all(toy.is_correct(r, r["completion"]) for r in rows)
+    assert {r["task"] for r in rows} == set(toy.PRIOR_TASKS) | {toy.ID_TASK}
+
+
+def test_checker_rejects_wrong_answers_and_missing_format():
+    row = {"task": "sub", "answers": ["47"], "paren": True}
+    assert toy.is_correct(row, "(it is 47)") and toy.is_correct(row, "(47)")
+    assert not toy.is_correct(row, "47") and not toy.is_correct(row, "(46)")
+    rev = {"task": "rev", "answers": ["cba"], "paren": False}
+    assert toy.is_correct(rev, "it is cba") and not toy.is_correct(rev, "abc")
+    pick = {"task": "pick", "answers": ["a", "b"], "paren": False}
+    assert toy.is_correct(pick, "b") and not toy.is_correct(pick, "c")
+
+
+def test_id_teacher_style_roles_and_randomness():
+    rng = random.Random(0)
+    text = toy.chain_of_thought("szycidp", rng)
+    answer, tail = text.split(";")
+    assert answer == "pdicyzs" and tail.split(" ")[0] in toy.OPENERS and " 7 letters " in tail
+    roles = toy.completion_roles(text)
+    assert len(roles) == len(text)
+    assert [c for c, r in zip(text, roles) if r == "content"] == list("pdicyzs7")
+    # the teacher is stochastic: every reflection word appears
+    texts = [toy.chain_of_thought("abcdefg", rng) for _ in range(100)]
+    assert {t.split(";")[1].split(" ")[0] for t in texts} == set(toy.OPENERS)
+    assert {t.rsplit(" ", 1)[1] for t in texts} == set(toy.CONNECTIVES)
+    row = {"task": "rev", "answers": ["cba"], "paren": True}
+    assert toy.is_correct(row, "(cba)") and not toy.is_correct(row, "(cba);hmm 3 letters ok")
+    assert toy.is_correct(dict(row, paren=False), "cba;hmm 3 letters ok")
+
+
+def test_tokenizer_covers_the_world_and_reloads(tmp_path):
+    lm = toy.new_model(toy.BaseConfig(hidden=32, layers=1, heads=2))
+    rows = toy.pretrain_rows(300, 0) + toy.id_rows(50, 1)
+    unk = lm.tokenizer.unk_token_id
+    assert all(unk not in e["input_ids"] for e in lm.encode(rows))
+    lm.save_pretrained(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    assert tok.decode(tok(rows[0]["prompt"])["input_ids"]) == rows[0]["prompt"]
+
+
+def test_pretraining_is_cached_and_deterministic(tmp_path):
+    cfg = toy.BaseConfig(hidden=32, layers=1, heads=2, pretrain_rows=640, pretrain_batch=32)
+    a, path_a, cached_a = toy.pretrained_base(cfg, tmp_path / "one", progress=False)
+    b, path_b, cached_b = toy.pretrained_base(cfg, tmp_path / "two", progress=False)
+    c, path_c, cached_c = toy.pretrained_base(cfg, tmp_path / "one", progress=False)
+    assert (cached_a, cached_b, cached_c) == (False, False, True) and path_a == path_c
+    for x, y, z in zip(a.model.parameters(), b.model.parameters(), c.model.parameters()):
+        torch.testing.assert_close(x, y, atol=0, rtol=0)
+        torch.testing.assert_close(x, z, atol=0, rtol=0)
+    other = toy.BaseConfig(hidden=32, layers=1, heads=2, pretrain_rows=640, pretrain_batch=32, pretrain_seed=1)
+    assert other.key() != cfg.key()
+
+
+def test_evaluator_measures_the_base_against_itself():
+    lm = toy.new_model(toy.BaseConfig(hidden=32, layers=1, heads=2))
+    ev = toy.Evaluator(lm, toy.id_rows(8, 1), toy.ood_rows(2, 2), n_samples=4)
+    out = ev(lm)
+    assert out["ood_kl"] == pytest.approx(0.0, abs=1e-6) and out["drift"] == 0.0
+    for k in ("id_acc", "ood_acc", "ood_format", *(f"ood_{t}" for t in toy.PRIOR_TASKS)):
+        assert 0.0 <= out[k] <= 1.0
+    assert out["entropy"] > 0 and out["sample_entropy"] > 0
+    assert ev(lm) == out  # evaluation is deterministic (sampling uses its own seed)
+
+
+def test_arms_share_schedule_and_differ_only_where_stated():
+    p = PRESETS["cpu"]
+    psft, sft, paper = (arm_config(p, a) for a in ("psft", "sft", "sft_paper"))
+    assert (psft.method, sft.method, paper.method) == ("psft", "sft", "sft")
+    assert (sft.batch_size, sft.minibatch_size, sft.lr) == (psft.batch_size, psft.minibatch_size, psft.lr)
+    assert psft.batch_size // psft.minibatch_size == 8  # as the official 256 / 32
+    assert paper.minibatch_size == paper.batch_size and paper.lr > psft.lr
+
+
+def test_ablation_settings():
+    p = PRESETS["smoke"]
+    refresh = {j["setting"]: j["config"] for j in ablation_jobs(p, "refresh", {})}
+    assert [c["batch_size"] // c["minibatch_size"] for k, c in refresh.items() if k != "refresh never"] == [1, 4, 8, 16]
+    assert refresh["refresh never"]["refresh_pi_old"] is False
+    eps = {j["setting"]: j["config"]["eps_high"] for j in ablation_jobs(p, "eps", {})}
+    assert eps == {"eps_high 0.14": 0.14, "eps_high 0.28": 0.28, "eps_high 0.42": 0.42, "no clip": 1e9}
+    warm = [j["config"]["sft_warmup_steps"] for j in ablation_jobs(p, "warmup", {})]
+    assert warm[0] == 0 and warm[1] > 0
+    with pytest.raises(ValueError, match="unknown ablation"):
+        ablation_jobs(p, "lr", {})
+
+
+def test_reproduce_smoke_writes_results_and_figures(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "minipsft", "reproduce", "--preset", "smoke", "--out", str(out),
+                           "--cache", str(tmp_path / "cache")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    records = data["records"]
+    arms = {"psft", "sft", "sft_kl", "dft", "sft_paper", "sft_small"}
+    assert {r["method"] for r in records} == arms
+    for arm in arms:
+        assert sorted(r["epoch"] for r in records if r["method"] == arm) == [0, 1, 2, 3, 4]
+    for r in records:
+        assert {"method", "seed", "epoch", "entropy", "id_acc", "ood_acc"} <= set(r)
+    assert any(r["clipfrac"] for r in records if r["method"] == "psft")
+    assert data["summary"]["clipped_tokens"]["seen"]["format"] > 0
+    assert "level" in data["summary"]["matched_id"]
+    for name in ("epoch_stability.png", "tradeoff.png"):
+        assert (out / name).stat().st_size > 20_000
+    assert len(list((out / "histories").glob("*.jsonl"))) == 6
+    assert "| psft |" in (out / "report.md").read_text()
