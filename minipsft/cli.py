@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ablations", nargs="*", default=[], choices=["refresh", "eps", "warmup"],
                    help="also run these PSFT ablations (refresh period; eps_high and no clip; SFT warm-up)")
     r.add_argument("--skip-main", action="store_true", help="run only the ablations")
-    r.add_argument("--device", default="cpu", help="device of the fine-tuning runs (cuda for the gpu preset)")
+    r.add_argument("--device", default="auto", help="cpu or cuda (auto: cuda when available)")
     return parser
 
 

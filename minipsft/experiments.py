@@ -161,8 +161,11 @@ def _drift_at_epoch1(run: dict) -> float:
 
 
 def reproduce(preset_name: str, out_dir, cache_dir=None, seeds=None, workers=None, ablations=(), main=True,
-              device: str = "cpu") -> dict:
-    """Run the comparison (and ablations) and write every results file and figure into ``out_dir``."""
+              device: str = "auto") -> dict:
+    """Run the comparison (and ablations) and write every results file and figure into ``out_dir``.
+    ``device="auto"``: the GPU when there is one, else the CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     p = PRESETS[preset_name]
     if seeds is not None:
         p = replace(p, seeds=tuple(seeds))
@@ -173,7 +176,7 @@ def reproduce(preset_name: str, out_dir, cache_dir=None, seeds=None, workers=Non
     cache_dir = Path(cache_dir or os.environ.get("MINIPSFT_CACHE", Path.home() / ".cache" / "minipsft"))
     t0 = time.perf_counter()
     torch.set_num_threads(max(1, p.threads * p.workers))
-    base, base_path, cached = toy.pretrained_base(p.base, cache_dir)
+    base, base_path, cached = toy.pretrained_base(p.base, cache_dir, device=device)
     print(f"base model: {base_path} ({'loaded from cache' if cached else 'pretrained now'}, "
           f"{sum(x.numel() for x in base.model.parameters()) / 1e6:.2f}M parameters)")
     t_base = time.perf_counter() - t0
@@ -192,7 +195,6 @@ def reproduce(preset_name: str, out_dir, cache_dir=None, seeds=None, workers=Non
         runs += _run_jobs(small, p.workers, "sft at psft's step size")
     for name in ablations:
         runs += _run_jobs(ablation_jobs(p, name, job0), p.workers, f"ablation {name}")
-    runs.sort(key=lambda r: (r["job"].get("group", "main"), r["job"]["arm"], r["job"].get("setting", ""), r["job"]["seed"]))
     wall = time.perf_counter() - t0
     return write_results(out, p, preset_name, runs, base_path, cached, wall, t_base)
 
@@ -326,7 +328,9 @@ def finalize(out_dir) -> list:
         data["summary"]["matched_id"] = matched_id(main_records, arms)
         (out / "results.json").write_text(json.dumps(data, indent=1))
     figures = make_figures(out)
-    (out / "report.md").write_text(report(data["summary"], data["records"]))
+    grad_max = {(r["job"]["group"], r["job"]["setting"], r["job"]["seed"]): max((h["grad_norm"] for h in r["history"]), default=None)
+                for r in load_results(out)["runs"]}
+    (out / "report.md").write_text(report(data["summary"], data["records"], grad_max))
     return figures
 
 
@@ -346,7 +350,7 @@ def make_figures(out_dir) -> list:
     return figures
 
 
-def report(summary: dict, records: list) -> str:
+def report(summary: dict, records: list, grad_max: dict | None = None) -> str:
     """Markdown tables of the numbers (mean ± std over seeds), written from the records."""
     lines = [f"# Toy-world results, preset `{summary['preset']}`", "",
              f"Wall time {summary['wall_seconds'] / 60:.1f} min (base model {summary['pretrain_seconds'] / 60:.1f} min, "
@@ -389,8 +393,8 @@ def report(summary: dict, records: list) -> str:
     abl = [r for r in records if r["group"] != "main"]
     if abl:
         lines += ["", "## Ablations (PSFT; at the last epoch and at the best-ID epoch)", "",
-                  "| ablation | setting | id_acc (last) | ood_acc (last) | entropy (last) | best id_acc | ood at best id |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| ablation | setting | id_acc (last) | ood_acc (last) | entropy (last) | best id_acc | ood at best id "
+                  "| max grad norm |", "|---|---|---|---|---|---|---|---|"]
         last = max(r["epoch"] for r in abl)
         for group in dict.fromkeys(r["group"] for r in abl):
             for setting in dict.fromkeys(r["setting"] for r in abl if r["group"] == group):
@@ -400,5 +404,6 @@ def report(summary: dict, records: list) -> str:
                         for s in sorted({r["seed"] for r in rs})]
                 lines.append(f"| {group} | {setting} | {_fmt([r['id_acc'] for r in end])} | "
                              f"{_fmt([r['ood_acc'] for r in end])} | {_fmt([r['entropy'] for r in end])} | "
-                             f"{_fmt([r['id_acc'] for r in best])} | {_fmt([r['ood_acc'] for r in best])} |")
+                             f"{_fmt([r['id_acc'] for r in best])} | {_fmt([r['ood_acc'] for r in best])} | "
+                             f"{_fmt([(grad_max or {}).get((group, setting, r['seed'])) for r in end], 1)} |")
     return "\n".join(lines) + "\n"

@@ -2,10 +2,7 @@
 import statistics
 from collections import defaultdict
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt  # on a machine without a display matplotlib picks Agg by itself
 
 COLORS = {"psft": "tab:blue", "sft": "tab:red", "sft_kl": "tab:green", "dft": "tab:purple",
           "sft_paper": "tab:orange", "sft_small": "tab:brown"}

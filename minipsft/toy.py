@@ -177,7 +177,7 @@ class BaseConfig:
         return hashlib.sha1(json.dumps(world, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def new_model(cfg: BaseConfig) -> CausalLM:
+def new_model(cfg: BaseConfig, device="cpu") -> CausalLM:
     from transformers import LlamaConfig
 
     tok = char_tokenizer(ALPHABET)
@@ -185,16 +185,16 @@ def new_model(cfg: BaseConfig) -> CausalLM:
                          num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
                          max_position_embeddings=cfg.max_position, tie_word_embeddings=True,
                          pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    return CausalLM.from_config(config, tok, seed=cfg.pretrain_seed, device="cpu")
+    return CausalLM.from_config(config, tok, seed=cfg.pretrain_seed, device=device, dtype="float32")
 
 
-def pretrained_base(cfg: BaseConfig, cache_dir, progress: bool = True) -> tuple:
+def pretrained_base(cfg: BaseConfig, cache_dir, progress: bool = True, device="cpu") -> tuple:
     """The base model: loaded from ``cache_dir/base-<hash>`` if there, else pretrained (deterministic
     for a given thread count) and saved there. Returns ``(CausalLM, path, loaded_from_cache)``."""
     path = Path(cache_dir) / f"base-{cfg.key()}"
     if (path / "config.json").exists():
-        return CausalLM.from_pretrained(path, device="cpu", dtype="float32"), path, True
-    lm = new_model(cfg)
+        return CausalLM.from_pretrained(path, device=device, dtype="float32"), path, True
+    lm = new_model(cfg, device)
     examples = lm.encode(pretrain_rows(cfg.pretrain_rows, cfg.pretrain_seed))
     steps = len(examples) // cfg.pretrain_batch
     train(lm, examples, TrainConfig(method="sft", epochs=1, lr=cfg.pretrain_lr, batch_size=cfg.pretrain_batch,
