@@ -72,11 +72,14 @@ PRESETS = {
 }
 
 
-def preset_from_env(default: str = "cpu") -> str:
-    """The preset a notebook should run: MINIPSFT_PRESET if set, else ``smoke`` under CI=true."""
+def preset_from_env() -> str:
+    """The preset a notebook should run: MINIPSFT_PRESET if set, else ``smoke`` under CI=true, else
+    ``gpu`` when a GPU is present and ``cpu`` otherwise."""
     if os.environ.get("MINIPSFT_PRESET"):
         return os.environ["MINIPSFT_PRESET"]
-    return "smoke" if os.environ.get("CI", "").lower() == "true" else default
+    if os.environ.get("CI", "").lower() == "true":
+        return "smoke"
+    return "gpu" if torch.cuda.is_available() else "cpu"
 
 
 def arm_config(p: Preset, arm: str, **overrides) -> TrainConfig:

@@ -26,8 +26,11 @@ def _no_timing(history):
     return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in history]
 
 
-def test_tiny_model_memorises_a_small_set():
-    lm = tiny_lm()
+def test_tiny_model_memorises_a_small_set(tmp_path):
+    from minipsft.model import CausalLM
+
+    tiny_lm().save_pretrained(tmp_path)
+    lm = CausalLM.from_pretrained(tmp_path, device="cpu")  # built from a config, saved and reloaded
     ex = lm.encode(addition_rows(8))
     before = heldout_eval(lm, ex)["heldout_nll"]
     train(lm, ex, cfg(method="sft", epochs=60, lr=1e-2, batch_size=8, minibatch_size=8))
