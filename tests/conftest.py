@@ -13,12 +13,12 @@ from minipsft.model import CausalLM, char_tokenizer  # noqa: E402
 ALPHABET = "0123456789+=-:, abcdefghijklmnopqrstuvwxyz\n"
 
 
-def tiny_lm(seed=0, chat=True, layers=2, hidden=32):
+def tiny_lm(seed=0, chat=True, layers=2, hidden=32, max_positions=64):
     from transformers import Qwen2Config
 
     tok = char_tokenizer(ALPHABET, "chatml" if chat else None)
     cfg = Qwen2Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
                       tie_word_embeddings=True, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id)
     return CausalLM.from_config(cfg, tok, seed=seed, device="cpu")

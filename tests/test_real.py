@@ -1,0 +1,60 @@
+"""Real data sets on fixtures in the exact hub schemas (written by the project; no hub access):
+GSM8K answer extraction and formatting, multiple-choice scoring by log-likelihood."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_lm
+from minipsft import real
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("so 48+24 = 72 clips\n#### 72", "72"), ("#### 3,600", "3600"), ("The answer is \\boxed{1,000}.", "1000"),
+    ("first 3 then 4.50 dollars", "4.5"), ("-7 degrees", "-7"), ("no number here", None), ("#### 10.0", "10")])
+def test_extract_answer(text, expected):
+    assert real.extract_answer(text) == expected
+
+
+def test_gsm8k_rows_from_the_hub_schema():
+    rows = real.gsm8k_rows(real.load_split("openai/gsm8k", "main", "test", path=FIXTURES / "gsm8k_main.jsonl"))
+    assert [r["final"] for r in rows] == ["72", "10", "3600"]
+    user, assistant = rows[0]["messages"]
+    assert user["role"] == "user" and real.INSTRUCTION in user["content"]
+    assert "<<" not in assistant["content"] and assistant["content"].endswith("#### 72")
+    with pytest.raises(ValueError, match="GSM8K row 1"):
+        real.gsm8k_rows([{"question": "q", "answer": "no marker"}])
+
+
+def test_gsm8k_rows_train_and_generate_through_the_chat_template():
+    lm = tiny_lm(max_positions=512)
+    rows = real.gsm8k_rows(real.load_split("openai/gsm8k", "main", "test", path=FIXTURES / "gsm8k_main.jsonl", n=2))
+    examples = lm.encode(rows)
+    assert len(examples) == 2 and all(sum(e["completion_mask"]) > 0 for e in examples)
+    acc = real.gsm8k_accuracy(lm, rows, max_new_tokens=8)
+    assert 0.0 <= acc <= 1.0
+
+
+def test_multiple_choice_items_from_the_hub_schemas():
+    tqa = real.truthfulqa_items(real.load_split("truthfulqa/truthful_qa", "multiple_choice", "validation",
+                                                path=FIXTURES / "truthfulqa_mc.jsonl"))
+    arc = real.arc_items(real.load_split("allenai/ai2_arc", "ARC-Challenge", "test", path=FIXTURES / "arc_challenge.jsonl"))
+    assert [i["label"] for i in tqa] == [0, 1] and [i["label"] for i in arc] == [0, 0]
+    assert arc[0]["choices"] == ["the Sun", "the Moon", "a mirror", "a rock"]
+
+
+def test_choice_scores_are_summed_token_logprobs_and_pick_the_argmax():
+    lm = tiny_lm()
+    items = [{"prompt": "1+1=", "choices": ["2", "11", "3"], "label": 0}, {"prompt": "2+2=", "choices": ["4", "22"], "label": 1}]
+    scores = real.choice_logprobs(lm, items, batch_size=2)  # batches cut across items
+    assert [len(s) for s in scores] == [3, 2]
+    # by hand: log p(" 11" | "1+1=") = sum over its three tokens
+    ids = lm.prompt_ids("1+1=") + lm.tokenizer(" 11", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = lm.model(torch.tensor([ids])).logits[0].log_softmax(-1)
+    by_hand = sum(logits[t - 1, ids[t]].item() for t in range(len(ids) - 3, len(ids)))
+    assert scores[0][1] == pytest.approx(by_hand, abs=1e-4)
+    expected = sum(max(range(len(s)), key=s.__getitem__) == it["label"] for s, it in zip(scores, items)) / 2
+    assert real.mc_accuracy(lm, items) == expected
