@@ -51,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "several seeds, evaluate every epoch, and write DIR/results.json, DIR/report.md, "
                                    "DIR/histories/ and DIR/epoch_stability.png, DIR/tradeoff.png (and "
                                    "DIR/ablations.png).")
-    r.add_argument("--preset", choices=["smoke", "cpu", "gpu"], default="cpu",
-                   help="sizes: smoke (<2 min, CI), cpu (3 seeds, <20 min on 2 cores), gpu (larger, one GPU)")
+    r.add_argument("--preset", choices=["smoke", "cpu", "gpu", "gsm8k"], default="cpu",
+                   help="toy world: smoke (<1 min, CI), cpu (3 seeds, ~14 min on 2 cores), gpu (larger, one GPU); "
+                        "gsm8k: a real model (--model) on GSM8K with TruthfulQA/ARC as OOD, one GPU")
     r.add_argument("--out", required=True, help="output folder")
     r.add_argument("--cache", default=None, help="base-model cache folder (default: $MINIPSFT_CACHE or ~/.cache/minipsft)")
     r.add_argument("--seeds", type=int, nargs="+", default=None, help="override the preset's seeds")
@@ -61,7 +62,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run these PSFT ablations (refresh period; eps_high and no clip; SFT warm-up)")
     r.add_argument("--skip-main", action="store_true", help="run only the ablations")
     r.add_argument("--device", default="auto", help="cpu or cuda (auto: cuda when available)")
+    r.add_argument("--model", default=None, help="gsm8k preset: hub id or folder of the model to fine-tune")
+    r.add_argument("--data-dir", default=None, help="gsm8k preset: local files instead of the hub "
+                   "(gsm8k_train.jsonl, gsm8k_test.jsonl, truthfulqa_mc.jsonl, arc_challenge.jsonl in the hub schemas)")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a preset setting, e.g. --set n_train=512 --set lr=2e-6 (see experiments.Preset)")
     return parser
+
+
+def _overrides(pairs) -> dict:
+    from .experiments import Preset
+
+    types = typing.get_type_hints(Preset)
+    out = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in types or key in ("base", "arms", "seeds") or not value:
+            raise SystemExit(f"error: --set {pair!r}: use FIELD=VALUE with a number or text field of Preset")
+        kind = types[key]
+        out[key] = value if kind is str else (int(value) if kind in (int, int | None) else float(value))
+    return out
 
 
 def main(argv=None) -> None:
@@ -69,8 +89,12 @@ def main(argv=None) -> None:
     if args.command == "reproduce":
         from .experiments import reproduce
 
-        reproduce(args.preset, args.out, cache_dir=args.cache, seeds=args.seeds, workers=args.workers,
-                  ablations=args.ablations, main=not args.skip_main, device=args.device)
+        try:
+            reproduce(args.preset, args.out, cache_dir=args.cache, seeds=args.seeds, workers=args.workers,
+                      ablations=args.ablations, main=not args.skip_main, device=args.device, model=args.model,
+                      data_dir=args.data_dir, **_overrides(args.overrides))
+        except ValueError as e:
+            sys.exit(f"error: {e}")
         return
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     try:

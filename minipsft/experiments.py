@@ -22,14 +22,14 @@ import statistics
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from multiprocessing import get_context
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from . import plots, toy
+from . import plots, real, toy
 from .model import CausalLM
 from .train import TrainConfig, train
 
@@ -44,7 +44,7 @@ class Preset:
     256/32 (8 steps per snapshot). The cpu preset's lr was chosen on SFT alone (seed 0), before any
     PSFT run of this world: at 3e-4 SFT reached its ID plateau at epoch 2, at 1e-4 around epoch 4 (as
     the paper's SFT did), so 1e-4."""
-    base: toy.BaseConfig
+    base: toy.BaseConfig | None
     n_train: int = 1024
     n_id_eval: int = 256
     ood_per_task: int = 32
@@ -58,6 +58,10 @@ class Preset:
     seeds: tuple = (0, 1, 2)
     workers: int = 2
     threads: int = 1
+    world: str = "toy"
+    arms: tuple = ARMS
+    max_new_tokens: int = 320
+    max_length: int | None = None
 
 
 PRESETS = {
@@ -69,6 +73,10 @@ PRESETS = {
                                       pretrain_lr=1e-3),
                   n_train=4096, n_id_eval=1024, ood_per_task=128, n_samples=512, epochs=8, batch_size=256,
                   minibatch_size=32, lr=5e-5, sft_paper_lr=1e-3, seeds=(0, 1, 2, 3, 4), workers=1, threads=8),
+    # a hub model (--model) on GSM8K, OOD = TruthfulQA MC1 and ARC-Challenge; one GPU
+    "gsm8k": Preset(base=None, world="gsm8k", arms=("psft", "sft", "sft_paper"), n_train=2048, n_id_eval=250,
+                    ood_per_task=250, epochs=4, batch_size=256, minibatch_size=32, lr=1e-6, sft_paper_lr=2e-5,
+                    seeds=(0,), workers=1, threads=8, max_length=1024),
 }
 
 
@@ -97,10 +105,16 @@ def run_one(job: dict) -> dict:
     """Fine-tune the base with one arm and seed; return its eval records and step history."""
     torch.set_num_threads(job["threads"])
     p: Preset = job["preset"]
-    lm = CausalLM.from_pretrained(job["base_path"], device=job.get("device", "cpu"), dtype="float32")
-    examples = lm.encode(toy.id_rows(p.n_train, seed=10_000 + job["seed"]))
-    evaluator = toy.Evaluator(lm, toy.id_rows(p.n_id_eval, seed=1), toy.ood_rows(p.ood_per_task, seed=2),
-                              n_samples=p.n_samples)
+    if p.world == "toy":
+        lm = CausalLM.from_pretrained(job["base_path"], device=job.get("device", "cpu"), dtype="float32")
+        examples = lm.encode(toy.id_rows(p.n_train, seed=10_000 + job["seed"]))
+        evaluator = toy.Evaluator(lm, toy.id_rows(p.n_id_eval, seed=1), toy.ood_rows(p.ood_per_task, seed=2),
+                                  n_samples=p.n_samples)
+    else:  # a hub (or local) model on GSM8K; the seed changes the data order
+        lm = CausalLM.from_pretrained(job["base_path"], device=job.get("device", "cpu"))
+        data = real.world_data(p.n_train, p.n_id_eval, p.ood_per_task, job.get("data_dir"))
+        examples = lm.encode(data["train"], max_length=p.max_length)
+        evaluator = real.Evaluator(lm, data["test"], data["ood"], p.max_new_tokens, p.max_length)
     cfg = replace(TrainConfig(**job["config"]), seed=job["seed"])
     clipped = ClippedTokens(lm.tokenizer, cfg.eps_high) if job.get("clip_analysis") else None
     t0 = time.perf_counter()
@@ -164,12 +178,14 @@ def _drift_at_epoch1(run: dict) -> float:
 
 
 def reproduce(preset_name: str, out_dir, cache_dir=None, seeds=None, workers=None, ablations=(), main=True,
-              device: str = "auto") -> dict:
+              device: str = "auto", model=None, data_dir=None, **overrides) -> dict:
     """Run the comparison (and ablations) and write every results file and figure into ``out_dir``.
-    ``device="auto"``: the GPU when there is one, else the CPU."""
+    ``device="auto"``: the GPU when there is one, else the CPU. ``model``: the hub id or folder of the
+    model to fine-tune (``gsm8k`` preset; the toy presets pretrain their own). ``data_dir``: local
+    files instead of the hub (``real.LOCAL_FILES``). ``overrides``: any ``Preset`` field."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    p = PRESETS[preset_name]
+    p = replace(PRESETS[preset_name], **overrides)
     if seeds is not None:
         p = replace(p, seeds=tuple(seeds))
     if workers is not None:
@@ -179,18 +195,24 @@ def reproduce(preset_name: str, out_dir, cache_dir=None, seeds=None, workers=Non
     cache_dir = Path(cache_dir or os.environ.get("MINIPSFT_CACHE", Path.home() / ".cache" / "minipsft"))
     t0 = time.perf_counter()
     torch.set_num_threads(max(1, p.threads * p.workers))
-    base, base_path, cached = toy.pretrained_base(p.base, cache_dir, device=device)
-    print(f"base model: {base_path} ({'loaded from cache' if cached else 'pretrained now'}, "
-          f"{sum(x.numel() for x in base.model.parameters()) / 1e6:.2f}M parameters)")
+    if p.world == "toy":
+        base, base_path, cached = toy.pretrained_base(p.base, cache_dir, device=device)
+        print(f"base model: {base_path} ({'loaded from cache' if cached else 'pretrained now'}, "
+              f"{sum(x.numel() for x in base.model.parameters()) / 1e6:.2f}M parameters)")
+    elif model is None:
+        raise ValueError(f"preset {preset_name!r} fine-tunes a given model: pass --model (hub id or folder)")
+    else:
+        base_path, cached = model, True
     t_base = time.perf_counter() - t0
-    job0 = dict(preset=p, base_path=str(base_path), threads=p.threads, device=device)
+    job0 = dict(preset=p, base_path=str(base_path), threads=p.threads, device=device,
+                data_dir=None if data_dir is None else str(data_dir))
     runs = []
     if main:
-        jobs = [dict(job0, arm=arm, seed=s, config=asdict(arm_config(p, arm)), clip_analysis=(arm == "psft" and s == p.seeds[0]))
-                for s in p.seeds for arm in ARMS if arm != "sft_small"]
+        jobs = [dict(job0, arm=arm, seed=s, config=asdict(arm_config(p, arm)), clip_analysis=(arm == "psft" and s == p.seeds[0] and p.world == "toy"))
+                for s in p.seeds for arm in p.arms if arm != "sft_small"]
         runs += _run_jobs(jobs, p.workers, "main runs")
         small = []
-        for s in p.seeds:
+        for s in (p.seeds if "sft_small" in p.arms else ()):
             psft, sft = (next(r for r in runs if r["job"]["arm"] == a and r["job"]["seed"] == s) for a in ("psft", "sft"))
             ratio = _drift_at_epoch1(psft) / _drift_at_epoch1(sft)
             small.append(dict(job0, arm="sft_small", seed=s, step_ratio=ratio,
@@ -208,7 +230,12 @@ def reproduce_or_load(preset_name: str, out_dir, ablations=(), main=True, **kw) 
     path = Path(out_dir) / "results.json"
     if path.exists():
         res = load_results(out_dir)
-        same = json.loads(json.dumps(asdict(PRESETS[preset_name]))) == res["summary"]["preset_config"]
+        current = json.loads(json.dumps(asdict(replace(PRESETS[preset_name], **{
+            k: v for k, v in kw.items() if k in {f.name for f in fields(Preset)}}))))
+        # settings added to Preset after a results folder was written count as their defaults there
+        defaults = json.loads(json.dumps({f.name: f.default for f in fields(Preset) if f.default is not MISSING}))
+        saved = res["summary"]["preset_config"]
+        same = all(saved.get(k, defaults.get(k)) == v for k, v in current.items())
         groups = {r["group"] for r in res["records"]}
         if same and set(ablations) <= groups and (not main or "main" in groups):
             print(f"loaded results from {path} (made with the same '{preset_name}' settings; "
@@ -370,7 +397,7 @@ def report(summary: dict, records: list, grad_max: dict | None = None) -> str:
             for e in range(last + 1):
                 rs = [r for r in main if r["method"] == arm and r["epoch"] == e]
                 if rs:
-                    cells = [_fmt([r[k] for r in rs]) for k in keys]
+                    cells = [_fmt([r.get(k) for r in rs]) for k in keys]
                     extra = [_fmt([r["train_entropy"] for r in rs]) if e else "", _fmt([r["clipfrac"] for r in rs]) if e else ""]
                     lines.append(f"| {arm} | {e} | " + " | ".join(cells + extra) + " |")
         m = summary["matched_id"]

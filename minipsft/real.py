@@ -124,3 +124,45 @@ def choice_logprobs(lm, items: list, batch_size: int = 16) -> list:
 def mc_accuracy(lm, items: list, batch_size: int = 16) -> float:
     scores = choice_logprobs(lm, items, batch_size)
     return sum(max(range(len(s)), key=s.__getitem__) == item["label"] for s, item in zip(scores, items)) / len(items)
+
+
+# ------------------------------------------------------------------------------------------- the experiment's world
+LOCAL_FILES = {"gsm8k_train": "gsm8k_train.jsonl", "gsm8k_test": "gsm8k_test.jsonl",
+               "truthfulqa": "truthfulqa_mc.jsonl", "arc": "arc_challenge.jsonl"}
+
+
+def _path(data_dir, key):
+    return None if data_dir is None else f"{data_dir}/{LOCAL_FILES[key]}"
+
+
+def world_data(n_train: int, n_eval: int, n_ood: int, data_dir=None) -> dict:
+    """The GSM8K experiment's data: training rows, held-out test rows and the OOD items, from the hub
+    or from ``data_dir`` (files named as in ``LOCAL_FILES``, in the hub schemas)."""
+    return {
+        "train": gsm8k_rows(load_split("openai/gsm8k", "main", "train", _path(data_dir, "gsm8k_train"), n_train)),
+        "test": gsm8k_rows(load_split("openai/gsm8k", "main", "test", _path(data_dir, "gsm8k_test"), n_eval)),
+        "ood": {"truthfulqa": truthfulqa_items(load_split("truthfulqa/truthful_qa", "multiple_choice", "validation",
+                                                          _path(data_dir, "truthfulqa"), n_ood)),
+                "arc": arc_items(load_split("allenai/ai2_arc", "ARC-Challenge", "test", _path(data_dir, "arc"), n_ood))},
+    }
+
+
+class Evaluator:
+    """GSM8K exact match (``id_acc``), multiple-choice accuracy per OOD benchmark (``ood_truthfulqa``,
+    ``ood_arc``; their mean is ``ood_acc``), NLL and entropy on held-out GSM8K solutions."""
+
+    def __init__(self, lm, test_rows: list, ood: dict, max_new_tokens: int = 320, max_length=None):
+        from .train import heldout_eval
+
+        self._heldout_eval = heldout_eval
+        self.test_rows, self.ood, self.max_new_tokens = test_rows, ood, max_new_tokens
+        self.heldout = lm.encode(test_rows, max_length=max_length)
+
+    def __call__(self, lm) -> dict:
+        out = {"id_acc": gsm8k_accuracy(lm, self.test_rows, self.max_new_tokens)}
+        for name, items in self.ood.items():
+            out[f"ood_{name}"] = mc_accuracy(lm, items)
+        out["ood_acc"] = sum(out[f"ood_{n}"] for n in self.ood) / len(self.ood)
+        held = self._heldout_eval(lm, self.heldout)
+        out["heldout_nll"], out["entropy"] = held["heldout_nll"], held["heldout_entropy"]
+        return out

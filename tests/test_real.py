@@ -19,7 +19,7 @@ def test_extract_answer(text, expected):
 
 
 def test_gsm8k_rows_from_the_hub_schema():
-    rows = real.gsm8k_rows(real.load_split("openai/gsm8k", "main", "test", path=FIXTURES / "gsm8k_main.jsonl"))
+    rows = real.gsm8k_rows(real.load_split("openai/gsm8k", "main", "test", path=FIXTURES / "gsm8k_test.jsonl"))
     assert [r["final"] for r in rows] == ["72", "10", "3600"]
     user, assistant = rows[0]["messages"]
     assert user["role"] == "user" and real.INSTRUCTION in user["content"]
@@ -30,7 +30,7 @@ def test_gsm8k_rows_from_the_hub_schema():
 
 def test_gsm8k_rows_train_and_generate_through_the_chat_template():
     lm = tiny_lm(max_positions=512)
-    rows = real.gsm8k_rows(real.load_split("openai/gsm8k", "main", "test", path=FIXTURES / "gsm8k_main.jsonl", n=2))
+    rows = real.gsm8k_rows(real.load_split("openai/gsm8k", "main", "test", path=FIXTURES / "gsm8k_test.jsonl", n=2))
     examples = lm.encode(rows)
     assert len(examples) == 2 and all(sum(e["completion_mask"]) > 0 for e in examples)
     acc = real.gsm8k_accuracy(lm, rows, max_new_tokens=8)
@@ -58,3 +58,32 @@ def test_choice_scores_are_summed_token_logprobs_and_pick_the_argmax():
     assert scores[0][1] == pytest.approx(by_hand, abs=1e-4)
     expected = sum(max(range(len(s)), key=s.__getitem__) == it["label"] for s, it in zip(scores, items)) / 2
     assert real.mc_accuracy(lm, items) == expected
+
+
+def test_reproduce_gsm8k_runs_the_whole_pipeline_on_a_local_model(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    model_dir = tmp_path / "model"
+    tiny_lm(max_positions=512).save_pretrained(model_dir)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "minipsft", "reproduce", "--preset", "gsm8k", "--model", str(model_dir),
+           "--data-dir", str(FIXTURES), "--out", str(out), "--device", "cpu",
+           *[a for kv in ("n_train=3", "n_id_eval=3", "ood_per_task=2", "epochs=2", "batch_size=2",
+                          "minibatch_size=1", "max_new_tokens=8", "max_length=480") for a in ("--set", kv)]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = json.loads((out / "results.json").read_text())["records"]
+    assert {r["method"] for r in records} == {"psft", "sft", "sft_paper"}
+    assert sorted(r["epoch"] for r in records if r["method"] == "psft") == [0, 1, 2]
+    for r in records:
+        assert {"method", "seed", "epoch", "entropy", "id_acc", "ood_acc", "ood_truthfulqa", "ood_arc"} <= set(r)
+    assert (out / "epoch_stability.png").exists() and (out / "tradeoff.png").exists()
+
+
+def test_reproduce_gsm8k_needs_a_model(tmp_path):
+    from minipsft.cli import main
+
+    with pytest.raises(SystemExit, match="pass --model"):
+        main(["reproduce", "--preset", "gsm8k", "--out", str(tmp_path)])
