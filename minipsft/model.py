@@ -21,8 +21,10 @@ __all__ = ["CausalLM", "DataError", "token_logprobs", "char_tokenizer", "resolve
 CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
-# Elements of one [rows, positions, vocab] float32 logits chunk (2**25 floats = 128 MiB).
+# Elements of one [rows, positions, vocab] float32 logits chunk: 2**25 floats (128 MiB) on CPU;
+# 2**28 (1 GiB) on GPU, where small chunks leave the vocabulary projection's matmuls too thin to be fast.
 CHUNK_ELEMENTS = 2**25
+CHUNK_ELEMENTS_GPU = 2**28
 
 
 class DataError(ValueError):
@@ -91,7 +93,7 @@ def _hidden_and_head(model, input_ids, attention_mask):
     return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits, torch.nn.Identity()
 
 
-def token_logprobs(model, input_ids, attention_mask, with_entropy: bool = False, chunk_elements: int = CHUNK_ELEMENTS):
+def token_logprobs(model, input_ids, attention_mask, with_entropy: bool = False, chunk_elements: int | None = None):
     """Per-token log-probs (and entropies) aligned with ``input_ids``: shape [B, T], position 0 is 0.
 
     ``logp[b, t] = log pi(input_ids[b, t] | input_ids[b, :t])``; ``entropy[b, t]`` is the entropy of
@@ -100,6 +102,8 @@ def token_logprobs(model, input_ids, attention_mask, with_entropy: bool = False,
     (activation checkpointing), so at most one chunk of logits is alive at a time.
     """
     hidden, head = _hidden_and_head(model, input_ids, attention_mask)
+    if chunk_elements is None:
+        chunk_elements = CHUNK_ELEMENTS_GPU if hidden.is_cuda else CHUNK_ELEMENTS
     hidden, targets = hidden[:, :-1], input_ids[:, 1:]
     B, T1 = targets.shape
     vocab = model.config.vocab_size if isinstance(head, torch.nn.Identity) else head.out_features
