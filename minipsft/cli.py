@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, ... (auto: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in backward (less GPU memory, ~30%% more compute)")
     _add_config_flags(p)
 
     r = sub.add_parser("reproduce", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -99,7 +101,8 @@ def main(argv=None) -> None:
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     try:
         cfg.check()
-        lm = CausalLM.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+        lm = CausalLM.from_pretrained(args.model, device=args.device, dtype=args.dtype,
+                                      gradient_checkpointing=args.gradient_checkpointing)
         # every row is read, checked and encoded before the first step: bad data fails fast
         examples = lm.encode(load_rows(args.data), max_length=args.max_length)
         eval_fn = None

@@ -126,22 +126,28 @@ def token_logprobs(model, input_ids, attention_mask, with_entropy: bool = False,
 class CausalLM:
     """A causal LM plus its tokenizer, on one device, with the few operations fine-tuning needs."""
 
-    def __init__(self, model, tokenizer, device=None, dtype=None):
+    def __init__(self, model, tokenizer, device=None, dtype=None, gradient_checkpointing: bool = False):
         self.device = resolve_device(device)
         self.model = model.to(device=self.device, dtype=resolve_dtype(dtype, self.device))
         self.tokenizer = tokenizer
+        if gradient_checkpointing:  # recompute each layer in backward: activation memory ~ one layer
+            if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+                self.model.activation_checkpointing_enable()
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if tokenizer.pad_token_id is None:  # many chat models ship without one; padding is masked anyway
             tokenizer.pad_token = tokenizer.eos_token
 
     # ---------------------------------------------------------------- loading and saving
     @classmethod
-    def from_pretrained(cls, name_or_path, device=None, dtype=None, attn_implementation="sdpa", **kwargs):
+    def from_pretrained(cls, name_or_path, device=None, dtype=None, attn_implementation="sdpa",
+                        gradient_checkpointing: bool = False, **kwargs):
         """Load from a hub id or a local folder written by ``save_pretrained``."""
         dev = resolve_device(device)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, dtype=resolve_dtype(dtype, dev), attn_implementation=attn_implementation, **kwargs)
-        return cls(model, tokenizer, dev, dtype)
+        return cls(model, tokenizer, dev, dtype, gradient_checkpointing)
 
     @classmethod
     def from_config(cls, config, tokenizer, seed: int = 0, device=None, dtype=None):

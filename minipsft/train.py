@@ -52,6 +52,8 @@ class TrainConfig:
     refresh_pi_old: bool = _f(True, "refresh pi_old at every batch; off anchors pi_old to the starting model "
                                     "(the paper's 'no update' ablation)")
     sft_warmup_steps: int = _f(0, "plain-SFT optimizer steps before PSFT starts")
+    length_bucketing: bool = _f(False, "within each batch, group demonstrations of similar length into the same "
+                                       "minibatch (less padding; same batches and snapshots for every method)")
     kl_coef: float = _f(0.5, "weight of the KL(pi || pi_ref) penalty of sft_kl (paper: 0.5)")
     weight_decay: float = _f(0.1, "AdamW weight decay")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = off)")
@@ -241,7 +243,10 @@ def train(lm, examples: list, cfg: TrainConfig, out_dir=None, eval_fn=None, resu
         for epoch in range(pos["epoch"], cfg.epochs):
             batches = _epoch_batches(len(examples), cfg, epoch)
             for b in range(pos["batch"], len(batches)):
-                minibatches = [lm.collate([examples[i] for i in idx]) for idx in _chunks(batches[b], cfg.minibatch_size)]
+                order = batches[b]
+                if cfg.length_bucketing:
+                    order = sorted(order, key=lambda i: len(examples[i]["input_ids"]))
+                minibatches = [lm.collate([examples[i] for i in idx]) for idx in _chunks(order, cfg.minibatch_size)]
                 # log pi_old per minibatch; filled at the batch's first PSFT step ("take the snapshot")
                 old = [None] * len(minibatches)
                 for j in range(len(minibatches)):
@@ -333,6 +338,6 @@ def _step(lm, cfg, opt, sched, base, minibatches, old, j, step, token_hook=None)
     rec.setdefault("clipfrac", 0.0)  # no clip in this loss: nothing was clipped
     for k in ("clipfrac_high", "clipfrac_low", "ratio_mean", "ratio_max", "approx_kl", "kl"):
         rec.setdefault(k, None)
-    rec.update(method=method, grad_norm=grad_norm.item(), lr=lr,
+    rec.update(method=method, grad_norm=grad_norm.item(), lr=lr, pad_frac=1.0 - rec["tokens"] / mb["input_ids"].numel(),
                tokens_per_s=rec["tokens"] / (time.perf_counter() - t0))
     return rec

@@ -167,3 +167,34 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(examples, tmp_path
 def test_bad_settings_are_refused(examples, bad, msg):
     with pytest.raises(ValueError, match=msg):
         train(tiny_lm(), examples, cfg(**bad))
+
+
+def test_length_bucketing_cuts_padding_and_keeps_the_batches():
+    lm = tiny_lm()
+    g = torch.Generator().manual_seed(0)
+    rows = [{"prompt": "1" * int(n), "completion": "2" * int(m)}
+            for n, m in torch.randint(1, 25, (32, 2), generator=g).tolist()]
+    ex = lm.encode(rows)
+    pad, tokens = {}, {}
+    for bucket in (False, True):
+        hist = train(tiny_lm(), ex, cfg(epochs=1, length_bucketing=bucket))["history"]
+        pad[bucket] = sum(r["pad_frac"] for r in hist) / len(hist)
+        tokens[bucket] = [sum(r["tokens"] for r in hist[k:k + 4]) for k in range(0, len(hist), 4)]
+    assert 0 <= pad[True] < pad[False]
+    assert tokens[True] == tokens[False]  # the same demonstrations per batch (pi_old snapshot), regrouped
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    from minipsft.model import CausalLM
+
+    a = tiny_lm()
+    b = CausalLM(tiny_lm().model, a.tokenizer, device="cpu", gradient_checkpointing=True)
+    flag = "is_activation_checkpointing" if hasattr(b.model, "is_activation_checkpointing") else "is_gradient_checkpointing"
+    assert getattr(b.model, flag) and not getattr(a.model, flag)
+    batch = a.collate(a.encode(addition_rows(4)))
+    for lm in (a, b):
+        lm.model.train()
+        logp, _ = lm.token_logprobs(batch)
+        (logp * batch["completion_mask"]).sum().backward()
+    for x, y in zip(a.model.parameters(), b.model.parameters()):
+        torch.testing.assert_close(x.grad, y.grad, atol=1e-6, rtol=1e-5)
