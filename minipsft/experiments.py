@@ -1,4 +1,5 @@
-"""The experiment runner: toy world + training loop -> results files and figures.
+"""The experiment runner: a world (the toy world, or GSM8K for a real model) + the training loop ->
+results files and figures.
 
 ``python -m minipsft reproduce --preset cpu --out DIR`` pretrains (or loads) the base model, then
 fine-tunes it with every *arm* below from the same base, on the same data and data order per seed,
@@ -14,6 +15,8 @@ and the figures. Two regimes, because the paper's comparison changed two things 
                               step size a matter of how far the weights move, not of loss scale.
 
 Ablations (``--ablations refresh eps warmup``): refresh period, eps_high and no clip, SFT warm-up.
+``--preset gsm8k --model ID`` runs ``psft``, ``sft`` and ``sft_paper`` on a given model instead
+(``real.py``: GSM8K in domain, TruthfulQA MC1 and ARC-Challenge out of domain).
 """
 import json
 import math
