@@ -16,6 +16,8 @@ import re
 
 import torch
 
+from .train import heldout_eval
+
 __all__ = ["load_split", "gsm8k_rows", "extract_answer", "gsm8k_accuracy", "truthfulqa_items", "arc_items",
            "choice_logprobs", "mc_accuracy"]
 
@@ -152,9 +154,6 @@ class Evaluator:
     ``ood_arc``; their mean is ``ood_acc``), NLL and entropy on held-out GSM8K solutions."""
 
     def __init__(self, lm, test_rows: list, ood: dict, max_new_tokens: int = 320, max_length=None):
-        from .train import heldout_eval
-
-        self._heldout_eval = heldout_eval
         self.test_rows, self.ood, self.max_new_tokens = test_rows, ood, max_new_tokens
         self.heldout = lm.encode(test_rows, max_length=max_length)
 
@@ -163,6 +162,6 @@ class Evaluator:
         for name, items in self.ood.items():
             out[f"ood_{name}"] = mc_accuracy(lm, items)
         out["ood_acc"] = sum(out[f"ood_{n}"] for n in self.ood) / len(self.ood)
-        held = self._heldout_eval(lm, self.heldout)
+        held = heldout_eval(lm, self.heldout)
         out["heldout_nll"], out["entropy"] = held["heldout_nll"], held["heldout_entropy"]
         return out
