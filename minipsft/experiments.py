@@ -120,6 +120,9 @@ def run_one(job: dict) -> dict:
         evaluator = real.Evaluator(lm, data["test"], data["ood"], p.max_new_tokens, p.max_length)
     cfg = replace(TrainConfig(**job["config"]), seed=job["seed"])
     clipped = ClippedTokens(lm.tokenizer, cfg.eps_high) if job.get("clip_analysis") else None
+    best = {"epoch": None, "id_acc": -1.0}
+    if job.get("save_best"):  # keep the best-ID fine-tuned epoch (the paper's choice of RL starting point)
+        evaluator = _keep_best(evaluator, Path(job["save_best"]) / f"{job['arm']}-s{job['seed']}", best)
     t0 = time.perf_counter()
     result = train(lm, examples, cfg, eval_fn=evaluator, token_hook=clipped)
     by_epoch = defaultdict(list)
@@ -134,7 +137,22 @@ def run_one(job: dict) -> dict:
                         "group": job.get("group", "main"), "setting": job.get("setting", job["arm"])})
     return {"job": {k: v for k, v in job.items() if k != "preset"}, "records": records,
             "history": result["history"], "seconds": time.perf_counter() - t0,
-            "clipped_tokens": clipped.summary() if clipped else None}
+            "clipped_tokens": clipped.summary() if clipped else None, "best": best if job.get("save_best") else None}
+
+
+def _keep_best(evaluator, path: Path, best: dict):
+    """Wrap an evaluator so that after each epoch (not at the start) the model is saved to ``path``
+    when its ID accuracy beats every earlier epoch's (ties keep the earlier epoch)."""
+    calls = [0]
+
+    def evaluate(lm):
+        out = evaluator(lm)
+        if calls[0] > 0 and out["id_acc"] > best["id_acc"]:
+            best.update(epoch=calls[0], id_acc=out["id_acc"], path=str(path))
+            lm.save_pretrained(path)
+        calls[0] += 1
+        return out
+    return evaluate
 
 
 class ClippedTokens:
@@ -169,11 +187,11 @@ class ClippedTokens:
 
 
 # ------------------------------------------------------------------------------------------- orchestration
-def _run_jobs(jobs: list, workers: int, desc: str) -> list:
+def _run_jobs(jobs: list, workers: int, desc: str, fn=run_one) -> list:
     if workers <= 1:
-        return [run_one(j) for j in tqdm(jobs, desc=desc)]
+        return [fn(j) for j in tqdm(jobs, desc=desc)]
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        return list(tqdm(pool.map(run_one, jobs), total=len(jobs), desc=desc))
+        return list(tqdm(pool.map(fn, jobs), total=len(jobs), desc=desc))
 
 
 def _drift_at_epoch1(run: dict) -> float:
@@ -181,11 +199,12 @@ def _drift_at_epoch1(run: dict) -> float:
 
 
 def reproduce(preset_name: str, out_dir, cache_dir=None, seeds=None, workers=None, ablations=(), main=True,
-              device: str = "auto", model=None, data_dir=None, **overrides) -> dict:
+              device: str = "auto", model=None, data_dir=None, save_best: bool = False, **overrides) -> dict:
     """Run the comparison (and ablations) and write every results file and figure into ``out_dir``.
     ``device="auto"``: the GPU when there is one, else the CPU. ``model``: the hub id or folder of the
     model to fine-tune (``gsm8k`` preset; the toy presets pretrain their own). ``data_dir``: local
-    files instead of the hub (``real.LOCAL_FILES``). ``overrides``: any ``Preset`` field."""
+    files instead of the hub (``real.LOCAL_FILES``). ``save_best``: keep each main run's best-ID epoch in
+    ``out_dir/checkpoints/ARM-sSEED/`` (the RL stage starts there). ``overrides``: any ``Preset`` field."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     p = replace(PRESETS[preset_name], **overrides)
@@ -209,16 +228,17 @@ def reproduce(preset_name: str, out_dir, cache_dir=None, seeds=None, workers=Non
     t_base = time.perf_counter() - t0
     job0 = dict(preset=p, base_path=str(base_path), threads=p.threads, device=device,
                 data_dir=None if data_dir is None else str(data_dir))
+    main_job = dict(job0, save_best=str(out / "checkpoints") if save_best else None)
     runs = []
     if main:
-        jobs = [dict(job0, arm=arm, seed=s, config=asdict(arm_config(p, arm)), clip_analysis=(arm == "psft" and s == p.seeds[0] and p.world == "toy"))
+        jobs = [dict(main_job, arm=arm, seed=s, config=asdict(arm_config(p, arm)), clip_analysis=(arm == "psft" and s == p.seeds[0] and p.world == "toy"))
                 for s in p.seeds for arm in p.arms if arm != "sft_small"]
         runs += _run_jobs(jobs, p.workers, "main runs")
         small = []
         for s in (p.seeds if "sft_small" in p.arms else ()):
             psft, sft = (next(r for r in runs if r["job"]["arm"] == a and r["job"]["seed"] == s) for a in ("psft", "sft"))
             ratio = _drift_at_epoch1(psft) / _drift_at_epoch1(sft)
-            small.append(dict(job0, arm="sft_small", seed=s, step_ratio=ratio,
+            small.append(dict(main_job, arm="sft_small", seed=s, step_ratio=ratio,
                               config=asdict(arm_config(p, "sft_small", lr=p.lr * ratio))))
         runs += _run_jobs(small, p.workers, "sft at psft's step size")
     for name in ablations:
@@ -321,7 +341,8 @@ def write_results(out: Path, p: Preset, preset_name: str, runs: list, base_path,
                "base_loaded_from_cache": cached, "wall_seconds": wall, "pretrain_seconds": t_base,
                "run_seconds": {f"{r['job'].get('setting', r['job']['arm'])}-s{r['job']['seed']}": r["seconds"] for r in runs},
                "sft_small_step_ratio": {r["job"]["seed"]: r["job"]["step_ratio"] for r in runs if r["job"]["arm"] == "sft_small"},
-               "clipped_tokens": next((r["clipped_tokens"] for r in runs if r["clipped_tokens"]), None)}
+               "clipped_tokens": next((r["clipped_tokens"] for r in runs if r["clipped_tokens"]), None),
+               "best_checkpoints": {f"{r['job']['arm']}-s{r['job']['seed']}": r["best"] for r in runs if r.get("best")}}
     (out / "results.json").write_text(json.dumps({"summary": summary, "records": records}, indent=1))
     figures = finalize(out)
     print(f"wrote {out / 'results.json'}, {out / 'report.md'}, " + ", ".join(str(out / f) for f in figures))

@@ -265,6 +265,14 @@ class CausalLM:
         Prompts are encoded exactly as in ``encode`` and left-padded, so a completion continues the
         same token sequence the model was trained on.
         """
+        pairs = self.sample_ids(prompts, max_new_tokens, do_sample, temperature, top_p, batch_size)
+        return self.tokenizer.batch_decode([c for _, c in pairs], skip_special_tokens=True)
+
+    @torch.no_grad()
+    def sample_ids(self, prompts, max_new_tokens: int = 64, do_sample: bool = True, temperature: float = 1.0,
+                   top_p: float = 1.0, batch_size: int = 64) -> list:
+        """``(prompt_ids, completion_ids)`` per prompt: the exact tokens generated, up to and including
+        EOS (no padding), so an RL step scores what was sampled, not a re-tokenisation of its text."""
         tok, out = self.tokenizer, []
         was_training = self.model.training
         self.model.eval()
@@ -276,6 +284,9 @@ class CausalLM:
             attn = torch.tensor([[0] * (T - len(e)) + [1] * len(e) for e in enc], device=self.device)
             gen = self.model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens,
                                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **sampling)
-            out += tok.batch_decode(gen[:, T:], skip_special_tokens=True)
+            for e, row in zip(enc, gen[:, T:].tolist()):
+                if tok.eos_token_id in row:  # after EOS, generate fills with padding
+                    row = row[:row.index(tok.eos_token_id) + 1]
+                out.append((e, row))
         self.model.train(was_training)
         return out

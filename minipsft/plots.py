@@ -121,3 +121,43 @@ def ablations(records, path):
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+START_COLORS = {"base": "tab:gray", "sft_paper": "tab:orange", "sft": "tab:red", "psft": "tab:blue"}
+START_LABELS = {"base": "base model", "sft_paper": "SFT (paper recipe) -> RL", "sft": "SFT (PSFT's lr) -> RL",
+                "psft": "PSFT -> RL"}
+
+
+def rl_after_finetuning(runs, path):
+    """Rollout reward and sample entropy per RL step; ID and OOD accuracy and format at each evaluation;
+    one colour per starting point, mean over seeds with a min-max band."""
+    starts = [s for s in START_COLORS if any(r["start"] == s for r in runs)]
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
+    for ax, key, title, ylabel in ((axes[0, 0], "reward", "Reward of the rollouts (share correct)", "reward"),
+                                   (axes[1, 0], "entropy", "Token entropy of the sampled completions", "mean entropy (nats)")):
+        for s in starts:
+            hs = [r["history"] for r in runs if r["start"] == s]
+            _band(ax, [h["step"] for h in hs[0]], [[h[key] for h in hist] for hist in hs], START_COLORS[s],
+                  START_LABELS[s], smooth=max(1, len(hs[0]) // 12))
+        ax.set(title=title, xlabel="RL step", ylabel=ylabel)
+    panels = [(axes[0, 1], "id_acc", "In-domain accuracy (greedy)", "accuracy"),
+              (axes[0, 2], "ood_acc", "Out-of-domain accuracy (prior tasks)", "accuracy"),
+              (axes[1, 1], "ood_format", "Format instructions followed (IFEval analogue)", "accuracy"),
+              (axes[1, 2], "sample_entropy", "Entropy of samples on held-out ID prompts", "mean entropy (nats)")]
+    for ax, key, title, ylabel in panels:
+        for s in starts:
+            evs = [r["records"] for r in runs if r["start"] == s]
+            _band(ax, [e["step"] for e in evs[0]], [[e[key] for e in ev] for ev in evs], START_COLORS[s],
+                  START_LABELS[s], marker="o", markersize=3)
+        ax.set(title=title, xlabel="RL step", ylabel=ylabel)
+        if ylabel == "accuracy":
+            ax.set_ylim(-0.02, 1.02)
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0, 1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(starts), frameon=False)
+    seeds = len({r["seed"] for r in runs})
+    fig.suptitle(f"GRPO after fine-tuning in the toy world (mean over {seeds} seed(s), band = min-max)")
+    fig.tight_layout(rect=(0, 0.05, 1, 0.96))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -83,6 +83,11 @@ def gsm8k_accuracy(lm, rows: list, max_new_tokens: int = 320, batch_size: int = 
     return sum(extract_answer(o) == r["final"] for o, r in zip(outputs, rows)) / len(rows)
 
 
+def gsm8k_reward(row: dict, completion: str) -> float:
+    """Verifiable reward for GRPO on ``gsm8k_rows``: 1.0 when the final answer matches exactly, else 0.0."""
+    return float(extract_answer(completion) == row["final"])
+
+
 # ------------------------------------------------------------------------------------------- multiple choice
 def truthfulqa_items(raw: list) -> list:
     """TruthfulQA ``multiple_choice`` rows -> items ``{"prompt", "choices", "label"}`` (MC1: one true answer)."""

@@ -46,3 +46,15 @@ def test_one_step_per_snapshot_is_sft_on_gpu():
     train(b, examples, TrainConfig(method="psft", **cfg))
     for x, y in zip(a.model.parameters(), b.model.parameters()):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+
+
+def test_grpo_runs_on_gpu_and_raises_the_reward():
+    from minipsft.rl import GRPOConfig, grpo
+
+    lm = CausalLM(tiny_lm(chat=False).model, tiny_lm(chat=False).tokenizer, device="cuda", dtype="float32")
+    prompts = [{"prompt": w + ":"} for w in ("ab", "cd", "ef", "gh", "ij", "kl", "mn", "op")]
+    res = grpo(lm, prompts, lambda row, text: float(text[:1].isdigit()),
+               GRPOConfig(steps=30, prompts_per_step=8, group_size=8, minibatch_size=16, max_new_tokens=3, lr=1e-2,
+                          progress=False))
+    h = res["history"]
+    assert sum(x["reward"] for x in h[-5:]) / 5 > sum(x["reward"] for x in h[:5]) / 5 + 0.3

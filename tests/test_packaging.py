@@ -23,3 +23,14 @@ def test_environment_yml_matches_pyproject():
                  if isinstance(d, str) and not re.match(r"^(python|pip)\b", d))
     assert conda == pip
     assert any(isinstance(d, dict) and "pip" in d for d in env["dependencies"])  # installs this package
+
+
+def test_import_minipsft_needs_no_trl():
+    """TRL is an optional integration: importing the package (and its CLI) must not import it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, minipsft, minipsft.cli, minipsft.experiments, minipsft.rl, minipsft.experiments_rl; "
+            "print('trl' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"
