@@ -1,7 +1,7 @@
 """Tokens/s and model FLOPs utilisation of SFT and PSFT steps on a Qwen2.5-0.5B-sized model (random
 weights built from its config: no hub), side by side in one run, and the PSFT/SFT step-time ratio.
 
-    python benchmarks/gpu_throughput.py [--seq-len 512] [--minibatch 8] [--batches 3]
+    python benchmarks/gpu_throughput.py [--seq-len 512] [--minibatch 8] [--batches 3] [--compile]
 
 MFU counts 6 * parameters FLOPs per trained token (the usual estimate, attention excluded) against
 the GPU's dense bf16 peak (--peak-tflops, default 989 for H100/H200 SXM). PSFT's snapshot forward is
@@ -30,6 +30,7 @@ def main():
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU")
     ap.add_argument("--layers", type=int, default=QWEN25_05B["num_hidden_layers"], help="fewer for a quick check")
     ap.add_argument("--device", default="cuda", help="cuda (cpu only to check that the script runs)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (CausalLM(compile=True))")
     args = ap.parse_args()
     cuda = args.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -42,11 +43,11 @@ def main():
     results = {}
     for method in ("sft", "psft"):
         config = Qwen2Config(**{**QWEN25_05B, "num_hidden_layers": args.layers}, pad_token_id=tok.pad_token_id)
-        lm = CausalLM.from_config(config, tok, seed=0, device=args.device)
+        lm = CausalLM.from_config(config, tok, seed=0, device=args.device, compile=args.compile)
         n_params = sum(p.numel() for p in lm.model.parameters())
         cfg = TrainConfig(method=method, epochs=1, lr=1e-6, batch_size=batch, minibatch_size=args.minibatch,
                           progress=False)
-        stamps = []
+        stamps = [time.perf_counter()]
 
         def clock(rec):
             sync()
@@ -55,18 +56,20 @@ def main():
         train(lm, examples, cfg, on_step=clock)
         # the first snapshot warms kernels and the allocator up; time whole snapshots after it
         k = args.steps_per_snapshot
-        step = (stamps[-1] - stamps[k - 1]) / (len(stamps) - k)
+        step = (stamps[-1] - stamps[k]) / (len(stamps) - 1 - k)
+        warmup = stamps[k] - stamps[0]
         tokens_per_s = args.minibatch * args.seq_len / step
         results[method] = step
         print(f"{method.upper():4s} step {step * 1000:7.1f} ms  {tokens_per_s:9.0f} tokens/s  "
               f"MFU {6 * n_params * tokens_per_s / (args.peak_tflops * 1e12):.1%}  "
-              + (f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if cuda else ""))
+              + (f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB  " if cuda else "")
+              + f"first snapshot (warm-up{', compile' if args.compile else ''}) {warmup:.1f} s")
         del lm
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
     print(f"{torch.cuda.get_device_name() if cuda else 'cpu'}, {n_params / 1e6:.0f}M parameters, "
-          f"{'bf16' if cuda else 'fp32'}, sdpa, "
+          f"{'bf16' if cuda else 'fp32'}, sdpa, {'compiled layers' if args.compile else 'eager'}, "
           f"minibatch {args.minibatch} x {args.seq_len} tokens, {args.steps_per_snapshot} steps per snapshot")
     print(f"PSFT/SFT step-time ratio: {results['psft'] / results['sft']:.3f}  (target <= 1.30)")
 

@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in backward (less GPU memory, ~30%% more compute)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each decoder layer (regional compilation; first steps slower while it compiles)")
     _add_config_flags(p)
 
     r = sub.add_parser("reproduce", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -129,7 +131,7 @@ def main(argv=None) -> None:
     try:
         cfg.check()
         lm = CausalLM.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                      gradient_checkpointing=args.gradient_checkpointing)
+                                      gradient_checkpointing=args.gradient_checkpointing, compile=args.compile)
         # every row is read, checked and encoded before the first step: bad data fails fast
         examples = lm.encode(load_rows(args.data), max_length=args.max_length)
         eval_fn = None

@@ -126,7 +126,8 @@ def token_logprobs(model, input_ids, attention_mask, with_entropy: bool = False,
 class CausalLM:
     """A causal LM plus its tokenizer, on one device, with the few operations fine-tuning needs."""
 
-    def __init__(self, model, tokenizer, device=None, dtype=None, gradient_checkpointing: bool = False):
+    def __init__(self, model, tokenizer, device=None, dtype=None, gradient_checkpointing: bool = False,
+                 compile: bool | str = False):
         self.device = resolve_device(device)
         self.model = model.to(device=self.device, dtype=resolve_dtype(dtype, self.device))
         self.tokenizer = tokenizer
@@ -135,25 +136,32 @@ class CausalLM:
                 self.model.activation_checkpointing_enable()
             else:
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if compile:
+            # "regional" compilation: torch.compile each decoder layer in place. The layers share one code
+            # object, so one graph is compiled and reused by all of them: seconds, where compiling the whole
+            # model took minutes. True = inductor; a string picks another backend (e.g. "aot_eager").
+            backend = "inductor" if compile is True else compile
+            for layer in self.model.get_decoder().layers:
+                layer.compile(backend=backend, dynamic=True)
         if tokenizer.pad_token_id is None:  # many chat models ship without one; padding is masked anyway
             tokenizer.pad_token = tokenizer.eos_token
 
     # ---------------------------------------------------------------- loading and saving
     @classmethod
     def from_pretrained(cls, name_or_path, device=None, dtype=None, attn_implementation="sdpa",
-                        gradient_checkpointing: bool = False, **kwargs):
+                        gradient_checkpointing: bool = False, compile: bool | str = False, **kwargs):
         """Load from a hub id or a local folder written by ``save_pretrained``."""
         dev = resolve_device(device)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, dtype=resolve_dtype(dtype, dev), attn_implementation=attn_implementation, **kwargs)
-        return cls(model, tokenizer, dev, dtype, gradient_checkpointing)
+        return cls(model, tokenizer, dev, dtype, gradient_checkpointing, compile)
 
     @classmethod
-    def from_config(cls, config, tokenizer, seed: int = 0, device=None, dtype=None):
+    def from_config(cls, config, tokenizer, seed: int = 0, device=None, dtype=None, compile: bool | str = False):
         """A freshly initialised model of any transformers architecture (tiny ones for tests and the toy world)."""
         torch.manual_seed(seed)
-        return cls(AutoModelForCausalLM.from_config(config), tokenizer, device, dtype)
+        return cls(AutoModelForCausalLM.from_config(config), tokenizer, device, dtype, compile=compile)
 
     def save_pretrained(self, path):
         self.model.save_pretrained(path)

@@ -58,3 +58,13 @@ def test_grpo_runs_on_gpu_and_raises_the_reward():
                           progress=False))
     h = res["history"]
     assert sum(x["reward"] for x in h[-5:]) / 5 > sum(x["reward"] for x in h[:5]) / 5 + 0.3
+
+
+def test_compiled_layers_match_eager_on_gpu():
+    lm = _on_gpu()
+    compiled = CausalLM(tiny_lm().model, lm.tokenizer, device="cuda", compile=True)
+    batch = lm.collate(lm.encode(addition_rows(8)))
+    torch.testing.assert_close(compiled.token_logprobs(batch)[0], lm.token_logprobs(batch)[0], atol=2e-2, rtol=2e-2)
+    hist = train(compiled, compiled.encode(addition_rows(16)), TrainConfig(method="psft", epochs=2, lr=1e-2, batch_size=8,
+                                                                           minibatch_size=4, progress=False))["history"]
+    assert max(h["clipfrac"] for h in hist) > 0

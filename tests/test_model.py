@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import tiny_lm
+from conftest import addition_rows, tiny_lm
 from minipsft.model import CausalLM, DataError, token_logprobs
 
 
@@ -98,3 +98,21 @@ def test_generate_batched_equals_one_by_one(lm):
     torch.manual_seed(0)
     sampled = lm.generate(prompts[:1] * 4, max_new_tokens=5, do_sample=True)
     assert len(sampled) == 4
+
+
+def test_compiled_layers_give_the_same_logprobs_and_training():
+    """Regional torch.compile of the decoder layers (backend aot_eager here: no C++ toolchain needed;
+    tests/test_gpu.py runs inductor) changes nothing in the numbers."""
+    from minipsft.model import CausalLM
+    from minipsft.train import TrainConfig, train
+
+    eager = tiny_lm()
+    compiled = CausalLM(tiny_lm().model, eager.tokenizer, compile="aot_eager")
+    assert all(hasattr(layer, "_compiled_call_impl") and layer._compiled_call_impl is not None
+               for layer in compiled.model.get_decoder().layers)
+    batch = eager.collate(eager.encode(addition_rows(8)))
+    torch.testing.assert_close(compiled.token_logprobs(batch)[0], eager.token_logprobs(batch)[0], atol=1e-5, rtol=1e-5)
+    examples = eager.encode(addition_rows(16))
+    cfg = TrainConfig(method="psft", epochs=1, lr=1e-2, batch_size=8, minibatch_size=4, progress=False)
+    a, b = train(eager, examples, cfg)["history"], train(compiled, examples, cfg)["history"]
+    assert [round(x["loss"], 5) for x in a] == [round(x["loss"], 5) for x in b]
