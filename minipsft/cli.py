@@ -25,6 +25,15 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                                 choices=METHODS if f.name == "method" else None)
 
 
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags every experiment command shares."""
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--cache", default=None, help="base-model cache folder (default: $MINIPSFT_CACHE or ~/.cache/minipsft)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the preset's seeds")
+    parser.add_argument("--workers", type=int, default=None, help="parallel runs (processes); default: the preset's")
+    parser.add_argument("--device", default="auto", help="cpu or cuda (auto: cuda when available)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m minipsft", description="Proximal Supervised Fine-Tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,14 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--preset", choices=["smoke", "cpu", "gpu", "gsm8k"], default="cpu",
                    help="toy world: smoke (<1 min, CI), cpu (3 seeds, ~14 min on 2 cores), gpu (larger, one GPU); "
                         "gsm8k: a real model (--model) on GSM8K with TruthfulQA/ARC as OOD, one GPU")
-    r.add_argument("--out", required=True, help="output folder")
-    r.add_argument("--cache", default=None, help="base-model cache folder (default: $MINIPSFT_CACHE or ~/.cache/minipsft)")
-    r.add_argument("--seeds", type=int, nargs="+", default=None, help="override the preset's seeds")
-    r.add_argument("--workers", type=int, default=None, help="parallel runs (processes); default: the preset's")
+    _add_run_flags(r)
     r.add_argument("--ablations", nargs="*", default=[], choices=["refresh", "eps", "warmup"],
                    help="also run these PSFT ablations (refresh period; eps_high and no clip; SFT warm-up)")
     r.add_argument("--skip-main", action="store_true", help="run only the ablations")
-    r.add_argument("--device", default="auto", help="cpu or cuda (auto: cuda when available)")
     r.add_argument("--model", default=None, help="gsm8k preset: hub id or folder of the model to fine-tune")
     r.add_argument("--data-dir", default=None, help="gsm8k preset: local files instead of the hub "
                    "(gsm8k_train.jsonl, gsm8k_test.jsonl, truthfulqa_mc.jsonl, arc_challenge.jsonl in the hub schemas)")
@@ -80,12 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "entropy along the way. Writes DIR/finetune/ (a reproduce folder), "
                                    "DIR/results.json, DIR/report.md, DIR/histories/ and DIR/rl_after_finetuning.png.")
     g.add_argument("--preset", choices=["smoke", "cpu", "gpu"], default="cpu",
-                   help="smoke (<1 min, CI), cpu (3 seeds, ~15 min on 2 cores with a cached base), gpu (larger, one GPU)")
-    g.add_argument("--out", required=True, help="output folder")
-    g.add_argument("--cache", default=None, help="base-model cache folder (default: $MINIPSFT_CACHE or ~/.cache/minipsft)")
-    g.add_argument("--seeds", type=int, nargs="+", default=None, help="override the preset's seeds")
-    g.add_argument("--workers", type=int, default=None, help="parallel runs (processes); default: the preset's")
-    g.add_argument("--device", default="auto", help="cpu or cuda (auto: cuda when available)")
+                   help="smoke (<1 min, CI), cpu (3 seeds, ~15 min on 2 cores with the base model cached, ~20 without), "
+                        "gpu (larger, one GPU)")
+    _add_run_flags(g)
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="override an RL setting, e.g. --set steps=100 --set lr=5e-5 (see experiments_rl.RLPreset)")
     return parser

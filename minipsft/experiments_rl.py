@@ -19,7 +19,9 @@ import json
 import os
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
+from multiprocessing import get_context
 from pathlib import Path
 
 import torch
@@ -89,8 +91,9 @@ def run_rl_one(job: dict) -> dict:
 
 def reproduce_rl(preset_name: str, out_dir, cache_dir=None, seeds=None, workers=None, device: str = "auto",
                  **overrides) -> dict:
-    """Fine-tune, then run GRPO from every start; write every results file and the figure into ``out_dir``.
-    ``overrides``: any ``RLPreset`` field."""
+    """Fine-tune (or reuse an earlier fine-tuning of ``out_dir/finetune`` made with the same settings),
+    then run GRPO from every start; write every results file and the figure into ``out_dir``. The runs
+    from the base model go beside the fine-tuning runs. ``overrides``: any ``RLPreset`` field."""
     if preset_name not in RL_PRESETS:
         raise ValueError(f"preset {preset_name!r}: choose one of {', '.join(RL_PRESETS)} (the toy world)")
     if device == "auto":
@@ -106,29 +109,58 @@ def reproduce_rl(preset_name: str, out_dir, cache_dir=None, seeds=None, workers=
     cache_dir = Path(cache_dir or os.environ.get("MINIPSFT_CACHE", Path.home() / ".cache" / "minipsft"))
     t0 = time.perf_counter()
     tuned = tuple(s for s in rp.starts if s != "base")
-    ft = reproduce(preset_name, out / "finetune", cache_dir=cache_dir, seeds=p.seeds, workers=p.workers,
-                   device=device, save_best=True, arms=tuned) if tuned else None
     base_path = toy.pretrained_base(p.base, cache_dir, device=device)[1]
+    t_base = time.perf_counter() - t0
+    job0 = dict(preset=p, rl=rp, base_path=str(base_path), device=device, threads=p.threads)
+    base_jobs = [dict(job0, start="base", seed=seed, start_path=str(base_path)) for seed in p.seeds if "base" in rp.starts]
+    runs = []
+    best = _finetuned(out / "finetune", replace(p, arms=tuned)) if tuned else {}
+    if best is None:
+        # RL from the base needs no checkpoint: it runs in one more process beside the fine-tuning runs
+        with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as side:
+            pending = [side.submit(run_rl_one, j) for j in base_jobs]
+            ft = reproduce(preset_name, out / "finetune", cache_dir=cache_dir, seeds=p.seeds, workers=p.workers,
+                           device=device, save_best=True, arms=tuned)
+            runs += [f.result() for f in pending]
+        best, base_jobs = ft["summary"]["best_checkpoints"], []
     t_ft = time.perf_counter() - t0
-    best = ft["summary"]["best_checkpoints"] if ft else {}
-    jobs = [dict(preset=p, rl=rp, start=s, seed=seed, base_path=str(base_path), device=device, threads=p.threads,
-                 start_path=str(base_path) if s == "base" else best[f"{s}-s{seed}"]["path"])
-            for seed in p.seeds for s in rp.starts]
-    runs = _run_jobs(jobs, p.workers, "grpo runs", fn=run_rl_one)
+    jobs = base_jobs + [dict(job0, start=s, seed=seed, start_path=best[f"{s}-s{seed}"]["path"])
+                        for seed in p.seeds for s in tuned]
+    runs += _run_jobs(jobs, p.workers, "grpo runs", fn=run_rl_one)
+    runs.sort(key=lambda r: (r["seed"], STARTS.index(r["start"])))
     (out / "histories").mkdir(exist_ok=True)
     for r in runs:
         (out / "histories" / f"{r['start']}-s{r['seed']}.jsonl").write_text(
             "".join(json.dumps(h) + "\n" for h in r["history"]))
     summary = {"preset": preset_name, "rl_config": asdict(rp), "finetune_config": asdict(p),
-               "best_checkpoints": best, "wall_seconds": time.perf_counter() - t0, "finetune_seconds": t_ft,
+               "best_checkpoints": best, "wall_seconds": time.perf_counter() - t0, "pretrain_seconds": t_base,
+               "finetune_seconds": t_ft - t_base,
                "run_seconds": {f"{r['start']}-s{r['seed']}": r["seconds"] for r in runs}}
     records = [x for r in runs for x in r["records"]]
     (out / "results.json").write_text(json.dumps({"summary": summary, "records": records}, indent=1))
     plots.rl_after_finetuning(runs, out / "rl_after_finetuning.png")
     (out / "report.md").write_text(report(summary, records))
     print(f"wrote {out / 'results.json'}, {out / 'report.md'}, {out / 'rl_after_finetuning.png'}")
-    print(f"wall time {summary['wall_seconds'] / 60:.1f} min (fine-tuning {t_ft / 60:.1f} min)")
+    print(f"wall time {summary['wall_seconds'] / 60:.1f} min (base model {t_base / 60:.1f} min, fine-tuning "
+          f"with the RL runs from the base beside it {(t_ft - t_base) / 60:.1f} min)")
     return load_rl_results(out)
+
+
+def _finetuned(folder: Path, p) -> dict | None:
+    """The best-ID checkpoints of an earlier fine-tuning stage in ``folder`` when it was made with the same
+    settings and every checkpoint is still there (so RL settings can change without fine-tuning again)."""
+    path = folder / "results.json"
+    if not path.exists():
+        return None
+    summary = json.loads(path.read_text())["summary"]
+    same = {k: v for k, v in summary["preset_config"].items() if k not in ("workers", "threads")} == \
+        {k: v for k, v in json.loads(json.dumps(asdict(p))).items() if k not in ("workers", "threads")}
+    best = summary.get("best_checkpoints") or {}
+    wanted = {f"{a}-s{s}" for a in p.arms for s in p.seeds}
+    if same and set(best) == wanted and all((Path(v["path"]) / "config.json").exists() for v in best.values()):
+        print(f"reusing the fine-tuned checkpoints of {folder} (same settings)")
+        return best
+    return None
 
 
 def load_rl_results(out_dir) -> dict:
@@ -163,7 +195,8 @@ def report(summary: dict, records: list) -> str:
     """Markdown: the best-ID checkpoints RL started from, then every evaluation, mean ± std over seeds."""
     rp = summary["rl_config"]
     lines = [f"# GRPO after fine-tuning, preset `{summary['preset']}`", "",
-             f"Wall time {summary['wall_seconds'] / 60:.1f} min (fine-tuning {summary['finetune_seconds'] / 60:.1f} min). "
+             f"Wall time {summary['wall_seconds'] / 60:.1f} min (base model {summary.get('pretrain_seconds', 0) / 60:.1f} min, "
+             f"fine-tuning {summary['finetune_seconds'] / 60:.1f} min). "
              f"{rp['steps']} RL steps of {rp['prompts_per_step']} prompts x {rp['group_size']} samples, "
              f"minibatch {rp['minibatch_size']}, lr {rp['lr']}. Values are mean ± std over seeds.", ""]
     if summary["best_checkpoints"]:

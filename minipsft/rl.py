@@ -19,7 +19,6 @@ of such groups (and no KL term) is skipped, since an AdamW step on a zero gradie
 the weights (momentum, weight decay).
 """
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -138,6 +137,11 @@ def grpo(lm, prompts: list, reward_fn, cfg: GRPOConfig, eval_fn=None, out_dir=No
                               do_sample=True, temperature=cfg.temperature, batch_size=256)
         texts = tok.batch_decode([c for _, c in pairs], skip_special_tokens=True)
         rewards = torch.tensor([float(reward_fn(rows[i // cfg.group_size], t)) for i, t in enumerate(texts)])
+        bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
+        if bad:  # a NaN reward would silently turn its whole group's advantages into NaN
+            i = bad[0]
+            raise ValueError(f"rollout step {step}: reward_fn returned {rewards[i].item()} for {len(bad)} sample(s), "
+                             f"first for prompt {_prompt(rows[i // cfg.group_size])!r} and completion {texts[i]!r}")
         adv = group_advantages(rewards.view(-1, cfg.group_size), cfg.scale_rewards)
         zero_groups = (adv.abs() < 1e-8).all(dim=1)
         adv = adv.flatten()
@@ -169,13 +173,13 @@ def grpo(lm, prompts: list, reward_fn, cfg: GRPOConfig, eval_fn=None, out_dir=No
                     metrics["kl"] = kl.item()
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+                if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):  # stop before the step spoils the weights
+                    raise FloatingPointError(f"non-finite loss or gradient at rollout step {step}")
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 parts.append({**metrics, "loss": loss.item()})
                 grad_norms.append(grad_norm.item())
                 updates += 1
-        if any(not math.isfinite(p["loss"]) for p in parts) or any(not math.isfinite(g) for g in grad_norms):
-            raise FloatingPointError(f"non-finite loss or gradient at rollout step {step}")
 
         n_completion = sum(len(c) for _, c in pairs)
         entropy = sum((e * mb["completion_mask"]).sum().item() for (_, e), mb in zip(old, minibatches)) / n_completion

@@ -92,6 +92,15 @@ def test_one_minibatch_per_rollout_never_clips():
     assert stepped and all(h["clipfrac"] == 0 and h["ratio_mean"] == pytest.approx(1.0, abs=1e-6) for h in stepped)
 
 
+def test_non_finite_reward_is_a_clear_error_before_any_step():
+    lm = tiny_lm(chat=False)
+    before = params(lm)
+    with pytest.raises(ValueError, match="reward_fn returned nan .* prompt 'ab:'"):
+        grpo(lm, PROMPTS, lambda row, text: float("nan") if row["prompt"] == "ab:" else 0.0,
+             GRPOConfig(steps=1, prompts_per_step=8, group_size=4, minibatch_size=32, max_new_tokens=3, progress=False))
+    assert all(torch.equal(a, b) for a, b in zip(before, params(lm)))
+
+
 def test_kl_term_is_logged_when_on():
     lm = tiny_lm(chat=False)
     res = grpo(lm, PROMPTS, starts_with_digit, GRPOConfig(steps=2, prompts_per_step=4, group_size=4, minibatch_size=8,
@@ -140,6 +149,12 @@ def test_reproduce_rl_smoke_writes_results_and_figure(tmp_path):
     assert (out / "rl_after_finetuning.png").stat().st_size > 10_000
     assert (out / "finetune" / "results.json").exists() and (out / "report.md").exists()
     assert len(list((out / "histories").glob("*.jsonl"))) == 4
+    # other RL settings, same fine-tuning: the checkpoints are reused, not trained again
+    again = subprocess.run([sys.executable, "-m", "minipsft", "reproduce-rl", "--preset", "smoke", "--out", str(out),
+                            "--cache", str(tmp_path / "cache"), "--set", "steps=2", "--set", "eval_every=2"],
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "reusing the fine-tuned checkpoints" in again.stdout, again.stderr[-2000:]
+    assert sorted({r["step"] for r in json.loads((out / "results.json").read_text())["records"]}) == [0, 2]
 
 
 def test_reproduce_rl_rejects_unknown_preset_settings(tmp_path):
