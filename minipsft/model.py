@@ -10,6 +10,7 @@ What fine-tuning needs from a model, and nothing else:
 Runs on CPU (float32) or GPU (bfloat16); nothing here needs a GPU to import or to test.
 """
 import copy
+import functools
 import warnings
 
 import torch
@@ -82,6 +83,13 @@ def _chunk_logprobs(hidden, targets, head, with_entropy: bool):
     return logp, entropy
 
 
+@functools.cache
+def _compiled_chunk_logprobs(backend: str):
+    """``_chunk_logprobs`` compiled once per backend: the log-softmax, the gather and the entropy fuse
+    into one pass over the chunk's logits instead of several."""
+    return torch.compile(_chunk_logprobs, backend=backend, dynamic=True)
+
+
 def _hidden_and_head(model, input_ids, attention_mask):
     """Final hidden states and the output head, or (logits, identity) for models whose head is not a plain linear map."""
     cfg = model.config
@@ -110,9 +118,11 @@ def token_logprobs(model, input_ids, attention_mask, with_entropy: bool = False,
     step = max(1, chunk_elements // max(1, B * vocab))
     recompute = torch.is_grad_enabled() and T1 > step
     logps, ents = [], []
+    backend = getattr(model, "_minipsft_compile", None)  # set by CausalLM(compile=...)
+    chunk_fn = _compiled_chunk_logprobs(backend) if backend else _chunk_logprobs
     for s in range(0, T1, step):
         args = (hidden[:, s:s + step], targets[:, s:s + step], head, with_entropy)
-        lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False) if recompute else _chunk_logprobs(*args)
+        lp, ent = checkpoint(chunk_fn, *args, use_reentrant=False) if recompute else chunk_fn(*args)
         logps.append(lp)
         ents.append(ent)
     keep = attention_mask[:, 1:].bool()
@@ -143,6 +153,7 @@ class CausalLM:
             backend = "inductor" if compile is True else compile
             for layer in self.model.get_decoder().layers:
                 layer.compile(backend=backend, dynamic=True)
+            self.model._minipsft_compile = backend  # token_logprobs then compiles its vocabulary chunks too
         if tokenizer.pad_token_id is None:  # many chat models ship without one; padding is masked anyway
             tokenizer.pad_token = tokenizer.eos_token
 
