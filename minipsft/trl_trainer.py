@@ -26,8 +26,9 @@ and the current forward is reused as log pi_old (no extra forward).
 optimizer state; sharded under ZeRO-3/FSDP), e.g. +1 GB for a 0.5B model in bf16, +15 GB (split over
 the GPUs) for 7B. Time: one extra no-grad forward per micro-batch on the ``refresh_steps - 1``
 steps of each window that are not refresh steps (about a third of a step each), plus one weight
-copy per window. minipsft's own loop measured PSFT/SFT step time 1.25 on one H200 (0.5B, 8 steps
-per snapshot); expect about the same here.
+copy per window. Measured (``benchmarks/trl_psft_overhead.py``, CPU, tiny model, 8 steps per
+snapshot): PSFTTrainer/SFTTrainer step time 1.21 (median of 3 alternating runs; 1.09-1.35 per run),
+in line with minipsft's own loop on one H200 (PSFT/SFT 1.23 eager). Not measured on GPUs.
 
 Settings mapped to the official recipe (batch 256, minibatch 32, eps 0.2/0.28, lr 1e-6): make
 ``per_device_train_batch_size x gradient_accumulation_steps x num_processes = 32`` (the minibatch)
