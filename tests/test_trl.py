@@ -50,16 +50,22 @@ def setup():
     return ours, examples, cfg
 
 
-def test_psft_trainer_matches_minipsft_loop(setup, tmp_path):
+@pytest.mark.parametrize("warmup", [0, 2])
+def test_psft_trainer_matches_minipsft_loop(setup, tmp_path, warmup):
+    """Same weights and diagnostics as minipsft's loop, also with 2 plain-SFT warm-up steps (then the
+    snapshot is taken mid-batch at the first PSFT step and refreshed at the next batch boundary)."""
+    from dataclasses import replace
+
     ours, examples, cfg = setup
+    cfg = replace(cfg, sft_warmup_steps=warmup)
     theirs = tiny_lm(chat=False)
     assert max_diff(ours.model, theirs.model) == 0
-    hist = train(ours, examples, cfg)["history"]
+    hist = [h for h in train(ours, examples, cfg)["history"] if h["method"] == "psft"]
     trainer = PSFTTrainer(model=theirs.model, processing_class=theirs.tokenizer, train_dataset=ordered_dataset(examples, cfg),
-                          args=PSFTConfig(**trl_args(tmp_path, refresh_steps=4)))
+                          args=PSFTConfig(**trl_args(tmp_path, refresh_steps=4, sft_warmup_steps=warmup)))
     trainer.train()
-    logs = [r for r in trainer.state.log_history if "clipfrac" in r]
-    assert len(logs) == len(hist) == 8
+    logs = [r for r in trainer.state.log_history if "clipfrac" in r and "train_runtime" not in r]
+    assert len(logs) == len(hist) == 8 - warmup
     assert max(r["clipfrac"] for r in logs) > 0  # the clip acts
     for mine, trls in zip(hist, logs):
         assert trls["clipfrac"] == pytest.approx(mine["clipfrac"], abs=1e-6)
