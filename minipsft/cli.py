@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in backward (less GPU memory, ~30%% more compute)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile each decoder layer (regional compilation; first steps slower while it compiles)")
+                   help="torch.compile the decoder layers (one graph shared by all) and the vocabulary log-softmax; "
+                        "the first steps are slower while it compiles")
     _add_config_flags(p)
 
     r = sub.add_parser("reproduce", formatter_class=argparse.ArgumentDefaultsHelpFormatter,

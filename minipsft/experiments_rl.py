@@ -139,7 +139,7 @@ def reproduce_rl(preset_name: str, out_dir, cache_dir=None, seeds=None, workers=
     records = [x for r in runs for x in r["records"]]
     (out / "results.json").write_text(json.dumps({"summary": summary, "records": records}, indent=1))
     plots.rl_after_finetuning(runs, out / "rl_after_finetuning.png")
-    (out / "report.md").write_text(report(summary, records))
+    (out / "report.md").write_text(report(summary, records, runs))
     print(f"wrote {out / 'results.json'}, {out / 'report.md'}, {out / 'rl_after_finetuning.png'}")
     print(f"wall time {summary['wall_seconds'] / 60:.1f} min (base model {t_base / 60:.1f} min, fine-tuning "
           f"with the RL runs from the base beside it {(t_ft - t_base) / 60:.1f} min)")
@@ -191,8 +191,9 @@ def reproduce_rl_or_load(preset_name: str, out_dir, **kw) -> dict:
     return reproduce_rl(preset_name, out_dir, **kw)
 
 
-def report(summary: dict, records: list) -> str:
-    """Markdown: the best-ID checkpoints RL started from, then every evaluation, mean ± std over seeds."""
+def report(summary: dict, records: list, runs: list = ()) -> str:
+    """Markdown: the best-ID checkpoints RL started from, the rollout statistics per start (from the step
+    histories of ``runs``), then every evaluation; mean ± std over seeds."""
     rp = summary["rl_config"]
     lines = [f"# GRPO after fine-tuning, preset `{summary['preset']}`", "",
              f"Wall time {summary['wall_seconds'] / 60:.1f} min (base model {summary.get('pretrain_seconds', 0) / 60:.1f} min, "
@@ -203,6 +204,20 @@ def report(summary: dict, records: list) -> str:
         lines += ["## Starting checkpoints (best-ID epoch of each fine-tuning run)", "",
                   "| run | epoch | id_acc |", "|---|---|---|"]
         lines += [f"| {k} | {v['epoch']} | {v['id_acc']:.3f} |" for k, v in summary["best_checkpoints"].items()]
+        lines.append("")
+    if runs:
+        k = max(1, rp["eval_every"])
+        lines += [f"## Rollouts (per seed, then mean ± std): reward over the first and last {k} steps, and per step",
+                  "", "| start | reward first | reward last | groups with equal rewards | clipfrac_high | clipfrac_low |",
+                  "|---|---|---|---|---|---|"]
+        for start in STARTS:
+            hs = [r["history"] for r in runs if r["start"] == start]
+            if hs:
+                cells = [[statistics.fmean(x["reward"] for x in h[:k]) for h in hs],
+                         [statistics.fmean(x["reward"] for x in h[-k:]) for h in hs]]
+                cells += [[statistics.fmean(x[key] for x in h) for h in hs]
+                          for key in ("zero_adv_groups", "clipfrac_high", "clipfrac_low")]
+                lines.append(f"| {start} | " + " | ".join(_fmt(c, 4 if i > 2 else 3) for i, c in enumerate(cells)) + " |")
         lines.append("")
     keys = ("reward", "id_acc", "ood_acc", "ood_format", "sample_entropy", "rollout_entropy", "ood_kl")
     lines += ["## Along RL", "", "| start | step | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
