@@ -5,7 +5,9 @@ weights built from its config: no hub), side by side in one run, and the PSFT/SF
 
 MFU counts 6 * parameters FLOPs per trained token (the usual estimate, attention excluded) against
 the GPU's dense bf16 peak (--peak-tflops, default 989 for H100/H200 SXM). PSFT's snapshot forward is
-extra work the estimate does not credit, so PSFT's MFU is the useful-work figure.
+extra work the estimate does not credit, so PSFT's MFU is the useful-work figure. "+attn" adds the
+attention score and value matmuls a causal model needs (6 * layers * seq_len * hidden per token,
+half of PaLM's count, which also credits the masked-out half).
 """
 import argparse
 import time
@@ -31,6 +33,9 @@ def main():
     ap.add_argument("--layers", type=int, default=QWEN25_05B["num_hidden_layers"], help="fewer for a quick check")
     ap.add_argument("--device", default="cuda", help="cuda (cpu only to check that the script runs)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the decoder layers and the vocabulary chunks (CausalLM(compile=True))")
+    ap.add_argument("--keep-logits", choices=("auto", "yes", "no"), default="auto",
+                    help="keep the vocabulary chunks' logits for backward (yes), recompute them in backward (no), "
+                         "or keep them when the free GPU memory holds them twice over (auto, the default of CausalLM)")
     args = ap.parse_args()
     cuda = args.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -43,7 +48,8 @@ def main():
     results = {}
     for method in ("sft", "psft"):
         config = Qwen2Config(**{**QWEN25_05B, "num_hidden_layers": args.layers}, pad_token_id=tok.pad_token_id)
-        lm = CausalLM.from_config(config, tok, seed=0, device=args.device, compile=args.compile)
+        keep = {"auto": None, "yes": True, "no": False}[args.keep_logits]
+        lm = CausalLM.from_config(config, tok, seed=0, device=args.device, compile=args.compile, keep_logits=keep)
         n_params = sum(p.numel() for p in lm.model.parameters())
         cfg = TrainConfig(method=method, epochs=1, lr=1e-6, batch_size=batch, minibatch_size=args.minibatch,
                           progress=False)
@@ -60,8 +66,10 @@ def main():
         warmup = stamps[k] - stamps[0]
         tokens_per_s = args.minibatch * args.seq_len / step
         results[method] = step
+        attn_flops = 6 * config.num_hidden_layers * args.seq_len * config.hidden_size
         print(f"{method.upper():4s} step {step * 1000:7.1f} ms  {tokens_per_s:9.0f} tokens/s  "
-              f"MFU {6 * n_params * tokens_per_s / (args.peak_tflops * 1e12):.1%}  "
+              f"MFU {6 * n_params * tokens_per_s / (args.peak_tflops * 1e12):.1%} "
+              f"(+attn {(6 * n_params + attn_flops) * tokens_per_s / (args.peak_tflops * 1e12):.1%})  "
               + (f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB  " if cuda else "")
               + f"first snapshot (warm-up{', compile' if args.compile else ''}) {warmup:.1f} s")
         del lm
@@ -70,6 +78,7 @@ def main():
             torch.cuda.reset_peak_memory_stats()
     print(f"{torch.cuda.get_device_name() if cuda else 'cpu'}, {n_params / 1e6:.0f}M parameters, "
           f"{'bf16' if cuda else 'fp32'}, sdpa, {'compiled layers + vocabulary chunks' if args.compile else 'eager'}, "
+          f"keep logits {args.keep_logits}, "
           f"minibatch {args.minibatch} x {args.seq_len} tokens, {args.steps_per_snapshot} steps per snapshot")
     print(f"PSFT/SFT step-time ratio: {results['psft'] / results['sft']:.3f}  (target <= 1.30)")
 

@@ -102,10 +102,15 @@ def _overrides(pairs, preset_class=None) -> dict:
     for pair in pairs:
         key, _, value = pair.partition("=")
         if key not in types or key in ("base", "arms", "seeds", "starts") or not value:
-            raise SystemExit(f"error: --set {pair!r}: use FIELD=VALUE with a number or text field of "
+            raise SystemExit(f"error: --set {pair!r}: use FIELD=VALUE with a number, true/false or text field of "
                              f"{(preset_class or Preset).__name__}")
         kind = types[key]
-        out[key] = value if kind is str else (int(value) if kind in (int, int | None) else float(value))
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise SystemExit(f"error: --set {pair!r}: {key} takes true or false")
+            out[key] = value.lower() in ("true", "1", "yes")
+        else:
+            out[key] = value if kind is str else (int(value) if kind in (int, int | None) else float(value))
     return out
 
 

@@ -65,6 +65,10 @@ class Preset:
     arms: tuple = ARMS
     max_new_tokens: int = 320
     max_length: int | None = None
+    micro_batch_size: int = 0  # demonstrations per forward/backward (0: whole minibatch); same result, less memory
+    length_bucketing: bool = False  # minibatches of similar lengths (less padding); same batches for every arm
+    compile: bool = False  # hub models: torch.compile the decoder layers and vocabulary chunks (GPU)
+    gradient_checkpointing: bool = False  # hub models: recompute each layer in backward (less GPU memory)
 
 
 PRESETS = {
@@ -79,7 +83,7 @@ PRESETS = {
     # a hub model (--model) on GSM8K, OOD = TruthfulQA MC1 and ARC-Challenge; one GPU
     "gsm8k": Preset(base=None, world="gsm8k", arms=("psft", "sft", "sft_paper"), n_train=2048, n_id_eval=250,
                     ood_per_task=250, epochs=4, batch_size=256, minibatch_size=32, lr=1e-6, sft_paper_lr=2e-5,
-                    seeds=(0,), workers=1, threads=8, max_length=1024),
+                    seeds=(0,), workers=1, threads=8, max_length=1024, micro_batch_size=8, length_bucketing=True),
 }
 
 
@@ -95,7 +99,8 @@ def preset_from_env() -> str:
 
 def arm_config(p: Preset, arm: str, **overrides) -> TrainConfig:
     common = dict(epochs=p.epochs, batch_size=p.batch_size, minibatch_size=p.minibatch_size, lr=p.lr,
-                  kl_coef=p.kl_coef, progress=False)
+                  kl_coef=p.kl_coef, micro_batch_size=p.micro_batch_size, length_bucketing=p.length_bucketing,
+                  progress=False)
     method = {"psft": "psft", "sft_kl": "sft_kl", "dft": "dft"}.get(arm, "sft")
     cfg = TrainConfig(method=method, **common)
     if arm == "sft_paper":
@@ -114,7 +119,8 @@ def run_one(job: dict) -> dict:
         evaluator = toy.Evaluator(lm, toy.id_rows(p.n_id_eval, seed=1), toy.ood_rows(p.ood_per_task, seed=2),
                                   n_samples=p.n_samples)
     else:  # a hub (or local) model on GSM8K; the seed changes the data order
-        lm = CausalLM.from_pretrained(job["base_path"], device=job.get("device", "cpu"))
+        lm = CausalLM.from_pretrained(job["base_path"], device=job.get("device", "cpu"), compile=p.compile,
+                                      gradient_checkpointing=p.gradient_checkpointing)
         data = real.world_data(p.n_train, p.n_id_eval, p.ood_per_task, job.get("data_dir"))
         examples = lm.encode(data["train"], max_length=p.max_length)
         evaluator = real.Evaluator(lm, data["test"], data["ood"], p.max_new_tokens, p.max_length)
@@ -247,18 +253,22 @@ def reproduce(preset_name: str, out_dir, cache_dir=None, seeds=None, workers=Non
     return write_results(out, p, preset_name, runs, base_path, cached, wall, t_base)
 
 
+def same_preset(saved: dict, p: Preset) -> bool:
+    """Whether a results folder's ``preset_config`` holds ``p``'s settings. Settings added to Preset after the
+    folder was written count as their defaults there; ``workers`` and ``threads`` never change a result."""
+    defaults = json.loads(json.dumps({f.name: f.default for f in fields(Preset) if f.default is not MISSING}))
+    current = json.loads(json.dumps(asdict(p)))
+    return all(saved.get(k, defaults.get(k)) == v for k, v in current.items() if k not in ("workers", "threads"))
+
+
 def reproduce_or_load(preset_name: str, out_dir, ablations=(), main=True, **kw) -> dict:
     """Load ``out_dir``'s results when they were made with this preset's exact settings (and hold the
     asked-for ablations), else run ``reproduce``. Says which it did."""
     path = Path(out_dir) / "results.json"
     if path.exists():
         res = load_results(out_dir)
-        current = json.loads(json.dumps(asdict(replace(PRESETS[preset_name], **{
-            k: v for k, v in kw.items() if k in {f.name for f in fields(Preset)}}))))
-        # settings added to Preset after a results folder was written count as their defaults there
-        defaults = json.loads(json.dumps({f.name: f.default for f in fields(Preset) if f.default is not MISSING}))
-        saved = res["summary"]["preset_config"]
-        same = all(saved.get(k, defaults.get(k)) == v for k, v in current.items())
+        current = replace(PRESETS[preset_name], **{k: v for k, v in kw.items() if k in {f.name for f in fields(Preset)}})
+        same = same_preset(res["summary"]["preset_config"], current)
         groups = {r["group"] for r in res["records"]}
         if same and set(ablations) <= groups and (not main or "main" in groups):
             print(f"loaded results from {path} (made with the same '{preset_name}' settings; "

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from . import plots, toy
-from .experiments import PRESETS, _fmt, _run_jobs, reproduce
+from .experiments import PRESETS, _fmt, _run_jobs, reproduce, same_preset
 from .model import CausalLM
 from .rl import GRPOConfig, grpo
 
@@ -153,8 +153,7 @@ def _finetuned(folder: Path, p) -> dict | None:
     if not path.exists():
         return None
     summary = json.loads(path.read_text())["summary"]
-    same = {k: v for k, v in summary["preset_config"].items() if k not in ("workers", "threads")} == \
-        {k: v for k, v in json.loads(json.dumps(asdict(p))).items() if k not in ("workers", "threads")}
+    same = same_preset(summary["preset_config"], p)
     best = summary.get("best_checkpoints") or {}
     wanted = {f"{a}-s{s}" for a in p.arms for s in p.seeds}
     if same and set(best) == wanted and all((Path(v["path"]) / "config.json").exists() for v in best.values()):
@@ -182,9 +181,7 @@ def reproduce_rl_or_load(preset_name: str, out_dir, **kw) -> dict:
         res = load_rl_results(out_dir)
         rp = replace(RL_PRESETS[preset_name], **{k: v for k, v in kw.items() if k in asdict(RL_PRESETS[preset_name])})
         same_rl = res["summary"]["rl_config"] == json.loads(json.dumps(asdict(rp)))
-        saved_ft = res["summary"]["finetune_config"]
-        same_ft = all(saved_ft.get(k) == v for k, v in json.loads(json.dumps(asdict(PRESETS[preset_name]))).items()
-                      if k not in ("workers", "threads"))
+        same_ft = same_preset(res["summary"]["finetune_config"], PRESETS[preset_name])
         if res["summary"]["preset"] == preset_name and same_rl and same_ft:
             print(f"loaded results from {path} (made with the same '{preset_name}' settings; delete the folder to run again)")
             return res

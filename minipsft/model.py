@@ -101,13 +101,24 @@ def _hidden_and_head(model, input_ids, attention_mask):
     return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits, torch.nn.Identity()
 
 
-def token_logprobs(model, input_ids, attention_mask, with_entropy: bool = False, chunk_elements: int | None = None):
+def _logits_fit(hidden, elements: int) -> bool:
+    """Whether keeping ``elements`` float32 logits for backward takes under half of the free GPU memory."""
+    if not hidden.is_cuda:
+        return False  # CPU runs are small and their memory is shared with everything else: stay lean
+    free, _ = torch.cuda.mem_get_info(hidden.device)
+    return 4 * elements < free // 2
+
+
+def token_logprobs(model, input_ids, attention_mask, with_entropy: bool = False, chunk_elements: int | None = None,
+                   keep_logits: bool | None = None):
     """Per-token log-probs (and entropies) aligned with ``input_ids``: shape [B, T], position 0 is 0.
 
     ``logp[b, t] = log pi(input_ids[b, t] | input_ids[b, :t])``; ``entropy[b, t]`` is the entropy of
     pi(. | input_ids[b, :t]). Padding positions are 0. The vocabulary projection runs in chunks of
-    positions; with gradients on and more than one chunk, each chunk is recomputed in backward
-    (activation checkpointing), so at most one chunk of logits is alive at a time.
+    positions. With gradients on, what backward needs of each chunk's logits is either kept
+    (``keep_logits=True``) or recomputed in backward by activation checkpointing (``False``: at most
+    one chunk of logits is alive at a time, for one more vocabulary matmul per chunk). ``None``
+    keeps them on a GPU whose free memory holds them twice over, and recomputes otherwise.
     """
     hidden, head = _hidden_and_head(model, input_ids, attention_mask)
     if chunk_elements is None:
@@ -117,6 +128,8 @@ def token_logprobs(model, input_ids, attention_mask, with_entropy: bool = False,
     vocab = model.config.vocab_size if isinstance(head, torch.nn.Identity) else head.out_features
     step = max(1, chunk_elements // max(1, B * vocab))
     recompute = torch.is_grad_enabled() and T1 > step
+    if recompute:
+        recompute = not (keep_logits if keep_logits is not None else _logits_fit(hidden, B * T1 * vocab))
     logps, ents = [], []
     backend = getattr(model, "_minipsft_compile", None)  # set by CausalLM(compile=...)
     chunk_fn = _compiled_chunk_logprobs(backend) if backend else _chunk_logprobs
@@ -137,8 +150,9 @@ class CausalLM:
     """A causal LM plus its tokenizer, on one device, with the few operations fine-tuning needs."""
 
     def __init__(self, model, tokenizer, device=None, dtype=None, gradient_checkpointing: bool = False,
-                 compile: bool | str = False):
+                 compile: bool | str = False, keep_logits: bool | None = None):
         self.device = resolve_device(device)
+        self.keep_logits = keep_logits  # see token_logprobs: None = keep when the GPU has room
         self.model = model.to(device=self.device, dtype=resolve_dtype(dtype, self.device))
         self.tokenizer = tokenizer
         if gradient_checkpointing:  # recompute each layer in backward: activation memory ~ one layer
@@ -160,19 +174,22 @@ class CausalLM:
     # ---------------------------------------------------------------- loading and saving
     @classmethod
     def from_pretrained(cls, name_or_path, device=None, dtype=None, attn_implementation="sdpa",
-                        gradient_checkpointing: bool = False, compile: bool | str = False, **kwargs):
+                        gradient_checkpointing: bool = False, compile: bool | str = False,
+                        keep_logits: bool | None = None, **kwargs):
         """Load from a hub id or a local folder written by ``save_pretrained``."""
         dev = resolve_device(device)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, dtype=resolve_dtype(dtype, dev), attn_implementation=attn_implementation, **kwargs)
-        return cls(model, tokenizer, dev, dtype, gradient_checkpointing, compile)
+        return cls(model, tokenizer, dev, dtype, gradient_checkpointing, compile, keep_logits)
 
     @classmethod
-    def from_config(cls, config, tokenizer, seed: int = 0, device=None, dtype=None, compile: bool | str = False):
+    def from_config(cls, config, tokenizer, seed: int = 0, device=None, dtype=None, compile: bool | str = False,
+                    keep_logits: bool | None = None):
         """A freshly initialised model of any transformers architecture (tiny ones for tests and the toy world)."""
         torch.manual_seed(seed)
-        return cls(AutoModelForCausalLM.from_config(config), tokenizer, device, dtype, compile=compile)
+        return cls(AutoModelForCausalLM.from_config(config), tokenizer, device, dtype, compile=compile,
+                   keep_logits=keep_logits)
 
     def save_pretrained(self, path):
         self.model.save_pretrained(path)
@@ -274,7 +291,7 @@ class CausalLM:
     def token_logprobs(self, batch, with_entropy: bool = False, model=None):
         """``token_logprobs`` of a collated batch under this model (or another one, e.g. a frozen copy)."""
         return token_logprobs(model if model is not None else self.model,
-                              batch["input_ids"], batch["attention_mask"], with_entropy)
+                              batch["input_ids"], batch["attention_mask"], with_entropy, keep_logits=self.keep_logits)
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .losses import clipped_surrogate, masked_mean
-from .train import _chunks, _f, _merge
+from .train import _chunks, _f, _merge, adamw
 
 __all__ = ["GRPOConfig", "grpo", "group_advantages"]
 
@@ -109,7 +109,7 @@ def grpo(lm, prompts: list, reward_fn, cfg: GRPOConfig, eval_fn=None, out_dir=No
     model, tok = lm.model, lm.tokenizer
     torch.manual_seed(cfg.seed)
     ref = lm.frozen_copy() if cfg.kl_coef > 0 else None
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = adamw([p for p in model.parameters() if p.requires_grad], cfg.lr, cfg.weight_decay)
     history, evals = [], []
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:

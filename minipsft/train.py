@@ -166,6 +166,12 @@ def _set_rng_state(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW; on a GPU its fused kernel (one launch updates every tensor; the same math, a few ms less per step)."""
+    params = list(params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=all(p.is_cuda for p in params) or None)
+
+
 def train(lm, examples: list, cfg: TrainConfig, out_dir=None, eval_fn=None, resume: bool = False,
           on_step=None, token_hook=None) -> dict:
     """Fine-tune ``lm`` in place on encoded ``examples``; return ``{"history": [...], "evals": [...]}``.
@@ -189,7 +195,7 @@ def train(lm, examples: list, cfg: TrainConfig, out_dir=None, eval_fn=None, resu
     anchored = cfg.method == "sft_kl" or (cfg.method == "psft" and not cfg.refresh_pi_old)
     base = lm.frozen_copy() if anchored else None
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = adamw(params, cfg.lr, cfg.weight_decay)
     batch_sizes = [len(b) for b in _epoch_batches(len(examples), cfg, 0)]
     steps_per_epoch = sum(math.ceil(n / cfg.minibatch_size) for n in batch_sizes)
     total_steps = steps_per_epoch * cfg.epochs

@@ -79,3 +79,14 @@ def test_help_lists_every_setting(capsys):
     text = capsys.readouterr().out
     for flag in ("--minibatch-size", "--eps-high", "--refresh-pi-old", "--sft-warmup-steps", "--resume"):
         assert flag in text
+
+
+def test_reproduce_set_parses_each_field_by_its_type():
+    from minipsft.cli import _overrides
+
+    assert _overrides(["lr=3e-4", "epochs=2", "compile=true", "length_bucketing=no", "max_length=512"]) == \
+        {"lr": 3e-4, "epochs": 2, "compile": True, "length_bucketing": False, "max_length": 512}
+    for bad, message in [("compile=maybe", "compile takes true or false"), ("nonsense=1", "FIELD=VALUE"),
+                         ("seeds=1", "FIELD=VALUE")]:
+        with pytest.raises(SystemExit, match=message):
+            _overrides([bad])

@@ -1,5 +1,6 @@
 """GPU checks (skipped without CUDA): bf16 by default, chunked log-probs in bf16, the training loop
-and generation on the device, and the one-step-per-snapshot identity on GPU."""
+and generation on the device, the one-step-per-snapshot identity on GPU, compiled = eager, GRPO, fused AdamW
+and the vocabulary chunks kept for backward when they fit."""
 import pytest
 import torch
 
@@ -68,3 +69,18 @@ def test_compiled_layers_match_eager_on_gpu():
     hist = train(compiled, compiled.encode(addition_rows(16)), TrainConfig(method="psft", epochs=2, lr=1e-2, batch_size=8,
                                                                            minibatch_size=4, progress=False))["history"]
     assert max(h["clipfrac"] for h in hist) > 0
+
+
+def test_gpu_fuses_adamw_and_keeps_the_vocabulary_chunks_when_they_fit():
+    from minipsft.train import adamw
+
+    lm = _on_gpu()
+    assert adamw(lm.model.parameters(), 1e-3, 0.1).defaults["fused"] is True
+    batch = lm.collate(lm.encode(addition_rows(8)))
+    calls = []
+    hook = lm.model.get_output_embeddings().register_forward_hook(lambda *_: calls.append(1))
+    T1 = batch["input_ids"].shape[1] - 1
+    logp, _ = token_logprobs(lm.model, batch["input_ids"], batch["attention_mask"], chunk_elements=8 * len(lm.tokenizer))
+    logp.sum().backward()  # a tiny model's logits fit: each one-position chunk is projected once, not recomputed
+    hook.remove()
+    assert len(calls) == T1

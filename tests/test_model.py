@@ -71,23 +71,40 @@ def _naive(model, ids, attn):
     return logp.masked_fill(~keep, 0), ent.masked_fill(~keep, 0)
 
 
-@pytest.mark.parametrize("chunk_elements", [2**25, 3 * 32 * 2])  # one chunk; two positions per chunk
-def test_token_logprobs_and_entropy_match_full_log_softmax(lm, chunk_elements):
+@pytest.mark.parametrize("chunk_elements,keep_logits", [(2**25, None), (3 * 32 * 2, False), (3 * 32 * 2, True)])
+def test_token_logprobs_and_entropy_match_full_log_softmax(lm, chunk_elements, keep_logits):
+    """One chunk, or two positions per chunk with the chunks' logits recomputed in backward or kept."""
     batch = lm.collate(lm.encode([{"prompt": "1+1=", "completion": "2"}, {"prompt": "10+10=", "completion": "20"}]))
     ids, attn = batch["input_ids"], batch["attention_mask"]
-    logp, ent = token_logprobs(lm.model, ids, attn, with_entropy=True, chunk_elements=chunk_elements)
+    logp, ent = token_logprobs(lm.model, ids, attn, with_entropy=True, chunk_elements=chunk_elements,
+                               keep_logits=keep_logits)
     ref_logp, ref_ent = _naive(lm.model, ids, attn)
     assert logp.shape == ids.shape and ent.shape == ids.shape
     assert (logp[:, 0] == 0).all() and (logp[0, 6:] == 0).all()
     torch.testing.assert_close(logp[:, 1:], ref_logp, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ent[:, 1:], ref_ent, atol=1e-5, rtol=1e-5)
-    # gradients agree too (the chunked path recomputes each chunk in backward)
+    # gradients agree too (whether the chunks' logits were kept or recomputed in backward)
     (logp * batch["completion_mask"]).sum().backward()
     g = [p.grad.clone() for p in lm.model.parameters()]
     lm.model.zero_grad()
     (ref_logp * batch["completion_mask"][:, 1:]).sum().backward()
     for a, p in zip(g, lm.model.parameters()):
         torch.testing.assert_close(a, p.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("keep_logits,head_calls", [(False, 2 * 4), (True, 4), (None, 2 * 4)])  # None: CPU recomputes
+def test_keep_logits_decides_whether_backward_recomputes_the_vocabulary_projection(lm, keep_logits, head_calls):
+    batch = lm.collate(lm.encode([{"prompt": "1+1=", "completion": "2"}, {"prompt": "10+10=", "completion": "20"}]))
+    calls = []
+    hook = lm.model.get_output_embeddings().register_forward_hook(lambda *_: calls.append(1))
+    try:  # 8 target positions, 2 per chunk: 4 chunks, each projected once forward (and once more if recomputed)
+        logp, _ = token_logprobs(lm.model, batch["input_ids"], batch["attention_mask"],
+                                 chunk_elements=2 * 2 * len(lm.tokenizer), keep_logits=keep_logits)
+        logp.sum().backward()
+    finally:
+        hook.remove()
+        lm.model.zero_grad()
+    assert len(calls) == head_calls
 
 
 def test_generate_batched_equals_one_by_one(lm):

@@ -71,11 +71,16 @@ def test_reproduce_gsm8k_runs_the_whole_pipeline_on_a_local_model(tmp_path):
     cmd = [sys.executable, "-m", "minipsft", "reproduce", "--preset", "gsm8k", "--model", str(model_dir),
            "--data-dir", str(FIXTURES), "--out", str(out), "--device", "cpu",
            *[a for kv in ("n_train=3", "n_id_eval=3", "ood_per_task=2", "epochs=2", "batch_size=2",
-                          "minibatch_size=1", "max_new_tokens=8", "max_length=480") for a in ("--set", kv)]]
+                          "minibatch_size=1", "micro_batch_size=1", "compile=false", "max_new_tokens=8",
+                          "max_length=480") for a in ("--set", kv)]]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    records = json.loads((out / "results.json").read_text())["records"]
+    results = json.loads((out / "results.json").read_text())
+    records = results["records"]
     assert {r["method"] for r in records} == {"psft", "sft", "sft_paper"}
+    # sft_paper's 2-row minibatch ran as 2 accumulated micro-batches, in length buckets (the preset's default)
+    config = results["summary"]["preset_config"]
+    assert (config["micro_batch_size"], config["length_bucketing"], config["compile"]) == (1, True, False)
     assert sorted(r["epoch"] for r in records if r["method"] == "psft") == [0, 1, 2]
     for r in records:
         assert {"method", "seed", "epoch", "entropy", "id_acc", "ood_acc", "ood_truthfulqa", "ood_arc"} <= set(r)
