@@ -67,8 +67,8 @@ class Preset:
     max_length: int | None = None
     micro_batch_size: int = 0  # demonstrations per forward/backward (0: whole minibatch); same result, less memory
     length_bucketing: bool = False  # minibatches of similar lengths (less padding); same batches for every arm
-    compile: bool = False  # hub models: torch.compile the decoder layers and vocabulary chunks (GPU)
-    gradient_checkpointing: bool = False  # hub models: recompute each layer in backward (less GPU memory)
+    compile: bool = False  # torch.compile the decoder layers and vocabulary chunks (CausalLM(compile=True))
+    gradient_checkpointing: bool = False  # recompute each layer in backward (less GPU memory)
 
 
 PRESETS = {
@@ -113,14 +113,14 @@ def run_one(job: dict) -> dict:
     """Fine-tune the base with one arm and seed; return its eval records and step history."""
     torch.set_num_threads(job["threads"])
     p: Preset = job["preset"]
+    lm = CausalLM.from_pretrained(job["base_path"], device=job.get("device", "cpu"),
+                                  dtype="float32" if p.world == "toy" else None,  # toy: float32 on any device
+                                  compile=p.compile, gradient_checkpointing=p.gradient_checkpointing)
     if p.world == "toy":
-        lm = CausalLM.from_pretrained(job["base_path"], device=job.get("device", "cpu"), dtype="float32")
         examples = lm.encode(toy.id_rows(p.n_train, seed=10_000 + job["seed"]))
         evaluator = toy.Evaluator(lm, toy.id_rows(p.n_id_eval, seed=1), toy.ood_rows(p.ood_per_task, seed=2),
                                   n_samples=p.n_samples)
     else:  # a hub (or local) model on GSM8K; the seed changes the data order
-        lm = CausalLM.from_pretrained(job["base_path"], device=job.get("device", "cpu"), compile=p.compile,
-                                      gradient_checkpointing=p.gradient_checkpointing)
         data = real.world_data(p.n_train, p.n_id_eval, p.ood_per_task, job.get("data_dir"))
         examples = lm.encode(data["train"], max_length=p.max_length)
         evaluator = real.Evaluator(lm, data["test"], data["ood"], p.max_new_tokens, p.max_length)

@@ -127,9 +127,8 @@ def token_logprobs(model, input_ids, attention_mask, with_entropy: bool = False,
     B, T1 = targets.shape
     vocab = model.config.vocab_size if isinstance(head, torch.nn.Identity) else head.out_features
     step = max(1, chunk_elements // max(1, B * vocab))
-    recompute = torch.is_grad_enabled() and T1 > step
-    if recompute:
-        recompute = not (keep_logits if keep_logits is not None else _logits_fit(hidden, B * T1 * vocab))
+    recompute = torch.is_grad_enabled() and T1 > step and not (
+        keep_logits if keep_logits is not None else _logits_fit(hidden, B * T1 * vocab))
     logps, ents = [], []
     backend = getattr(model, "_minipsft_compile", None)  # set by CausalLM(compile=...)
     chunk_fn = _compiled_chunk_logprobs(backend) if backend else _chunk_logprobs

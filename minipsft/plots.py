@@ -35,6 +35,18 @@ def _per_epoch(records, arm, key):
     return epochs, [[d[e] for e in epochs] for d in by_seed.values()]
 
 
+def _finish_grid(fig, axes, ncol: int, title: str, path) -> None:
+    """Grid lines, one shared legend below the panels, the title; save and close."""
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0, 1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, frameon=False)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.96))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def epoch_stability(runs, arms, path):
     """Training entropy per step; ID, OOD and format accuracy, sample entropy and KL per epoch."""
     main = [r for r in runs if r["job"].get("group", "main") == "main"]
@@ -61,15 +73,9 @@ def epoch_stability(runs, arms, path):
         ax.set(title=title, xlabel="epoch", ylabel=ylabel)
         if ylabel == "accuracy":
             ax.set_ylim(-0.02, 1.02)
-    for ax in axes.flat:
-        ax.grid(alpha=0.3)
-    handles, labels = axes[0, 1].get_legend_handles_labels()
     seeds = len({r["job"]["seed"] for r in main})
-    fig.legend(handles, labels, loc="lower center", ncol=len(arms), frameon=False)
-    fig.suptitle(f"SFT vs PSFT across epochs in the toy world (mean over {seeds} seed(s), band = min-max)")
-    fig.tight_layout(rect=(0, 0.05, 1, 0.96))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish_grid(fig, axes, len(arms), f"SFT vs PSFT across epochs in the toy world (mean over {seeds} seed(s), "
+                 "band = min-max)", path)
 
 
 def tradeoff(records, arms, matched, path):
@@ -152,12 +158,6 @@ def rl_after_finetuning(runs, path):
         ax.set(title=title, xlabel="RL step", ylabel=ylabel)
         if ylabel == "accuracy":
             ax.set_ylim(-0.02, 1.02)
-    for ax in axes.flat:
-        ax.grid(alpha=0.3)
-    handles, labels = axes[0, 1].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(starts), frameon=False)
     seeds = len({r["seed"] for r in runs})
-    fig.suptitle(f"GRPO after fine-tuning in the toy world (mean over {seeds} seed(s), band = min-max)")
-    fig.tight_layout(rect=(0, 0.05, 1, 0.96))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish_grid(fig, axes, len(starts), f"GRPO after fine-tuning in the toy world (mean over {seeds} seed(s), "
+                 "band = min-max)", path)

@@ -92,3 +92,28 @@ def test_reproduce_gsm8k_needs_a_model(tmp_path):
 
     with pytest.raises(SystemExit, match="pass --model"):
         main(["reproduce", "--preset", "gsm8k", "--out", str(tmp_path)])
+
+
+def test_gsm8k_preset_accumulates_micro_batches_in_length_buckets_for_every_arm():
+    from minipsft.experiments import PRESETS, arm_config
+
+    p = PRESETS["gsm8k"]
+    for arm in p.arms:
+        cfg = arm_config(p, arm)
+        assert (cfg.micro_batch_size, cfg.length_bucketing) == (8, True)
+    assert arm_config(p, "sft_paper").minibatch_size == 256  # the paper recipe: one step per 256 demonstrations
+
+
+def test_same_preset_reads_settings_missing_from_an_old_results_folder_as_their_defaults():
+    import json
+    from dataclasses import asdict, replace
+
+    from minipsft.experiments import PRESETS, same_preset
+
+    saved = json.loads(json.dumps(asdict(PRESETS["cpu"])))
+    for later in ("micro_batch_size", "length_bucketing", "compile", "gradient_checkpointing"):
+        del saved[later]  # a folder written before these settings existed
+    assert same_preset(saved, PRESETS["cpu"])
+    assert same_preset({**saved, "workers": 7, "threads": 3}, PRESETS["cpu"])  # never change a result
+    assert not same_preset(saved, replace(PRESETS["cpu"], micro_batch_size=4))
+    assert not same_preset({**saved, "lr": 1.0}, PRESETS["cpu"])
