@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
-# One prepared device session (about 6 minutes of GPU time after the machine starts): the GPU tests, then
-# compiled SFT/PSFT throughput side by side: the vocabulary chunks recomputed in backward (the behaviour
-# before keep_logits) vs kept (the default when they fit), at 16 x 1024, then kept at 32 x 1024.
-# Each log lands under $OUT. Run from the repository root: bash benchmarks/gpu_session.sh
-export PYTHONPATH=. HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# One prepared device session (about 8 minutes after the machine starts; issue 16): the GPU tests,
+# then SFT/PSFT throughput of a Qwen2.5-0.5B-sized model, eager and compiled x the three output-head
+# paths (fused, logits kept, recomputed) x 16 and 32 x 1024 tokens, then minipsft vs TRL's
+# SFTTrainer on the same GPU. Each part has its own time limit; each log lands under $OUT.
+# Wheels for what the GPU image lacks (trl, datasets, liger-kernel, dill, multiprocess) in .whl/.
+# Run from the repository root: bash benchmarks/gpu_session.sh
+export PYTHONPATH=.:benchmarks HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
 {
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+python3 -c "import trl, datasets, liger_kernel; print('trl', trl.__version__, 'datasets', datasets.__version__)"
 } > $OUT/env.log 2>&1
 cat $OUT/env.log
-timeout 150 python -m pytest -q -p no:cacheprovider tests/test_gpu.py > $OUT/test_gpu.log 2>&1; echo "pytest rc $?" >> $OUT/test_gpu.log
-tail -3 $OUT/test_gpu.log
-run() {  # run NAME ARGS...: one throughput benchmark, its log in $OUT/throughput_NAME.log
-  local name=$1; shift
-  timeout 150 python benchmarks/gpu_throughput.py --compile "$@" > $OUT/throughput_$name.log 2>&1
-  echo "rc $?" >> $OUT/throughput_$name.log
-  echo "== $name"; grep -Ev "^[WI][0-9]{4} |Warn" $OUT/throughput_$name.log | tail -5
-}
-run 16x1024_recompute --seq-len 1024 --minibatch 16 --keep-logits no
-run 16x1024_keep --seq-len 1024 --minibatch 16 --keep-logits auto
-run 32x1024_keep --seq-len 1024 --minibatch 32 --keep-logits auto
+quiet() { grep -Ev "^[WI][0-9]{4} |Warn|warn"; }
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py > $OUT/test_gpu.log 2>&1
+echo "pytest rc $?" >> $OUT/test_gpu.log; tail -3 $OUT/test_gpu.log
+timeout ${THROUGHPUT_S:-300} python3 benchmarks/gpu_throughput.py --matrix --seq-len 1024 --batches 2 \
+  2>&1 | quiet | tee $OUT/throughput_matrix.log; echo "rc $?" >> $OUT/throughput_matrix.log
+timeout ${TRL_S:-140} python3 benchmarks/vs_trl_gpu.py --seq-len 1024 --minibatch 16 --batches 2 \
+  2>&1 | quiet | tee $OUT/vs_trl_gpu.log | tail -8

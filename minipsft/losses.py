@@ -20,7 +20,8 @@ calls it with group-normalised advantages.
 """
 import torch
 
-__all__ = ["clipped_surrogate", "psft_loss", "sft_loss", "dft_loss", "sft_kl_loss", "masked_mean"]
+__all__ = ["clipped_surrogate", "psft_loss", "sft_loss", "dft_loss", "sft_kl_loss", "masked_mean",
+           "surrogate_terms", "nll_terms", "dft_terms", "kl_terms"]
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -42,6 +43,49 @@ def _check(logp: torch.Tensor, mask: torch.Tensor, **others: torch.Tensor) -> to
     return mask.to(logp.dtype)
 
 
+def _floats(metrics: dict) -> dict:
+    """Tensor metrics -> plain Python numbers in one device-to-host copy (one sync, not one each)."""
+    values = torch.stack([v.detach().float() for v in metrics.values()]).tolist()
+    out = dict(zip(metrics, values))
+    if "num_tokens" in out:
+        out["num_tokens"] = int(out["num_tokens"])
+    return out
+
+
+def _per_token(advantages, logp: torch.Tensor) -> torch.Tensor:
+    """A float, a [B] tensor (one per sequence) or [B, T] -> [B, T] like ``logp``."""
+    advantages = torch.as_tensor(advantages, dtype=logp.dtype, device=logp.device)
+    if advantages.dim() == 1:
+        advantages = advantages[:, None]
+    return advantages.expand_as(logp)
+
+
+# Per-token loss terms: each loss below is the token-mean of its terms over the mask. The fused
+# output-head path (model.fused_head_loss) takes these terms and differentiates them chunk by chunk.
+
+def surrogate_terms(logp, logp_old, advantages, eps_low: float = 0.2, eps_high: float = 0.28):
+    """``-min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)`` per token, ``r = exp(logp - logp_old)``."""
+    ratio = torch.exp(logp - logp_old.detach())
+    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    return -torch.minimum(ratio * advantages, clipped * advantages)
+
+
+def nll_terms(logp):
+    """SFT: ``-log pi(a_t|s_t)``."""
+    return -logp
+
+
+def dft_terms(logp):
+    """DFT: ``-stopgrad(p_t) log p_t``."""
+    return -torch.exp(logp.detach()) * logp
+
+
+def kl_terms(logp, logp_ref):
+    """The k3 penalty ``exp(logp_ref - logp) - (logp_ref - logp) - 1`` (>= 0) per token."""
+    delta = logp_ref.detach() - logp
+    return torch.exp(delta) - delta - 1.0
+
+
 def clipped_surrogate(logp, logp_old, advantages, mask, eps_low: float = 0.2, eps_high: float = 0.28):
     """PPO's pessimistic clipped objective, ``-min(r A, clip(r, 1-eps_low, 1+eps_high) A)``, token-mean.
 
@@ -50,16 +94,11 @@ def clipped_surrogate(logp, logp_old, advantages, mask, eps_low: float = 0.2, ep
     ``clipfrac_high`` (A > 0 and r > 1+eps_high) and ``clipfrac_low`` (A < 0 and r < 1-eps_low),
     ``ratio_mean``, ``ratio_max``, ``approx_kl`` (the "k3" estimate ``(r-1) - log r``), ``num_tokens``.
     """
-    advantages = torch.as_tensor(advantages, dtype=logp.dtype, device=logp.device)
-    if advantages.dim() == 1:
-        advantages = advantages[:, None]
-    advantages = advantages.expand_as(logp)
+    advantages = _per_token(advantages, logp)
     m = _check(logp, mask, logp_old=logp_old)
-    log_ratio = logp - logp_old.detach()
+    loss = masked_mean(surrogate_terms(logp, logp_old, advantages, eps_low, eps_high), m)
+    log_ratio = logp.detach() - logp_old.detach()
     ratio = torch.exp(log_ratio)
-    unclipped = ratio * advantages
-    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * advantages
-    loss = masked_mean(-torch.minimum(unclipped, clipped), m)
 
     with torch.no_grad():
         on = m.bool()
@@ -71,16 +110,16 @@ def clipped_surrogate(logp, logp_old, advantages, mask, eps_low: float = 0.2, ep
         low = (advantages < 0) & (ratio < 1.0 - eps_low) & on
         n = on.sum()
         metrics = {
-            "clipfrac": ((high | low).sum() / n).item(),
-            "clipfrac_high": (high.sum() / n).item(),
-            "clipfrac_low": (low.sum() / n).item(),
-            "ratio_mean": masked_mean(ratio, m).item(),
-            "ratio_max": ratio[on].max().item(),
-            # k3 estimator of KL(pi_old || pi), low-variance and always >= 0 (Schulman's note, as in TRL/verl)
-            "approx_kl": masked_mean(ratio - 1.0 - log_ratio, m).item(),
-            "num_tokens": int(n.item()),
+            "clipfrac": (high | low).sum() / n,
+            "clipfrac_high": high.sum() / n,
+            "clipfrac_low": low.sum() / n,
+            "ratio_mean": masked_mean(ratio, m),
+            "ratio_max": ratio.masked_fill(~on, 0.0).max(),
+            # k3 estimator of KL(pi_old || pi), >= 0, low variance (Schulman's note; TRL, verl)
+            "approx_kl": masked_mean(ratio - 1.0 - log_ratio, m),
+            "num_tokens": n,
         }
-    return loss, metrics
+    return loss, _floats(metrics)
 
 
 def psft_loss(logp, logp_old, mask, eps_low: float = 0.2, eps_high: float = 0.28):
@@ -95,7 +134,7 @@ def psft_loss(logp, logp_old, mask, eps_low: float = 0.2, eps_high: float = 0.28
 def sft_loss(logp, mask):
     """SFT: token-mean negative log-likelihood of the demonstration."""
     m = _check(logp, mask)
-    return masked_mean(-logp, m), {"num_tokens": int(m.sum().item())}
+    return masked_mean(nll_terms(logp), m), {"num_tokens": int(m.sum().item())}
 
 
 def dft_loss(logp, mask):
@@ -105,7 +144,7 @@ def dft_loss(logp, mask):
     are pushed less (the opposite of SFT's ``1/p`` weighting of ``grad p``).
     """
     m = _check(logp, mask)
-    return masked_mean(-torch.exp(logp.detach()) * logp, m), {"num_tokens": int(m.sum().item())}
+    return masked_mean(dft_terms(logp), m), {"num_tokens": int(m.sum().item())}
 
 
 def sft_kl_loss(logp, logp_ref, mask, kl_coef: float = 0.5):
@@ -116,8 +155,7 @@ def sft_kl_loss(logp, logp_ref, mask, kl_coef: float = 0.5):
     model puts more mass on it than the reference does. Metrics: ``nll``, ``kl``.
     """
     m = _check(logp, mask, logp_ref=logp_ref)
-    delta = logp_ref.detach() - logp
-    kl = torch.exp(delta) - delta - 1.0
-    nll = masked_mean(-logp, m)
-    kl_mean = masked_mean(kl, m)
-    return nll + kl_coef * kl_mean, {"nll": nll.item(), "kl": kl_mean.item(), "num_tokens": int(m.sum().item())}
+    nll = masked_mean(nll_terms(logp), m)
+    kl_mean = masked_mean(kl_terms(logp, logp_ref), m)
+    metrics = _floats({"nll": nll.detach(), "kl": kl_mean.detach(), "num_tokens": m.sum()})
+    return nll + kl_coef * kl_mean, metrics

@@ -17,7 +17,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-__all__ = ["CausalLM", "DataError", "token_logprobs", "char_tokenizer", "resolve_device", "resolve_dtype"]
+__all__ = ["CausalLM", "DataError", "token_logprobs", "fused_head_loss",
+           "char_tokenizer", "resolve_device", "resolve_dtype"]
 
 CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -145,13 +146,119 @@ def token_logprobs(model, input_ids, attention_mask, with_entropy: bool = False,
     return logp, torch.cat([zero, torch.cat(ents, 1).masked_fill(~keep, 0.0)], 1)
 
 
+def _fused_chunk_stats(logits, targets, with_entropy: bool):
+    """log Z, log pi(target) and (no grad) the entropy of one chunk's float32 logits."""
+    logz = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz
+    entropy = None
+    if with_entropy:  # H = log Z - sum_v p_v * logit_v
+        entropy = logz - (torch.exp(logits - logz.unsqueeze(-1)) * logits).sum(-1)
+    return logz, logp, entropy
+
+
+def _fused_chunk_grad(logits, logz, targets, coef):
+    """dL/dlogits of one chunk, given coef = dL/dlogp per token: since d log p_y / d logits =
+    onehot(y) - softmax(logits), dL/dlogits = coef * (onehot(y) - p)."""
+    grad = -coef.unsqueeze(-1) * torch.exp(logits - logz.unsqueeze(-1))
+    return grad.scatter_add(-1, targets.unsqueeze(-1), coef.unsqueeze(-1))
+
+
+@functools.cache
+def _compiled_fused(backend: str):
+    return (torch.compile(_fused_chunk_stats, backend=backend, dynamic=True),
+            torch.compile(_fused_chunk_grad, backend=backend, dynamic=True))
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """The token-mean loss of per-token terms of log pi, through the output head, chunk by chunk.
+
+    Like Liger's fused linear cross-entropy, each chunk's gradient is computed in the forward pass
+    while the chunk's logits exist (one vocabulary matmul forward, two for the gradients: no
+    recomputation, and never more than one chunk of logits alive). Backward only scales the stored
+    gradients. Works for any loss whose terms are per-token functions of log pi (SFT, PSFT, DFT,
+    SFT+KL): ``terms(logp_chunk, cols)`` returns the chunk's per-token terms, ``cols`` the slice of
+    target positions it covers.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, mask, terms, step, with_entropy, backend):
+        stats_fn, grad_fn = _compiled_fused(backend) if backend else (_fused_chunk_stats,
+                                                                      _fused_chunk_grad)
+        n_tokens = mask.sum()
+        grad_hidden = torch.zeros_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        loss = hidden.new_zeros((), dtype=torch.float32)
+        logps, ents = [], []
+        for s in range(0, targets.shape[1], step):
+            cols = slice(s, s + step)
+            h, y = hidden[:, cols], targets[:, cols]
+            logits = (h @ weight.t()).float()
+            logz, logp, entropy = stats_fn(logits, y, with_entropy)
+            with torch.enable_grad():  # dL/dlogp of this chunk's tokens: elementwise, cheap
+                lp = logp.detach().requires_grad_()
+                chunk_loss = (terms(lp, cols) * mask[:, cols]).sum() / n_tokens
+                (coef,) = torch.autograd.grad(chunk_loss, lp)
+            grad_logits = grad_fn(logits, logz, y, coef).to(hidden.dtype)
+            grad_hidden[:, cols] = grad_logits @ weight
+            grad_weight += (grad_logits.flatten(0, 1).t() @ h.flatten(0, 1)).float()
+            loss += chunk_loss.detach()
+            logps.append(logp)
+            ents.append(entropy)
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        logp = torch.cat(logps, 1)
+        entropy = torch.cat(ents, 1) if with_entropy else torch.zeros_like(logp)
+        ctx.mark_non_differentiable(logp, entropy)
+        return loss, logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_logp, _grad_entropy):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None, None, None, None
+
+
+def fused_head_loss(model, input_ids, attention_mask, loss_mask, terms, with_entropy: bool = False,
+                    chunk_elements: int | None = None):
+    """``(loss, logp, entropy)`` with ``loss = sum_t mask_t * terms(logp)_t / sum_t mask_t`` and its
+    gradient computed while each chunk's logits exist (see ``_FusedHeadLoss``).
+
+    ``logp`` and ``entropy`` are what ``token_logprobs`` returns (no gradient); ``terms(logp_chunk,
+    cols)`` gives the per-token loss terms of the target positions ``cols`` (position t + 1 of
+    ``input_ids``). For models whose output head is not a plain linear map (soft-capped or scaled
+    logits) it falls back to ``token_logprobs`` and ordinary autograd.
+    """
+    hidden, head = _hidden_and_head(model, input_ids, attention_mask)
+    mask = loss_mask[:, 1:].to(torch.float32)
+    if isinstance(head, torch.nn.Identity) or head.bias is not None:
+        logp, entropy = token_logprobs(model, input_ids, attention_mask, with_entropy, chunk_elements)
+        loss = (terms(logp[:, 1:], slice(None)) * mask).sum() / mask.sum()
+        return loss, logp.detach(), entropy
+    if chunk_elements is None:
+        chunk_elements = CHUNK_ELEMENTS_GPU if hidden.is_cuda else CHUNK_ELEMENTS
+    hidden, targets = hidden[:, :-1], input_ids[:, 1:]
+    step = max(1, chunk_elements // max(1, targets.shape[0] * head.out_features))
+    backend = getattr(model, "_minipsft_compile", None)
+    loss, logp, entropy = _FusedHeadLoss.apply(hidden, head.weight, targets, mask, terms, step,
+                                               with_entropy, backend)
+    keep = attention_mask[:, 1:].bool()
+    zero = logp.new_zeros(logp.shape[0], 1)
+    logp = torch.cat([zero, logp.masked_fill(~keep, 0.0)], 1)
+    if not with_entropy:
+        return loss, logp, None
+    return loss, logp, torch.cat([zero, entropy.masked_fill(~keep, 0.0)], 1)
+
+
 class CausalLM:
     """A causal LM plus its tokenizer, on one device, with the few operations fine-tuning needs."""
 
     def __init__(self, model, tokenizer, device=None, dtype=None, gradient_checkpointing: bool = False,
-                 compile: bool | str = False, keep_logits: bool | None = None):
+                 compile: bool | str = False, keep_logits: bool | None = None,
+                 fused_head: bool | None = None):
         self.device = resolve_device(device)
         self.keep_logits = keep_logits  # see token_logprobs: None = keep when the GPU has room
+        # training steps through fused_head_loss (gradients in the forward pass, chunk by chunk):
+        # least memory, but on one H200 slower than keeping the logits when compiled
+        # (results/gpu/README.md), so off unless asked for; None = off.
+        self.fused_head = bool(fused_head)
         self.model = model.to(device=self.device, dtype=resolve_dtype(dtype, self.device))
         self.tokenizer = tokenizer
         if gradient_checkpointing:  # recompute each layer in backward: activation memory ~ one layer
@@ -174,21 +281,22 @@ class CausalLM:
     @classmethod
     def from_pretrained(cls, name_or_path, device=None, dtype=None, attn_implementation="sdpa",
                         gradient_checkpointing: bool = False, compile: bool | str = False,
-                        keep_logits: bool | None = None, **kwargs):
+                        keep_logits: bool | None = None, fused_head: bool | None = None, **kwargs):
         """Load from a hub id or a local folder written by ``save_pretrained``."""
         dev = resolve_device(device)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, dtype=resolve_dtype(dtype, dev), attn_implementation=attn_implementation, **kwargs)
-        return cls(model, tokenizer, dev, dtype, gradient_checkpointing, compile, keep_logits)
+        return cls(model, tokenizer, dev, dtype, gradient_checkpointing, compile, keep_logits,
+                   fused_head)
 
     @classmethod
     def from_config(cls, config, tokenizer, seed: int = 0, device=None, dtype=None, compile: bool | str = False,
-                    keep_logits: bool | None = None):
+                    keep_logits: bool | None = None, fused_head: bool | None = None):
         """A freshly initialised model of any transformers architecture (tiny ones for tests and the toy world)."""
         torch.manual_seed(seed)
         return cls(AutoModelForCausalLM.from_config(config), tokenizer, device, dtype, compile=compile,
-                   keep_logits=keep_logits)
+                   keep_logits=keep_logits, fused_head=fused_head)
 
     def save_pretrained(self, path):
         self.model.save_pretrained(path)
@@ -291,6 +399,12 @@ class CausalLM:
         """``token_logprobs`` of a collated batch under this model (or another one, e.g. a frozen copy)."""
         return token_logprobs(model if model is not None else self.model,
                               batch["input_ids"], batch["attention_mask"], with_entropy, keep_logits=self.keep_logits)
+
+    def fused_loss(self, batch, terms, with_entropy: bool = False):
+        """``fused_head_loss`` of a collated batch: ``(loss, logp, entropy)``, the loss the token-mean of
+        ``terms`` over the completion tokens."""
+        return fused_head_loss(self.model, batch["input_ids"], batch["attention_mask"],
+                               batch["completion_mask"], terms, with_entropy)
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,

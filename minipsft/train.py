@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .losses import dft_loss, masked_mean, psft_loss, sft_kl_loss, sft_loss
+from .losses import (dft_loss, dft_terms, kl_terms, masked_mean, nll_terms, psft_loss, sft_kl_loss,
+                     sft_loss, surrogate_terms)
 
 __all__ = ["TrainConfig", "train", "heldout_eval", "METHODS", "NonFiniteLossError"]
 
@@ -152,6 +153,22 @@ def _loss(method, cfg, logp, mask, logp_old, logp_ref):
     if method == "sft_kl":
         return sft_kl_loss(logp, logp_ref, mask, cfg.kl_coef)
     return (dft_loss if method == "dft" else sft_loss)(logp, mask)
+
+
+def _token_terms(method, cfg, logp_old, logp_ref):
+    """``terms(logp, cols)``: the per-token terms of ``method``'s loss for the target positions
+    ``cols`` (what ``model.fused_head_loss`` differentiates chunk by chunk; the token-mean of these
+    terms is ``_loss``). ``logp_old=None`` is a snapshot taken with these very weights (ratio 1)."""
+    def terms(logp, cols):
+        if method == "psft":
+            old = logp.detach() if logp_old is None else logp_old[:, 1:][:, cols]
+            return surrogate_terms(logp, old, 1.0, cfg.eps_low, cfg.eps_high)
+        if method == "sft_kl":
+            return nll_terms(logp) + cfg.kl_coef * kl_terms(logp, logp_ref[:, 1:][:, cols])
+        if method == "dft":
+            return dft_terms(logp)
+        return nll_terms(logp)
+    return terms
 
 
 def _rng_state():
@@ -316,24 +333,36 @@ def _step(lm, cfg, opt, sched, base, minibatches, old, j, step, token_hook=None)
     parts = []
     for s, micro in _micro_batches(mb, cfg):
         mask = micro["completion_mask"]
-        logp, entropy = lm.token_logprobs(micro, with_entropy=True)
         logp_base = None  # the frozen starting model: pi_ref of sft_kl, or the anchored pi_old
         if base is not None and method != "sft":
             with torch.no_grad():
                 logp_base = lm.token_logprobs(micro, model=base)[0]
-        logp_old = logp.detach() if isinstance(old[j], str) else old[j][s:s + len(mask)] if old[j] is not None else logp_base
-        loss, metrics = _loss(method, cfg, logp, mask, logp_old, logp_base)
+        snapshot_is_now = isinstance(old[j], str)  # pi_old = these weights: log pi_old = log pi
+        logp_old = old[j][s:s + len(mask)] if old[j] is not None and not snapshot_is_now else logp_base
+        if lm.fused_head:
+            terms = _token_terms(method, cfg, None if snapshot_is_now else logp_old, logp_base)
+            loss, logp, entropy = lm.fused_loss(micro, terms, with_entropy=True)
+            with torch.no_grad():  # the same loss on the same log-probs, for its diagnostics
+                metrics = _loss(method, cfg, logp, mask, logp if snapshot_is_now else logp_old,
+                                logp_base)[1]
+        else:
+            logp, entropy = lm.token_logprobs(micro, with_entropy=True)
+            loss, metrics = _loss(method, cfg, logp, mask,
+                                  logp.detach() if snapshot_is_now else logp_old, logp_base)
         if token_hook is not None and method == "psft":
-            token_hook(micro, logp.detach(), logp_old)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at step {step + 1}")
-        (loss * (mask.sum() / total_tokens)).backward()
+            token_hook(micro, logp.detach(), logp.detach() if snapshot_is_now else logp_old)
         m = mask.to(logp.dtype)
-        parts.append({**metrics, "loss": loss.item(), "nll": masked_mean(-logp.detach(), m).item(),
-                      "entropy": masked_mean(entropy, m).item(),
-                      "tokens": int(micro["attention_mask"].sum().item())})
+        stats = torch.stack([loss.detach(), masked_mean(-logp.detach(), m), masked_mean(entropy, m),
+                             micro["attention_mask"].sum().to(logp.dtype)])
+        loss_value, nll, mean_entropy, tokens = stats.tolist()  # one host sync for all four
+        if not math.isfinite(loss_value):
+            raise NonFiniteLossError(f"non-finite loss ({loss_value}) at step {step + 1}")
+        (loss * (mask.sum() / total_tokens)).backward()
+        parts.append({**metrics, "loss": loss_value, "nll": nll, "entropy": mean_entropy,
+                      "tokens": int(tokens)})
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-    if not torch.isfinite(grad_norm):
+    grad_norm = grad_norm.item()
+    if not math.isfinite(grad_norm):
         opt.zero_grad(set_to_none=True)
         raise NonFiniteLossError(f"non-finite gradient norm at step {step + 1}")
     lr = sched.get_last_lr()[0]
@@ -344,6 +373,6 @@ def _step(lm, cfg, opt, sched, base, minibatches, old, j, step, token_hook=None)
     rec.setdefault("clipfrac", 0.0)  # no clip in this loss: nothing was clipped
     for k in ("clipfrac_high", "clipfrac_low", "ratio_mean", "ratio_max", "approx_kl", "kl"):
         rec.setdefault(k, None)
-    rec.update(method=method, grad_norm=grad_norm.item(), lr=lr, pad_frac=1.0 - rec["tokens"] / mb["input_ids"].numel(),
+    rec.update(method=method, grad_norm=grad_norm, lr=lr, pad_frac=1.0 - rec["tokens"] / mb["input_ids"].numel(),
                tokens_per_s=rec["tokens"] / (time.perf_counter() - t0))
     return rec
