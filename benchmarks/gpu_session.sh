@@ -5,6 +5,7 @@
 # SFTTrainer on the same GPU. Each part has its own time limit; each log lands under $OUT.
 # Wheels for what the GPU image lacks (trl, datasets, liger-kernel, dill, multiprocess) in .whl/.
 # Run from the repository root: bash benchmarks/gpu_session.sh
+set -o pipefail  # "rc" below is python's exit status, not tee's
 export PYTHONPATH=.:benchmarks HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \

@@ -1,9 +1,9 @@
 """Tokens/s and model FLOPs utilisation of SFT and PSFT steps on a Qwen2.5-0.5B-sized model (random
 weights built from its config: no hub), side by side in one run, and the PSFT/SFT step-time ratio.
 
-    python benchmarks/gpu_throughput.py [--seq-len 1024] [--minibatch 16] [--compile]
+    python benchmarks/gpu_throughput.py [--seq-len 512] [--minibatch 8] [--compile]
         [--head keep|fused|recompute]
-    python benchmarks/gpu_throughput.py --matrix     # eager/compiled x head x 16/32 x 1024, one table
+    python benchmarks/gpu_throughput.py --matrix --seq-len 1024   # eager/compiled x head x 16/32
 
 The output head (the vocabulary projection and log-softmax, ~8% of the FLOPs with a 151,936-token
 vocabulary): "fused" computes each chunk's gradient in the forward pass (model.fused_head_loss,
@@ -66,7 +66,8 @@ def measure(args, method, seq_len, minibatch, compile, head):
     attn = 6 * config.num_hidden_layers * seq_len * config.hidden_size
     peak = args.peak_tflops * 1e12
     result = dict(step=step, tokens_per_s=tokens_per_s, mfu=6 * n_params * tokens_per_s / peak,
-                  mfu_attn=(6 * n_params + attn) * tokens_per_s / peak, warmup=stamps[k] - stamps[0],
+                  mfu_attn=(6 * n_params + attn) * tokens_per_s / peak,
+                  warmup=stamps[k] - stamps[0],
                   memory=torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
                   n_params=n_params)
     del lm, model

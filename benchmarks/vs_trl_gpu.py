@@ -49,9 +49,10 @@ def run_trl(args, liger: bool):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if cuda else None)
     clock = Clock()
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = SFTConfig(output_dir=tmp, per_device_train_batch_size=args.minibatch, num_train_epochs=1,
-                        learning_rate=1e-6, weight_decay=0.1, max_grad_norm=1.0,
-                        lr_scheduler_type="constant", bf16=cuda, use_cpu=not cuda, max_length=args.seq_len,
+        cfg = SFTConfig(output_dir=tmp, per_device_train_batch_size=args.minibatch,
+                        num_train_epochs=1, learning_rate=1e-6, weight_decay=0.1, max_grad_norm=1.0,
+                        lr_scheduler_type="constant", bf16=cuda, use_cpu=not cuda,
+                        max_length=args.seq_len,
                         completion_only_loss=True, logging_steps=10_000, save_strategy="no",
                         report_to="none", seed=0, dataloader_num_workers=0, disable_tqdm=True,
                         use_liger_kernel=liger, gradient_checkpointing=False)
@@ -75,17 +76,20 @@ def main():
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--minibatch", type=int, default=16, help="demonstrations per optimizer step")
     ap.add_argument("--steps-per-snapshot", type=int, default=8)
-    ap.add_argument("--batches", type=int, default=2, help="timed snapshots' worth of steps per run")
+    ap.add_argument("--batches", type=int, default=2,
+                    help="timed snapshots' worth of steps per run")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--layers", type=int, default=QWEN25_05B["num_hidden_layers"])
-    ap.add_argument("--device", default="cuda", help="cuda (cpu only to check that the script runs)")
+    ap.add_argument("--device", default="cuda",
+                    help="cuda (cpu only to check that the script runs)")
     args = ap.parse_args()
     import trl
     cuda = args.device == "cuda"
-    print(f"{torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, trl {trl.__version__}, "
+    device = torch.cuda.get_device_name() if cuda else "cpu"
+    print(f"{device}, torch {torch.__version__}, trl {trl.__version__}, "
           f"{args.minibatch} x {args.seq_len} tokens per step")
     rows = []
-    # minipsft first: use_liger_kernel patches transformers' Qwen2 classes for the rest of the process
+    # minipsft first: use_liger_kernel patches transformers' Qwen2 classes for the whole process
     for method in ("sft", "psft"):
         for compile in (False, True) if cuda else (False,):
             r = measure(args, method, args.seq_len, args.minibatch, compile, "keep")

@@ -1,16 +1,50 @@
-"""Command line: ``python -m minipsft train --model PATH_OR_ID --data FILE --method psft --out DIR``.
+"""Command line: ``python -m minipsft train --model ID --data FILE --method psft --out DIR``.
 
 Every ``TrainConfig`` field is a flag (``eps_high`` -> ``--eps-high``) with the field's help text.
+Errors are one line naming the thing and the fix; ``--debug`` (or ``MINIPSFT_DEBUG=1``) shows the
+traceback instead.
 """
 import argparse
 import dataclasses
 import json
+import os
 import sys
+import textwrap
 import typing
+from pathlib import Path
 
 from .data import load_rows
 from .model import CausalLM, DataError
-from .train import METHODS, NonFiniteLossError, TrainConfig, heldout_eval, train
+from .experiments import PRESETS, Preset
+from .experiments_rl import RLPreset
+from .train import (METHODS, RUN_FILES, NonFiniteLossError, TrainConfig, heldout_eval, summarize,
+                    train)
+
+
+# errors with a message a user can act on: one line, no traceback (OSError: missing files, a folder
+# that holds a run, permissions)
+EXPECTED_ERRORS = (DataError, ValueError, OSError, NonFiniteLossError)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """States a flag's default once: appended only when the flag is optional, has a default and
+    its help does not already speak of one; the description and examples keep their lines."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        no_default = (action.default is None or action.default is False or action.required
+                      or action.default == argparse.SUPPRESS or action.default == [])
+        if no_default or "default" in text or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
+def _wrap(text: str) -> str:
+    return textwrap.fill(text, 100)
+
+
+def _examples(*lines) -> str:
+    return "examples:\n" + "\n".join("  " + line for line in lines)
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -19,90 +53,164 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata["help"]
         if hints[f.name] is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+            on_off = " (default: on)" if f.default else " (default: off)"
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=help_text + on_off)
         else:
             parser.add_argument(flag, type=hints[f.name], default=f.default, help=help_text,
                                 choices=METHODS if f.name == "method" else None)
 
 
-def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+def _add_run_flags(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """The flags every experiment command shares."""
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--cache", default=None, help="base-model cache folder (default: $MINIPSFT_CACHE or ~/.cache/minipsft)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the preset's seeds")
-    parser.add_argument("--workers", type=int, default=None, help="parallel runs (processes); default: the preset's")
-    parser.add_argument("--device", default="auto", help="cpu or cuda (auto: cuda when available)")
+    parser.add_argument("--out", required=required, help="output folder (required)")
+    parser.add_argument("--cache", default=None,
+                        help="base-model cache folder "
+                             "(default: $MINIPSFT_CACHE or ~/.cache/minipsft)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="override the preset's seeds")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="parallel runs (processes); default: the preset's")
+    parser.add_argument("--device", default="auto", help="cpu or cuda; auto = cuda when available")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m minipsft", description="Proximal Supervised Fine-Tuning.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="fine-tune a causal LM with SFT, PSFT, DFT or SFT+KL",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       description="Fine-tune a Hugging Face causal LM on a JSONL/Parquet file in TRL's "
-                                   "prompt-completion or conversational format. Writes OUT/history.jsonl "
-                                   "(one line per optimizer step), OUT/evals.jsonl, OUT/checkpoint.pt and "
-                                   "OUT/final/ (save_pretrained).")
-    p.add_argument("--model", required=True, help="hub id or local folder of a causal LM and its tokenizer")
-    p.add_argument("--data", required=True, help="training data: .jsonl/.json/.parquet with prompt+completion or messages")
-    p.add_argument("--eval-data", help="held-out data in the same format: NLL and entropy on it after every epoch")
+_NOT_SETTABLE = ("base", "arms", "seeds", "starts")
+
+
+def _set_help(preset_class, where: str) -> str:
+    names = [f.name for f in dataclasses.fields(preset_class) if f.name not in _NOT_SETTABLE]
+    return ("override a preset setting (repeatable), e.g. --set lr=2e-6; fields: "
+            + ", ".join(names) + f" (each preset's values: {where})")
+
+
+def _add_train(sub, common) -> None:
+    p = sub.add_parser(
+        "train", help="fine-tune a causal LM with SFT, PSFT, DFT or SFT+KL",
+        formatter_class=HelpFormatter, parents=[common],
+        description=_wrap(
+            "Fine-tune a Hugging Face causal LM on a JSONL/Parquet file in TRL's prompt-completion "
+            "or conversational format. Writes OUT/history.jsonl (one line per optimizer step), "
+            "OUT/evals.jsonl, OUT/checkpoint.pt, OUT/final/ (save_pretrained) and, at the end, "
+            "OUT/summary.json."),
+        epilog=_examples(
+            "python -m minipsft train --model Qwen/Qwen2.5-0.5B-Instruct --data train.jsonl \\\n"
+            "      --method psft --lr 1e-6 --out runs/psft",
+            "python -m minipsft train --model runs/psft/final --data more.jsonl --method sft \\\n"
+            "      --epochs 1 --out runs/sft --overwrite"))
+    p.add_argument("--model", required=True,
+                   help="hub id or local folder of a causal LM and its tokenizer")
+    p.add_argument("--data", required=True,
+                   help="training data: .jsonl/.json/.parquet with prompt+completion or messages")
+    p.add_argument("--eval-data",
+                   help="held-out data in the same format: NLL and entropy on it after every epoch")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--max-length", type=int, default=None, help="longest sequence in tokens (default: the model's context)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
-    p.add_argument("--dtype", default="auto", help="float32, bfloat16, ... (auto: bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="longest sequence in tokens (default: the model's context)")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:1, ...; auto = cuda when available")
+    p.add_argument("--dtype", default="auto",
+                   help="float32, bfloat16, ...; auto = bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint.pt (a different --lr or --grad-clip is "
+                        "allowed, e.g. lower after a NaN stop, with a warning)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a run already in OUT (without it or --resume, such an OUT is "
+                        "refused)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in backward (less GPU memory, ~30%% more compute)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decoder layers (one graph shared by all) and the vocabulary log-softmax; "
-                        "the first steps are slower while it compiles")
+                   help="torch.compile the decoder layers (one graph shared by all) and the "
+                        "vocabulary log-softmax; the first steps are slower while it compiles")
     _add_config_flags(p)
 
-    r = sub.add_parser("reproduce", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       help="reproduce the paper's epoch-stability claims in the toy world",
-                       description="Pretrain (or load from the cache) the toy world's base model, fine-tune it with "
-                                   "PSFT, SFT (paper recipe, same schedule, PSFT's step size), SFT+KL and DFT over "
-                                   "several seeds, evaluate every epoch, and write DIR/results.json, DIR/report.md, "
-                                   "DIR/histories/ and DIR/epoch_stability.png, DIR/tradeoff.png (and "
-                                   "DIR/ablations.png).")
-    r.add_argument("--preset", choices=["smoke", "cpu", "gpu", "gsm8k"], default="cpu",
-                   help="toy world: smoke (<1 min, CI), cpu (3 seeds, ~14 min on 2 cores), gpu (larger, one GPU); "
-                        "gsm8k: a real model (--model) on GSM8K with TruthfulQA/ARC as OOD, one GPU")
-    _add_run_flags(r)
-    r.add_argument("--ablations", nargs="*", default=[], choices=["refresh", "eps", "warmup"],
-                   help="also run these PSFT ablations (refresh period; eps_high and no clip; SFT warm-up)")
-    r.add_argument("--skip-main", action="store_true", help="run only the ablations")
-    r.add_argument("--model", default=None, help="gsm8k preset: hub id or folder of the model to fine-tune")
-    r.add_argument("--data-dir", default=None, help="gsm8k preset: local files instead of the hub "
-                   "(gsm8k_train.jsonl, gsm8k_test.jsonl, truthfulqa_mc.jsonl, arc_challenge.jsonl in the hub schemas)")
-    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a preset setting, e.g. --set n_train=512 --set lr=2e-6 (see experiments.Preset)")
 
-    g = sub.add_parser("reproduce-rl", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       help="GRPO from the base model and from the SFT and PSFT checkpoints (toy world)",
-                       description="Fine-tune the toy base with PSFT, SFT (paper recipe) and SFT (PSFT's lr) as "
-                                   "'reproduce' does, keeping each run's best-ID epoch, then run the same GRPO "
-                                   "stage from the base and from each checkpoint, evaluating ID/OOD accuracy and "
-                                   "entropy along the way. Writes DIR/finetune/ (a reproduce folder), "
-                                   "DIR/results.json, DIR/report.md, DIR/histories/ and DIR/rl_after_finetuning.png.")
+def _add_reproduce(sub, common) -> None:
+    r = sub.add_parser(
+        "reproduce", formatter_class=HelpFormatter, parents=[common],
+        help="reproduce the paper's epoch-stability claims in the toy world (or on GSM8K)",
+        description=_wrap(
+            "Pretrain (or load) the toy world's base model, fine-tune it with PSFT, SFT (paper "
+            "recipe, same schedule, PSFT's step size), SFT+KL and DFT over several seeds, evaluate "
+            "every epoch, and write DIR/results.json, DIR/report.md, DIR/histories/, "
+            "DIR/epoch_stability.png, DIR/tradeoff.png (and DIR/ablations.png)."),
+        epilog=_examples("python -m minipsft reproduce --preset quick --out runs/quick",
+                         "python -m minipsft reproduce --preset cpu --out runs/toy_cpu "
+                         "--ablations refresh eps"))
+    r.add_argument("--preset", choices=list(PRESETS), default="cpu",
+                   help="toy world: quick (a first look, 75 s on 2 cores), smoke (CI, ~1 min), "
+                        "cpu (3 seeds, ~9 min on 2 cores), gpu (larger, one GPU); gsm8k: a "
+                        "real model (--model) on GSM8K with TruthfulQA/ARC as OOD, one GPU "
+                        "(default: cpu)")
+    r.add_argument("--list-presets", action="store_true",
+                   help="print every preset's settings and exit")
+    _add_run_flags(r, required=False)
+    r.add_argument("--ablations", nargs="*", default=[], choices=["refresh", "eps", "warmup"],
+                   help="also run these PSFT ablations (refresh period; eps_high and no clip; "
+                        "SFT warm-up)")
+    r.add_argument("--skip-main", action="store_true", help="run only the ablations")
+    r.add_argument("--model", default=None,
+                   help="gsm8k preset: hub id or folder of the model to fine-tune")
+    r.add_argument("--data-dir", default=None,
+                   help="gsm8k preset: local files instead of the hub (gsm8k_train.jsonl, "
+                        "gsm8k_test.jsonl, truthfulqa_mc.jsonl, arc_challenge.jsonl in the hub "
+                        "schemas)")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help=_set_help(Preset, "--list-presets"))
+
+
+def _add_reproduce_rl(sub, common) -> None:
+    g = sub.add_parser(
+        "reproduce-rl", formatter_class=HelpFormatter, parents=[common],
+        help="GRPO from the base model and from the SFT and PSFT checkpoints (toy world)",
+        description=_wrap(
+            "Fine-tune the toy base with PSFT, SFT (paper recipe) and SFT (PSFT's lr) as "
+            "'reproduce' does, keeping each run's best-ID epoch, then run the same GRPO stage from "
+            "the base and from each checkpoint, evaluating ID/OOD accuracy and entropy along the "
+            "way. Writes DIR/finetune/ (a reproduce folder), DIR/results.json, DIR/report.md, "
+            "DIR/histories/ and DIR/rl_after_finetuning.png."),
+        epilog=_examples("python -m minipsft reproduce-rl --preset smoke --out runs/rl_smoke",
+                         "python -m minipsft reproduce-rl --preset cpu --out runs/rl_cpu "
+                         "--set steps=100"))
     g.add_argument("--preset", choices=["smoke", "cpu", "gpu"], default="cpu",
-                   help="smoke (<1 min, CI), cpu (3 seeds, ~15 min on 2 cores with the base model cached, ~20 without), "
-                        "gpu (larger, one GPU)")
+                   help="smoke (<1 min, CI), cpu (3 seeds, ~15 min on 2 cores with the base model "
+                        "cached), gpu (larger, one GPU) (default: cpu)")
     _add_run_flags(g)
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override an RL setting, e.g. --set steps=100 --set lr=5e-5 (see experiments_rl.RLPreset)")
+                   help=_set_help(RLPreset, "experiments_rl.RL_PRESETS"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (also MINIPSFT_DEBUG=1)")
+    parser = argparse.ArgumentParser(
+        prog="python -m minipsft", formatter_class=HelpFormatter,
+        description=_wrap("Proximal Supervised Fine-Tuning: fine-tune a causal LM (train), "
+                          "reproduce the paper's claims in a toy world or on GSM8K (reproduce), "
+                          "RL after fine-tuning (reproduce-rl)."),
+        epilog=_examples("python -m minipsft train --help",
+                         "python -m minipsft reproduce --preset quick --out runs/quick"))
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub, common)
+    _add_reproduce(sub, common)
+    _add_reproduce_rl(sub, common)
     return parser
 
 
-def _overrides(pairs, preset_class=None) -> dict:
-    from .experiments import Preset
+def _number(value: str, kind):
+    if kind is str:
+        return value
+    return int(value) if kind in (int, int | None) else float(value)
 
+
+def _overrides(pairs, preset_class=None) -> dict:
     types = typing.get_type_hints(preset_class or Preset)
     out = {}
     for pair in pairs:
         key, _, value = pair.partition("=")
-        if key not in types or key in ("base", "arms", "seeds", "starts") or not value:
-            raise SystemExit(f"error: --set {pair!r}: use FIELD=VALUE with a number, true/false or text field of "
+        if key not in types or key in _NOT_SETTABLE or not value:
+            raise SystemExit(f"error: --set {pair!r}: use FIELD=VALUE with a number, true/false "
+                             "or text field of "
                              f"{(preset_class or Preset).__name__}")
         kind = types[key]
         if kind is bool:
@@ -110,45 +218,83 @@ def _overrides(pairs, preset_class=None) -> dict:
                 raise SystemExit(f"error: --set {pair!r}: {key} takes true or false")
             out[key] = value.lower() in ("true", "1", "yes")
         else:
-            out[key] = value if kind is str else (int(value) if kind in (int, int | None) else float(value))
+            try:
+                out[key] = _number(value, kind)
+            except ValueError:
+                raise SystemExit(f"error: --set {pair!r}: {key} takes a number") from None
     return out
 
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    if args.command == "reproduce-rl":
-        from .experiments_rl import RLPreset, reproduce_rl
+    debug = args.debug or os.environ.get("MINIPSFT_DEBUG", "").lower() in ("1", "true", "yes")
+    try:
+        run(args)
+    except EXPECTED_ERRORS as e:
+        if debug:
+            raise
+        sys.exit(f"error: {e}" + ("" if "\n" in str(e) else " (--debug shows the traceback)"))
 
-        try:
-            reproduce_rl(args.preset, args.out, cache_dir=args.cache, seeds=args.seeds, workers=args.workers,
-                         device=args.device, **_overrides(args.overrides, RLPreset))
-        except ValueError as e:
-            sys.exit(f"error: {e}")
+
+def _list_presets() -> None:
+    for name, preset in PRESETS.items():
+        values = {k: v for k, v in dataclasses.asdict(preset).items() if k != "base"}
+        base = "a given model (--model)"
+        if preset.base is not None:
+            base = dataclasses.asdict(preset.base)
+        print(f"{name}:\n  base: {base}\n  " + ", ".join(f"{k}={v}" for k, v in values.items()))
+
+
+def run(args) -> None:
+    if args.command == "reproduce-rl":
+        from .experiments_rl import reproduce_rl
+
+        reproduce_rl(args.preset, args.out, cache_dir=args.cache, seeds=args.seeds,
+                     workers=args.workers, device=args.device,
+                     **_overrides(args.overrides, RLPreset))
         return
     if args.command == "reproduce":
         from .experiments import reproduce
 
-        try:
-            reproduce(args.preset, args.out, cache_dir=args.cache, seeds=args.seeds, workers=args.workers,
-                      ablations=args.ablations, main=not args.skip_main, device=args.device, model=args.model,
-                      data_dir=args.data_dir, **_overrides(args.overrides))
-        except ValueError as e:
-            sys.exit(f"error: {e}")
+        if args.list_presets:
+            _list_presets()
+            return
+        if not args.out:
+            raise ValueError("reproduce needs --out DIR (the results folder)")
+        reproduce(args.preset, args.out, cache_dir=args.cache, seeds=args.seeds,
+                  workers=args.workers, ablations=args.ablations, main=not args.skip_main,
+                  device=args.device, model=args.model, data_dir=args.data_dir,
+                  **_overrides(args.overrides))
         return
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    try:
-        cfg.check()
-        lm = CausalLM.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                      gradient_checkpointing=args.gradient_checkpointing, compile=args.compile)
-        # every row is read, checked and encoded before the first step: bad data fails fast
-        examples = lm.encode(load_rows(args.data), max_length=args.max_length)
-        eval_fn = None
-        if args.eval_data:
-            heldout = lm.encode(load_rows(args.eval_data), max_length=args.max_length)
-            eval_fn = lambda lm: heldout_eval(lm, heldout)  # noqa: E731
-        result = train(lm, examples, cfg, out_dir=args.out, eval_fn=eval_fn, resume=args.resume)
-    except (DataError, ValueError, FileNotFoundError, NonFiniteLossError) as e:
-        sys.exit(f"error: {e}")
-    last = result["history"][-1]
-    print(json.dumps({"steps": last["step"], "loss": last["loss"], "entropy": last["entropy"],
-                      "clipfrac": last["clipfrac"], "out": args.out}))
+    cfg.check()
+    out = Path(args.out)
+    # everything that can be checked without the model first: a download can take minutes
+    holds_run = any((out / f).exists() for f in RUN_FILES)
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    if holds_run and not (args.resume or args.overwrite):
+        raise FileExistsError(f"{out} already holds a run: add --resume to continue it or "
+                              "--overwrite to replace it")
+    if args.resume and not (out / "checkpoint.pt").is_file():
+        raise FileNotFoundError(f"--resume: there is no checkpoint at {out / 'checkpoint.pt'}")
+    rows = load_rows(args.data)
+    eval_rows = load_rows(args.eval_data) if args.eval_data else None
+    lm = CausalLM.from_pretrained(args.model, device=args.device, dtype=args.dtype,
+                                  gradient_checkpointing=args.gradient_checkpointing,
+                                  compile=args.compile)
+    # every row is encoded before the first step: rows the model cannot train on fail fast
+    examples = lm.encode(rows, max_length=args.max_length)
+    eval_fn = None
+    if eval_rows:
+        heldout = lm.encode(eval_rows, max_length=args.max_length)
+        eval_fn = lambda lm: heldout_eval(lm, heldout)  # noqa: E731
+    result = train(lm, examples, cfg, out_dir=args.out, eval_fn=eval_fn, resume=args.resume,
+                   overwrite=args.overwrite)
+    summary = summarize(result["history"], cfg)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
+          f"final NLL {summary['final_nll']:.4f}, entropy {summary['final_entropy']:.4f}, "
+          f"{summary['tokens_per_s']:,.0f} tokens/s; {out / 'summary.json'}")
+    if summary["note"]:
+        print(summary["note"])

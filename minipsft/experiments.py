@@ -72,6 +72,10 @@ class Preset:
 
 
 PRESETS = {
+    # a first look (75 s on 2 cores with the shipped base): the cpu preset's base, data and lrs,
+    # one seed, the headline arms, 4 epochs, smaller evaluations
+    "quick": Preset(base=toy.BaseConfig(), n_id_eval=128, ood_per_task=16, n_samples=32, epochs=4,
+                    seeds=(0,), arms=("psft", "sft", "sft_paper")),
     "smoke": Preset(base=toy.BaseConfig(hidden=64, layers=2, pretrain_rows=6_000, pretrain_lr=5e-3),
                     n_train=64, n_id_eval=32, ood_per_task=4, n_samples=16, epochs=4, batch_size=32,
                     minibatch_size=8, lr=1e-3, sft_paper_lr=4e-3, seeds=(0,), workers=1, threads=2),
@@ -225,7 +229,10 @@ def reproduce(preset_name: str, out_dir, cache_dir=None, seeds=None, workers=Non
     torch.set_num_threads(max(1, p.threads * p.workers))
     if p.world == "toy":
         base, base_path, cached = toy.pretrained_base(p.base, cache_dir, device=device)
-        print(f"base model: {base_path} ({'loaded from cache' if cached else 'pretrained now'}, "
+        how = "pretrained now"
+        if cached:
+            how = "shipped with the package" if toy.SHIPPED_BASES in base_path.parents else "cached"
+        print(f"base model: {base_path} ({how}, "
               f"{sum(x.numel() for x in base.model.parameters()) / 1e6:.2f}M parameters)")
     elif model is None:
         raise ValueError(f"preset {preset_name!r} fine-tunes a given model: pass --model (hub id or folder)")
@@ -418,7 +425,7 @@ def report(summary: dict, records: list, grad_max: dict | None = None) -> str:
     """Markdown tables of the numbers (mean ± std over seeds), written from the records."""
     lines = [f"# Toy-world results, preset `{summary['preset']}`", "",
              f"Wall time {summary['wall_seconds'] / 60:.1f} min (base model {summary['pretrain_seconds'] / 60:.1f} min, "
-             f"{'from cache' if summary['base_loaded_from_cache'] else 'pretrained in this run'}). "
+             f"{'loaded' if summary['base_loaded_from_cache'] else 'pretrained in this run'}). "
              "Values are mean ± std over seeds.", ""]
     main = [r for r in records if r["group"] == "main"]
     if main:

@@ -44,7 +44,7 @@ def _check(logp: torch.Tensor, mask: torch.Tensor, **others: torch.Tensor) -> to
 
 
 def _floats(metrics: dict) -> dict:
-    """Tensor metrics -> plain Python numbers in one device-to-host copy (one sync, not one each)."""
+    """Tensor metrics -> Python numbers in one device-to-host copy (one sync, not one each)."""
     values = torch.stack([v.detach().float() for v in metrics.values()]).tolist()
     out = dict(zip(metrics, values))
     if "num_tokens" in out:
@@ -64,7 +64,7 @@ def _per_token(advantages, logp: torch.Tensor) -> torch.Tensor:
 # output-head path (model.fused_head_loss) takes these terms and differentiates them chunk by chunk.
 
 def surrogate_terms(logp, logp_old, advantages, eps_low: float = 0.2, eps_high: float = 0.28):
-    """``-min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)`` per token, ``r = exp(logp - logp_old)``."""
+    """``-min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)`` per token, r = exp(logp - logp_old)."""
     ratio = torch.exp(logp - logp_old.detach())
     clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
     return -torch.minimum(ratio * advantages, clipped * advantages)

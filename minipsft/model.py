@@ -11,13 +11,15 @@ Runs on CPU (float32) or GPU (bfloat16); nothing here needs a GPU to import or t
 """
 import copy
 import functools
+import os
 import warnings
+from pathlib import Path
 
 import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-__all__ = ["CausalLM", "DataError", "token_logprobs", "fused_head_loss",
+__all__ = ["CausalLM", "DataError", "ModelLoadError", "token_logprobs", "fused_head_loss",
            "char_tokenizer", "resolve_device", "resolve_dtype"]
 
 CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -38,17 +40,60 @@ class DataError(ValueError):
         return cls(f"{header}:\n  " + "\n  ".join(problems[:10]) + more)
 
 
+class ModelLoadError(ValueError):
+    """A model that cannot be loaded; the message is one line naming the model and the fix."""
+
+
+def _local_problem(name: str) -> str | None:
+    """Why ``name`` is not a loadable local model folder, or None when it is one or a hub id."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return f"model {name!r} is a file, expected a folder written by save_pretrained"
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            return (f"model folder {name!r} has no config.json: not a saved model (a training run "
+                    "saves its model in OUT/final/)")
+        return None
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+    if looks_local:
+        return f"model folder {name!r} does not exist (check the path)"
+    return None
+
+
+def _load_problem(name: str, error: Exception) -> str:
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if Path(name).expanduser().is_dir():
+        return (f"model folder {name!r} could not be loaded (tokenizer or weights missing?): "
+                f"{reason}")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return (f"model {name!r} is neither a local folder nor in the hub cache, and offline mode "
+                "is on (HF_HUB_OFFLINE=1): download it once with network, or pass a local folder")
+    return (f"model {name!r} could not be loaded from the Hugging Face hub (no network, a "
+            f"misspelt id, or a gated model): {reason}")
+
+
 def resolve_device(device=None) -> torch.device:
     if device in (None, "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r}: use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} asked for, but torch sees no CUDA GPU here "
+                         "(use --device cpu or auto)")
+    return device
 
 
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     if dtype in (None, "auto"):
         gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if gpu_bf16 else torch.float32
-    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"dtype {dtype!r}: use float32, bfloat16, float16 or auto")
+        return getattr(torch, dtype)
+    return dtype
 
 
 def char_tokenizer(alphabet: str, chat_template: str | None = None):
@@ -195,7 +240,9 @@ class _FusedHeadLoss(torch.autograd.Function):
             logits = (h @ weight.t()).float()
             logz, logp, entropy = stats_fn(logits, y, with_entropy)
             with torch.enable_grad():  # dL/dlogp of this chunk's tokens: elementwise, cheap
-                lp = logp.detach().requires_grad_()
+                # positions outside the loss get log-prob 0, as token_logprobs gives them (a
+                # padding log-prob far below 0 could overflow exp() in a KL term: 0 * inf = nan)
+                lp = logp.detach().masked_fill(mask[:, cols] == 0, 0.0).requires_grad_()
                 chunk_loss = (terms(lp, cols) * mask[:, cols]).sum() / n_tokens
                 (coef,) = torch.autograd.grad(chunk_loss, lp)
             grad_logits = grad_fn(logits, logz, y, coef).to(hidden.dtype)
@@ -229,7 +276,8 @@ def fused_head_loss(model, input_ids, attention_mask, loss_mask, terms, with_ent
     hidden, head = _hidden_and_head(model, input_ids, attention_mask)
     mask = loss_mask[:, 1:].to(torch.float32)
     if isinstance(head, torch.nn.Identity) or head.bias is not None:
-        logp, entropy = token_logprobs(model, input_ids, attention_mask, with_entropy, chunk_elements)
+        logp, entropy = token_logprobs(model, input_ids, attention_mask, with_entropy,
+                                       chunk_elements)
         loss = (terms(logp[:, 1:], slice(None)) * mask).sum() / mask.sum()
         return loss, logp.detach(), entropy
     if chunk_elements is None:
@@ -256,7 +304,7 @@ class CausalLM:
         self.device = resolve_device(device)
         self.keep_logits = keep_logits  # see token_logprobs: None = keep when the GPU has room
         # training steps through fused_head_loss (gradients in the forward pass, chunk by chunk):
-        # least memory, but on one H200 slower than keeping the logits when compiled
+        # less memory than keeping the logits, but on one H200 slower than that when compiled
         # (results/gpu/README.md), so off unless asked for; None = off.
         self.fused_head = bool(fused_head)
         self.model = model.to(device=self.device, dtype=resolve_dtype(dtype, self.device))
@@ -282,11 +330,19 @@ class CausalLM:
     def from_pretrained(cls, name_or_path, device=None, dtype=None, attn_implementation="sdpa",
                         gradient_checkpointing: bool = False, compile: bool | str = False,
                         keep_logits: bool | None = None, fused_head: bool | None = None, **kwargs):
-        """Load from a hub id or a local folder written by ``save_pretrained``."""
+        """Load from a hub id or a local folder written by ``save_pretrained``; a model that
+        cannot be loaded raises ``ModelLoadError`` with a one-line reason."""
         dev = resolve_device(device)
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype=resolve_dtype(dtype, dev), attn_implementation=attn_implementation, **kwargs)
+        problem = _local_problem(str(name_or_path))
+        if problem:
+            raise ModelLoadError(problem)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+            model = AutoModelForCausalLM.from_pretrained(
+                name_or_path, dtype=resolve_dtype(dtype, dev),
+                attn_implementation=attn_implementation, **kwargs)
+        except OSError as e:  # transformers' "not found / cannot connect" errors are OSErrors
+            raise ModelLoadError(_load_problem(str(name_or_path), e)) from e
         return cls(model, tokenizer, dev, dtype, gradient_checkpointing, compile, keep_logits,
                    fused_head)
 
@@ -401,8 +457,8 @@ class CausalLM:
                               batch["input_ids"], batch["attention_mask"], with_entropy, keep_logits=self.keep_logits)
 
     def fused_loss(self, batch, terms, with_entropy: bool = False):
-        """``fused_head_loss`` of a collated batch: ``(loss, logp, entropy)``, the loss the token-mean of
-        ``terms`` over the completion tokens."""
+        """``fused_head_loss`` of a collated batch: ``(loss, logp, entropy)``, the loss the
+        token-mean of ``terms`` over the completion tokens."""
         return fused_head_loss(self.model, batch["input_ids"], batch["attention_mask"],
                                batch["completion_mask"], terms, with_entropy)
 

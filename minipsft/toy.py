@@ -188,12 +188,20 @@ def new_model(cfg: BaseConfig, device="cpu") -> CausalLM:
     return CausalLM.from_config(config, tok, seed=cfg.pretrain_seed, device=device, dtype="float32")
 
 
-def pretrained_base(cfg: BaseConfig, cache_dir, progress: bool = True, device="cpu") -> tuple:
-    """The base model: loaded from ``cache_dir/base-<hash>`` if there, else pretrained (deterministic
-    for a given thread count) and saved there. Returns ``(CausalLM, path, loaded_from_cache)``."""
+# Bases shipped with the package (the cpu preset's, ~3.5 MB), so that a first run needs no
+# pretraining; pretrained here on 2 CPU threads by pretrained_base itself (see bases/README.md).
+SHIPPED_BASES = Path(__file__).parent / "bases"
+
+
+def pretrained_base(cfg: BaseConfig, cache_dir, progress: bool = True, device="cpu",
+                    shipped: bool = True) -> tuple:
+    """The base model: loaded from ``cache_dir/base-<hash>`` or (``shipped=True``) from the bases
+    that come with the package, else pretrained (deterministic for a given thread count) and saved
+    in ``cache_dir``. Returns ``(CausalLM, path, loaded_not_pretrained)``."""
     path = Path(cache_dir) / f"base-{cfg.key()}"
-    if (path / "config.json").exists():
-        return CausalLM.from_pretrained(path, device=device, dtype="float32"), path, True
+    for folder in (path, SHIPPED_BASES / path.name) if shipped else (path,):
+        if (folder / "config.json").exists():
+            return CausalLM.from_pretrained(folder, device=device, dtype="float32"), folder, True
     lm = new_model(cfg, device)
     examples = lm.encode(pretrain_rows(cfg.pretrain_rows, cfg.pretrain_seed))
     steps = len(examples) // cfg.pretrain_batch

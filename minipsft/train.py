@@ -15,7 +15,9 @@ import json
 import math
 import os
 import random
+import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,11 +27,17 @@ from tqdm.auto import tqdm
 from .losses import (dft_loss, dft_terms, kl_terms, masked_mean, nll_terms, psft_loss, sft_kl_loss,
                      sft_loss, surrogate_terms)
 
-__all__ = ["TrainConfig", "train", "heldout_eval", "METHODS", "NonFiniteLossError"]
+__all__ = ["TrainConfig", "train", "heldout_eval", "summarize", "METHODS", "NonFiniteLossError"]
 
 METHODS = ("sft", "psft", "dft", "sft_kl")
 # keys that may differ when resuming (they do not change the result)
 _RESUME_FREE = {"progress", "eval_every", "checkpoint_every"}
+# keys that may differ with a warning (e.g. a lower lr after a NaN stop): same data, same schedule
+# of snapshots, but no longer the uninterrupted run
+RESUME_CHANGEABLE = ("lr", "grad_clip")
+# what a run writes into its output folder (what --overwrite removes)
+RUN_FILES = ("history.jsonl", "evals.jsonl", "config.json", "checkpoint.pt", "checkpoint.tmp",
+             "summary.json", "final")
 
 
 def _f(default, help: str):
@@ -190,7 +198,7 @@ def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
 
 
 def train(lm, examples: list, cfg: TrainConfig, out_dir=None, eval_fn=None, resume: bool = False,
-          on_step=None, token_hook=None) -> dict:
+          on_step=None, token_hook=None, overwrite: bool = False) -> dict:
     """Fine-tune ``lm`` in place on encoded ``examples``; return ``{"history": [...], "evals": [...]}``.
 
     ``history`` has one record per optimizer step (``step``, ``epoch``, ``loss``, ``nll``, ``entropy``,
@@ -198,7 +206,9 @@ def train(lm, examples: list, cfg: TrainConfig, out_dir=None, eval_fn=None, resu
     one per evaluation. With ``out_dir``: ``history.jsonl``, ``evals.jsonl``, ``config.json``,
     ``checkpoint.pt`` (model, optimizer, scheduler, RNG states, data position) and ``final/``
     (``save_pretrained``). ``resume=True`` continues from ``out_dir/checkpoint.pt`` and gives the
-    same result as an uninterrupted run. ``on_step(record)`` is called after every step;
+    same result as an uninterrupted run (resuming with another ``lr`` or ``grad_clip``, e.g. lower
+    after a NaN stop, is allowed with a warning). An ``out_dir`` that already holds a run is refused
+    unless ``resume`` or ``overwrite``. ``on_step(record)`` is called after every step;
     ``token_hook(micro_batch, logp, logp_old)`` on every PSFT forward (per-token diagnostics, e.g.
     which tokens the clip stops).
     """
@@ -221,16 +231,40 @@ def train(lm, examples: list, cfg: TrainConfig, out_dir=None, eval_fn=None, resu
     history, evals = [], []
     ckpt_path = out / "checkpoint.pt" if out is not None else None
 
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: continue the run or replace it")
+    holds_run = out is not None and any((out / f).exists() for f in RUN_FILES)
+    if holds_run and not (resume or overwrite):
+        raise FileExistsError(f"{out} already holds a run: pass resume=True (--resume) to continue "
+                              "it or overwrite=True (--overwrite) to replace it")
+    if holds_run and overwrite:  # nothing of the old run may survive into the new one
+        for name in RUN_FILES:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
     if resume:
         if ckpt_path is None or not ckpt_path.is_file():
             raise FileNotFoundError(f"resume=True but there is no checkpoint at {ckpt_path}")
         ck = torch.load(ckpt_path, map_location=lm.device, weights_only=False)
         diff = {k for k in ck["config"] if ck["config"][k] != getattr(cfg, k)} - _RESUME_FREE
-        if diff:
-            raise ValueError(f"cannot resume: settings differ from the checkpoint's: {sorted(diff)}")
+        refused = sorted(diff - set(RESUME_CHANGEABLE))
+        if refused:
+            raise ValueError(f"cannot resume: settings differ from the checkpoint's: {refused} "
+                             f"(only {', '.join(RESUME_CHANGEABLE)} may change when resuming)")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
+        if diff:
+            changes = ", ".join(f"{k} {ck['config'][k]} -> {getattr(cfg, k)}" for k in sorted(diff))
+            warnings.warn(f"resuming with {changes}: the run is no longer equal to an "
+                          "uninterrupted one")
+            # the checkpoint's optimizer and scheduler would restore the old lr
+            factor = sched.lr_lambdas[0](sched.last_epoch)
+            sched.base_lrs = [cfg.lr] * len(opt.param_groups)
+            for group in opt.param_groups:
+                group["initial_lr"], group["lr"] = cfg.lr, cfg.lr * factor
         _set_rng_state(ck["rng"])
         pos, history, evals = ck["position"], ck["history"], ck["evals"]
 
@@ -309,6 +343,32 @@ def train(lm, examples: list, cfg: TrainConfig, out_dir=None, eval_fn=None, resu
     return {"history": history, "evals": evals}
 
 
+def summarize(history: list, cfg: TrainConfig) -> dict:
+    """Run-level figures of a training history: final loss and NLL, mean tokens/s and, over the
+    PSFT steps, the mean clip fraction, the steps with any clipping and the largest ratio.
+    ``note`` says in words what a reader should know (e.g. that PSFT never clipped)."""
+    psft = [r for r in history if r["method"] == "psft"]
+    clipped = [r for r in psft if r["clipfrac"] > 0]
+    last = history[-1]
+    out = {"steps": len(history), "final_loss": last["loss"], "final_nll": last["nll"],
+           "final_entropy": last["entropy"],
+           "tokens_per_s": sum(r["tokens_per_s"] for r in history) / len(history),
+           "psft_steps": len(psft), "steps_with_clipping": len(clipped),
+           "mean_clipfrac": sum(r["clipfrac"] for r in psft) / len(psft) if psft else None,
+           "max_ratio": max(r["ratio_max"] for r in psft) if psft else None, "note": ""}
+    if psft and not clipped:
+        out["note"] = (f"PSFT never clipped: the ratio never exceeded 1 + eps_high = "
+                       f"{1 + cfg.eps_high:.2f} (largest {out['max_ratio']:.4f}), so at this lr "
+                       "and data size PSFT behaved nearly as SFT (each token's gradient "
+                       "weighted by a ratio near 1); raise the lr or the steps per snapshot "
+                       "(batch_size / minibatch_size)")
+    elif psft:
+        out["note"] = (f"PSFT clipped on {len(clipped)} of {len(psft)} steps (mean clip fraction "
+                       f"{out['mean_clipfrac']:.4f}). Its loss is -mean(clipped ratio), near -1 by "
+                       "construction: watch final_nll for learning")
+    return out
+
+
 @torch.no_grad()
 def _snapshot_logprobs(lm, minibatches, old, j, cfg):
     """Freeze the current weights as pi_old for minibatch ``j`` and the batch's later ones.
@@ -338,7 +398,9 @@ def _step(lm, cfg, opt, sched, base, minibatches, old, j, step, token_hook=None)
             with torch.no_grad():
                 logp_base = lm.token_logprobs(micro, model=base)[0]
         snapshot_is_now = isinstance(old[j], str)  # pi_old = these weights: log pi_old = log pi
-        logp_old = old[j][s:s + len(mask)] if old[j] is not None and not snapshot_is_now else logp_base
+        logp_old = logp_base  # anchored pi_old (or none), unless a snapshot was taken
+        if old[j] is not None and not snapshot_is_now:
+            logp_old = old[j][s:s + len(mask)]
         if lm.fused_head:
             terms = _token_terms(method, cfg, None if snapshot_is_now else logp_old, logp_base)
             loss, logp, entropy = lm.fused_loss(micro, terms, with_entropy=True)
@@ -365,7 +427,7 @@ def _step(lm, cfg, opt, sched, base, minibatches, old, j, step, token_hook=None)
     if not math.isfinite(grad_norm):
         opt.zero_grad(set_to_none=True)
         raise NonFiniteLossError(f"non-finite gradient norm at step {step + 1}")
-    lr = sched.get_last_lr()[0]
+    lr = opt.param_groups[0]["lr"]  # what this step uses (also right after a resume at a new lr)
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
@@ -373,6 +435,7 @@ def _step(lm, cfg, opt, sched, base, minibatches, old, j, step, token_hook=None)
     rec.setdefault("clipfrac", 0.0)  # no clip in this loss: nothing was clipped
     for k in ("clipfrac_high", "clipfrac_low", "ratio_mean", "ratio_max", "approx_kl", "kl"):
         rec.setdefault(k, None)
-    rec.update(method=method, grad_norm=grad_norm, lr=lr, pad_frac=1.0 - rec["tokens"] / mb["input_ids"].numel(),
+    rec.update(method=method, grad_norm=grad_norm, lr=lr,
+               pad_frac=1.0 - rec["tokens"] / mb["input_ids"].numel(),
                tokens_per_s=rec["tokens"] / (time.perf_counter() - t0))
     return rec

@@ -90,3 +90,92 @@ def test_reproduce_set_parses_each_field_by_its_type():
                          ("seeds=1", "FIELD=VALUE")]:
         with pytest.raises(SystemExit, match=message):
             _overrides([bad])
+
+
+def _error(argv, capsys=None) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code not in (0, None)
+    return str(e.value.code)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"prompt": "1+1=", "completion": "2"}\n{"prompt": "1+2=", "completion": "3"\n',
+     "line 2: not valid JSON"),
+    ("", "the file is empty"),
+    ('{"prompt": "1+1=", "completion": "2"}\n\n{"prompt": "1+2=", "completion": "3"}\n',
+     "line 2 is blank"),
+    ('{"prompt": "1+1=", "completion": 2}\n',
+     "row 1: field 'completion' is int (2), expected a string"),
+    ('["1+1=", "2"]\n', "line 1: expected a JSON object, found list"),
+])
+def test_bad_jsonl_is_one_line_naming_the_line(saved_model_dir, tmp_path, text, message):
+    data = tmp_path / "d.jsonl"
+    data.write_text(text)
+    error = _error(["train", "--model", str(saved_model_dir), "--data", str(data),
+                    "--out", str(tmp_path / "o")])
+    assert message in error and str(data) in error and "Traceback" not in error
+
+
+def test_a_model_that_cannot_be_loaded_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = _jsonl(tmp_path / "d.jsonl", [GOOD])
+    (tmp_path / "empty").mkdir()
+    for model, message in [(str(tmp_path / "missing"), "does not exist"),
+                           (str(tmp_path / "empty"), "has no config.json"),
+                           ("someone/not-a-real-model-xyz", "offline mode is on (HF_HUB_OFFLINE")]:
+        error = _error(["train", "--model", model, "--data", str(data),
+                        "--out", str(tmp_path / "o")])
+        assert message in error and model in error and "\n" not in error
+
+
+def test_debug_shows_the_traceback(saved_model_dir, tmp_path):
+    from minipsft.model import DataError, ModelLoadError
+
+    data = _jsonl(tmp_path / "d.jsonl", [GOOD])
+    with pytest.raises(ModelLoadError):  # the exception itself, not a one-line exit
+        main(["train", "--model", str(tmp_path / "missing"), "--data", str(data), "--out",
+              str(tmp_path / "o"), "--debug"])
+    with pytest.raises(DataError):  # the data are read (and refused) before the model loads
+        main(["train", "--model", str(saved_model_dir), "--data", str(tmp_path / "none.jsonl"),
+              "--out", str(tmp_path / "o"), "--debug"])
+
+
+def test_bad_device_dtype_and_resume_without_checkpoint_are_one_line(saved_model_dir, tmp_path):
+    data = str(_jsonl(tmp_path / "d.jsonl", [GOOD]))
+    base = ["train", "--model", str(saved_model_dir), "--data", data, "--out", str(tmp_path / "o")]
+    assert "dtype 'bogus': use float32" in _error(base + ["--dtype", "bogus"])
+    assert "device 'gpu': use cpu, cuda" in _error(base + ["--device", "gpu"])
+    assert "no checkpoint at" in _error(base + ["--resume"])
+    assert "exclude each other" in _error(base + ["--resume", "--overwrite"])
+
+
+def test_out_holding_a_run_is_refused_unless_resume_or_overwrite(saved_model_dir, tmp_path, capsys):
+    data = _jsonl(tmp_path / "d.jsonl", addition_rows(8))
+    argv = ["train", "--model", str(saved_model_dir), "--data", str(data),
+            "--out", str(tmp_path / "o"), "--epochs", "1", "--batch-size", "4",
+            "--minibatch-size", "2", "--no-progress"]
+    main(argv)
+    assert "already holds a run: add --resume to continue it or --overwrite" in _error(argv)
+    main(argv + ["--overwrite", "--lr", "1e-9"])
+    out = capsys.readouterr().out
+    assert "PSFT never clipped" in out and "raise the lr" in out
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["steps_with_clipping"] == 0 and summary["psft_steps"] == 4
+
+
+def test_help_states_defaults_once_and_ends_with_examples(capsys):
+    for command in ("train", "reproduce", "reproduce-rl"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "(default: None)" not in text and "(default: [])" not in text
+        assert "examples: python -m minipsft " + command in text
+    with pytest.raises(SystemExit):
+        main(["reproduce", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "fields: n_train, n_id_eval" in text and "--list-presets" in text
+    assert text.count("(default: 0.1)") == 0  # no train flags here
+    main(["reproduce", "--list-presets"])
+    listing = capsys.readouterr().out
+    assert "quick:" in listing and "cpu:" in listing and "lr=0.0001" in listing

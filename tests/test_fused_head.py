@@ -45,19 +45,29 @@ def test_fused_head_loss_equals_autograd_through_the_logits(method, chunk):
         assert metrics["clipfrac"] > 0  # the clip acted, so its zero gradients were compared too
 
 
-def test_training_through_the_fused_head_equals_the_default_path():
-    rows = addition_rows(16)
+@pytest.mark.parametrize("method, settings", [
+    ("psft", {}),
+    ("psft", {"micro_batch_size": 1}),  # gradient accumulation over micro-batches
+    ("psft", {"refresh_pi_old": False}),  # pi_old anchored to the starting model
+    ("sft_kl", {"micro_batch_size": 3}),
+    ("dft", {}),
+])
+def test_training_through_the_fused_head_equals_the_default_path(method, settings):
+    # prompts of very different lengths: much padding, where log-probs must stay masked
+    rows = [{"prompt": "1+" * (i % 5 + 1) + "1=", "completion": str(i % 5 + 2)} for i in range(16)]
     runs = []
     for fused in (False, True):
         base = tiny_lm()
         lm = CausalLM(base.model, base.tokenizer, device="cpu", fused_head=fused)
-        cfg = TrainConfig(method="psft", epochs=2, lr=3e-2, batch_size=8, minibatch_size=2,
-                          progress=False)
+        cfg = TrainConfig(method=method, epochs=2, lr=3e-2, batch_size=8, minibatch_size=4,
+                          progress=False, **settings)
         runs.append((lm, train(lm, lm.encode(rows), cfg)["history"]))
     (a, hist_a), (b, hist_b) = runs
-    assert max(r["clipfrac"] for r in hist_b) > 0
+    if method == "psft":
+        assert max(r["clipfrac"] for r in hist_b) > 0
     for ra, rb in zip(hist_a, hist_b):
-        for key in ("loss", "nll", "entropy", "clipfrac", "ratio_max"):
+        for key in ("loss", "nll", "entropy", "clipfrac", "ratio_max", "kl"):
             assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-5), key
+    # float32 sums in another order, then Adam at lr 3e-2 for 8 steps: close, not equal
     for pa, pb in zip(a.model.parameters(), b.model.parameters()):
-        torch.testing.assert_close(pa, pb, atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(pa, pb, atol=1e-3, rtol=1e-2)

@@ -92,20 +92,22 @@ def test_fused_head_matches_the_chunked_path_on_gpu(method, compile):
     from minipsft.model import fused_head_loss
     from minipsft.train import _loss, _token_terms
 
-    lm = CausalLM(tiny_lm().model, tiny_lm().tokenizer, device="cuda", compile=compile, fused_head=True)
+    lm = CausalLM(tiny_lm().model, tiny_lm().tokenizer, device="cuda", compile=compile,
+                  fused_head=True)
     batch = lm.collate(lm.encode(addition_rows(16)))
     ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
     cfg = TrainConfig(method=method, eps_high=0.05)
     with torch.no_grad():
-        old = (token_logprobs(lm.model, ids, attn)[0] - 0.2 * torch.rand(ids.shape, device="cuda")) * attn
+        noise = 0.2 * torch.rand(ids.shape, device="cuda")
+        old = (token_logprobs(lm.model, ids, attn)[0] - noise) * attn
     chunk = 16 * 3 * len(lm.tokenizer)  # three positions per chunk: several chunks
     logp, ent = token_logprobs(lm.model, ids, attn, with_entropy=True, chunk_elements=chunk)
     loss, _ = _loss(method, cfg, logp, mask, old, None)
     loss.backward()
     expected = [p.grad.float().clone() for p in lm.model.parameters()]
     lm.model.zero_grad()
-    f_loss, f_logp, f_ent = fused_head_loss(lm.model, ids, attn, mask, _token_terms(method, cfg, old, None),
-                                            True, chunk)
+    terms = _token_terms(method, cfg, old, None)
+    f_loss, f_logp, f_ent = fused_head_loss(lm.model, ids, attn, mask, terms, True, chunk)
     f_loss.backward()
     torch.testing.assert_close(f_loss, loss.detach(), atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(f_logp, logp.detach(), atol=2e-2, rtol=2e-2)

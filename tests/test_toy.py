@@ -4,6 +4,7 @@ import json
 import random
 import subprocess
 import sys
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -122,3 +123,19 @@ def test_reproduce_smoke_writes_results_and_figures(tmp_path):
         assert (out / name).stat().st_size > 20_000
     assert len(list((out / "histories").glob("*.jsonl"))) == 6
     assert "| psft |" in (out / "report.md").read_text()
+
+
+def test_the_cpu_base_ships_with_the_package_and_is_used_before_pretraining(tmp_path):
+    cfg = toy.BaseConfig()
+    lm, path, loaded = toy.pretrained_base(cfg, tmp_path / "empty_cache", progress=False)
+    assert loaded and path == toy.SHIPPED_BASES / f"base-{cfg.key()}"
+    assert json.loads((path / "base_config.json").read_text()) == asdict(cfg)
+    assert sum(p.numel() for p in lm.model.parameters()) > 800_000
+    assert not (tmp_path / "empty_cache").exists()  # nothing was pretrained or written
+
+
+def test_the_quick_preset_is_the_cpu_world_smaller():
+    quick, cpu = PRESETS["quick"], PRESETS["cpu"]
+    assert quick.base == cpu.base and quick.n_train == cpu.n_train
+    assert (quick.lr, quick.sft_paper_lr) == (cpu.lr, cpu.sft_paper_lr)
+    assert set(quick.arms) == {"psft", "sft", "sft_paper"} and quick.epochs < cpu.epochs

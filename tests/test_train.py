@@ -97,12 +97,57 @@ def test_resume_after_interruption_equals_uninterrupted_run(examples, tmp_path):
     assert [json.loads(x)["step"] for x in lines] == list(range(1, 17))
 
 
-def test_resume_refuses_changed_settings(examples, tmp_path):
+def test_resume_refuses_changed_data_or_schedule_and_a_run_in_the_folder(examples, tmp_path):
     train(tiny_lm(), examples, cfg(epochs=1), out_dir=tmp_path)
-    with pytest.raises(ValueError, match=r"settings differ.*'lr'"):
-        train(tiny_lm(), examples, cfg(epochs=1, lr=1e-3), out_dir=tmp_path, resume=True)
+    with pytest.raises(ValueError, match=r"differ.*'batch_size'.*only lr, grad_clip may change"):
+        train(tiny_lm(), examples, cfg(epochs=1, batch_size=4, minibatch_size=4), out_dir=tmp_path,
+              resume=True)
     with pytest.raises(FileNotFoundError):
         train(tiny_lm(), examples, cfg(epochs=1), out_dir=tmp_path / "none", resume=True)
+    with pytest.raises(FileExistsError, match="already holds a run.*resume.*overwrite"):
+        train(tiny_lm(), examples, cfg(epochs=1), out_dir=tmp_path)
+    def crash(rec):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # an overwriting run that stops at once keeps nothing
+        train(tiny_lm(), examples, cfg(epochs=1), out_dir=tmp_path, overwrite=True, on_step=crash)
+    assert not (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "final").exists()
+    again = train(tiny_lm(), examples, cfg(epochs=1, seed=3), out_dir=tmp_path, overwrite=True)
+    lines = (tmp_path / "history.jsonl").read_text().splitlines()
+    assert [json.loads(x)["loss"] for x in lines] == [r["loss"] for r in again["history"]]
+
+
+def test_resume_at_a_lower_lr_warns_and_trains_at_the_new_lr(examples, tmp_path):
+    from minipsft.train import _lr_lambda
+
+    def crash(rec):
+        if rec["step"] == 6:
+            raise KeyboardInterrupt
+
+    schedule = dict(epochs=2, checkpoint_every=1, lr_warmup_steps=2, lr_schedule="cosine")
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_lm(), examples, cfg(lr=1e-2, **schedule), out_dir=tmp_path, on_step=crash)
+    with pytest.warns(UserWarning, match=r"lr 0.01 -> 0.001.*no longer equal"):
+        hist = train(tiny_lm(), examples, cfg(lr=1e-3, **schedule), out_dir=tmp_path,
+                     resume=True)["history"]
+    factor = _lr_lambda(cfg(**schedule), 16)  # the schedule's factor after `step` steps
+    # steps 1-4 ran before the checkpoint (after batch 1) at the old lr, the rest at the new one
+    assert [r["lr"] for r in hist[:4]] == pytest.approx([1e-2 * factor(s) for s in range(4)])
+    assert [r["lr"] for r in hist[4:]] == pytest.approx([1e-3 * factor(s) for s in range(4, 16)])
+
+
+def test_summary_says_when_psft_never_clipped(examples):
+    from minipsft.train import summarize
+
+    quiet = cfg(epochs=1, lr=1e-7)
+    summary = summarize(train(tiny_lm(), examples, quiet)["history"], quiet)
+    assert summary["steps_with_clipping"] == 0 and summary["psft_steps"] == 8
+    assert "never clipped" in summary["note"] and "raise the lr" in summary["note"]
+    loud = cfg(epochs=1, lr=3e-2)
+    summary = summarize(train(tiny_lm(), examples, loud)["history"], loud)
+    assert 0 < summary["steps_with_clipping"] <= 8 and summary["mean_clipfrac"] > 0
+    assert "watch final_nll" in summary["note"]
+    assert {"final_loss", "final_nll", "tokens_per_s", "max_ratio"} <= set(summary)
 
 
 def test_anchored_pi_old_never_refreshes(examples):
