@@ -95,8 +95,8 @@ def _add_train(sub, common) -> None:
         epilog=_examples(
             "python -m minipsft train --model Qwen/Qwen2.5-0.5B-Instruct --data train.jsonl \\\n"
             "      --method psft --lr 1e-6 --out runs/psft",
-            "python -m minipsft train --model runs/psft/final --data more.jsonl --method sft \\\n"
-            "      --epochs 1 --out runs/sft --overwrite"))
+            "python -m minipsft train --model Qwen/Qwen2.5-1.5B-Instruct --data train.jsonl \\\n"
+            "      --method psft --lora-r 16 --lr 1e-4 --out runs/psft-lora --merge-lora"))
     p.add_argument("--model", required=True,
                    help="hub id or local folder of a causal LM and its tokenizer")
     p.add_argument("--data", required=True,
@@ -104,6 +104,9 @@ def _add_train(sub, common) -> None:
     p.add_argument("--eval-data",
                    help="held-out data in the same format: NLL and entropy on it after every epoch")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--all-assistant-turns", action="store_true",
+                   help="conversations: train on every assistant message (TRL's "
+                        "assistant_only_loss), not only the last")
     p.add_argument("--max-length", type=int, default=None,
                    help="longest sequence in tokens (default: the model's context)")
     p.add_argument("--device", default="auto",
@@ -121,6 +124,17 @@ def _add_train(sub, common) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decoder layers (one graph shared by all) and the "
                         "vocabulary log-softmax; the first steps are slower while it compiles")
+    lora = p.add_argument_group("LoRA (needs peft; pi_old stays stored log-probs, no model copy)")
+    lora.add_argument("--lora-r", type=int, default=0,
+                      help="train a LoRA adapter of this rank instead of every weight; 0 = off")
+    lora.add_argument("--lora-alpha", type=float, default=None,
+                      help="LoRA scaling alpha (default: 2 x rank)")
+    lora.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input")
+    lora.add_argument("--lora-target-modules", nargs="+", default=["all-linear"],
+                      help="module names to adapt (default: all-linear, every linear layer but "
+                           "the output head)")
+    lora.add_argument("--merge-lora", action="store_true",
+                      help="also save OUT/merged/: the model with the adapter merged in")
     _add_config_flags(p)
 
 
@@ -283,14 +297,22 @@ def run(args) -> None:
     lm = CausalLM.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                   gradient_checkpointing=args.gradient_checkpointing,
                                   compile=args.compile)
+    if args.lora_r:
+        targets = args.lora_target_modules
+        lm.add_lora(args.lora_r, args.lora_alpha, args.lora_dropout,
+                    targets[0] if targets == ["all-linear"] else targets)
     # every row is encoded before the first step: rows the model cannot train on fail fast
-    examples = lm.encode(rows, max_length=args.max_length)
+    examples = lm.encode(rows, max_length=args.max_length,
+                         all_assistant_turns=args.all_assistant_turns)
     eval_fn = None
     if eval_rows:
-        heldout = lm.encode(eval_rows, max_length=args.max_length)
+        heldout = lm.encode(eval_rows, max_length=args.max_length,
+                            all_assistant_turns=args.all_assistant_turns)
         eval_fn = lambda lm: heldout_eval(lm, heldout)  # noqa: E731
     result = train(lm, examples, cfg, out_dir=args.out, eval_fn=eval_fn, resume=args.resume,
                    overwrite=args.overwrite)
+    if args.lora_r and args.merge_lora:
+        lm.save_merged(out / "merged")
     summary = summarize(result["history"], cfg)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "

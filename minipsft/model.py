@@ -13,13 +13,15 @@ import copy
 import functools
 import os
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-__all__ = ["CausalLM", "DataError", "ModelLoadError", "token_logprobs", "fused_head_loss",
+__all__ = ["CausalLM", "DataError", "ModelLoadError", "token_logprobs", "fused_head_loss", "fast_head",
+           "logit_scale", "ScaledHead",
            "char_tokenizer", "resolve_device", "resolve_dtype"]
 
 CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -136,15 +138,89 @@ def _compiled_chunk_logprobs(backend: str):
     return torch.compile(_chunk_logprobs, backend=backend, dynamic=True)
 
 
-def _hidden_and_head(model, input_ids, attention_mask):
-    """Final hidden states and the output head, or (logits, identity) for models whose head is not a plain linear map."""
-    cfg = model.config
+def logit_scale(config) -> float:
+    """The factor a model multiplies its output head's logits by, read from its config the way
+    TRL's trainers read it: Cohere's ``logit_scale``, ``output_multiplier``, Falcon-H1's
+    ``lm_head_multiplier``; Granite and MiniCPM3 divide by ``logits_scaling`` (HyperCLOVA X
+    multiplies). 1.0 when none is set."""
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return float(value)
+    scaling = getattr(config, "logits_scaling", None)
+    if scaling is None:
+        return 1.0
+    return float(scaling) if config.model_type == "hyperclovax" else 1.0 / float(scaling)
+
+
+class ScaledHead(torch.nn.Module):
+    """An output head as such models apply it: the linear map, times a scale, then a soft cap
+    (Gemma-2's ``final_logit_softcapping``: ``cap * tanh(logits / cap)``)."""
+
+    def __init__(self, linear: torch.nn.Linear, scale: float = 1.0, softcap: float | None = None):
+        super().__init__()
+        self.linear, self.scale, self.softcap = linear, scale, softcap
+        self.out_features = linear.out_features
+
+    def forward(self, hidden):
+        logits = self.linear(hidden)
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+# model -> its head as a function of the decoder's hidden states, or None: checked once per model
+_FAST_HEADS = weakref.WeakKeyDictionary()
+
+
+def fast_head(model):
+    """The output head that turns the decoder's last hidden states into exactly the model's own
+    logits (a plain ``nn.Linear``, or a ``ScaledHead`` for models that scale or cap logits), or
+    None when none does; then log-probs come from the model's own (full) logits.
+
+    Checked once per model on a short input against ``model(...).logits``, so an architecture
+    that does something else to its logits (a hidden-state scale, say) is caught, not trusted."""
+    if model in _FAST_HEADS:
+        return _FAST_HEADS[model]
+    head = None
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    plain_head = not getattr(cfg, "final_logit_softcapping", None) and not getattr(cfg, "logit_scale", None)
-    if decoder is not None and decoder is not model and plain_head:
-        out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return out.last_hidden_state, model.get_output_embeddings()
-    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits, torch.nn.Identity()
+    linear = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if decoder is not None and decoder is not model and isinstance(linear, torch.nn.Linear):
+        config = model.config.get_text_config()
+        scale, cap = logit_scale(config), getattr(config, "final_logit_softcapping", None)
+        head = linear if scale == 1.0 and not cap else ScaledHead(linear, scale, cap)
+        if not _same_logits(model, decoder, head):
+            head = None
+    _FAST_HEADS[model] = head
+    return head
+
+
+@torch.no_grad()
+def _same_logits(model, decoder, head) -> bool:
+    device = next(model.parameters()).device
+    ids = (torch.arange(1, 9, device=device) % head.out_features)[None]
+    attn = torch.ones_like(ids)
+    was_training = model.training
+    model.eval()
+    own = model(input_ids=ids, attention_mask=attn, use_cache=False).logits.float()
+    hidden = decoder(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
+    ours = head(hidden).float()
+    model.train(was_training)
+    return own.shape == ours.shape and bool((ours - own).abs().max() <= 1e-3 * own.abs().max())
+
+
+def _hidden_and_head(model, input_ids, attention_mask):
+    """The decoder's final hidden states and ``fast_head(model)``, or (the model's own logits,
+    identity) when no head reproduces them."""
+    head = fast_head(model)
+    if head is not None:
+        out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                  use_cache=False)
+        return out.last_hidden_state, head
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    return logits, torch.nn.Identity()
 
 
 def _logits_fit(hidden, elements: int) -> bool:
@@ -171,7 +247,7 @@ def token_logprobs(model, input_ids, attention_mask, with_entropy: bool = False,
         chunk_elements = CHUNK_ELEMENTS_GPU if hidden.is_cuda else CHUNK_ELEMENTS
     hidden, targets = hidden[:, :-1], input_ids[:, 1:]
     B, T1 = targets.shape
-    vocab = model.config.vocab_size if isinstance(head, torch.nn.Identity) else head.out_features
+    vocab = hidden.shape[-1] if isinstance(head, torch.nn.Identity) else head.out_features
     step = max(1, chunk_elements // max(1, B * vocab))
     recompute = torch.is_grad_enabled() and T1 > step and not (
         keep_logits if keep_logits is not None else _logits_fit(hidden, B * T1 * vocab))
@@ -247,7 +323,8 @@ class _FusedHeadLoss(torch.autograd.Function):
                 (coef,) = torch.autograd.grad(chunk_loss, lp)
             grad_logits = grad_fn(logits, logz, y, coef).to(hidden.dtype)
             grad_hidden[:, cols] = grad_logits @ weight
-            grad_weight += (grad_logits.flatten(0, 1).t() @ h.flatten(0, 1)).float()
+            if weight.requires_grad:  # a frozen head (LoRA) needs no weight gradient
+                grad_weight += (grad_logits.flatten(0, 1).t() @ h.flatten(0, 1)).float()
             loss += chunk_loss.detach()
             logps.append(logp)
             ents.append(entropy)
@@ -273,13 +350,14 @@ def fused_head_loss(model, input_ids, attention_mask, loss_mask, terms, with_ent
     ``input_ids``). For models whose output head is not a plain linear map (soft-capped or scaled
     logits) it falls back to ``token_logprobs`` and ordinary autograd.
     """
-    hidden, head = _hidden_and_head(model, input_ids, attention_mask)
     mask = loss_mask[:, 1:].to(torch.float32)
-    if isinstance(head, torch.nn.Identity) or head.bias is not None:
+    head = fast_head(model)
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None:  # decided before a forward
         logp, entropy = token_logprobs(model, input_ids, attention_mask, with_entropy,
                                        chunk_elements)
         loss = (terms(logp[:, 1:], slice(None)) * mask).sum() / mask.sum()
         return loss, logp.detach(), entropy
+    hidden, head = _hidden_and_head(model, input_ids, attention_mask)
     if chunk_elements is None:
         chunk_elements = CHUNK_ELEMENTS_GPU if hidden.is_cuda else CHUNK_ELEMENTS
     hidden, targets = hidden[:, :-1], input_ids[:, 1:]
@@ -358,6 +436,49 @@ class CausalLM:
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
 
+    # ---------------------------------------------------------------- LoRA
+    def add_lora(self, r: int = 16, alpha: float | None = None, dropout: float = 0.0,
+                 target_modules="all-linear"):
+        """Wrap the model with a fresh LoRA adapter (``peft``): only the adapter trains, pi_old stays
+        a set of stored log-probs, and pi_ref (SFT+KL, the anchored ablation) is the model with
+        its adapter switched off, not a copy. ``alpha`` defaults to ``2 * r``; ``target_modules``
+        is peft's (``"all-linear"``: every linear layer but the output head)."""
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise ImportError("LoRA needs peft: pip install peft (or minipsft[lora])") from None
+        config = LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=alpha or 2 * r,
+                            lora_dropout=dropout, target_modules=target_modules)
+        self.model = get_peft_model(self.model, config)
+        return self
+
+    @property
+    def is_lora(self) -> bool:
+        return hasattr(self.model, "disable_adapter")
+
+    def save_merged(self, path):
+        """Save the model with its LoRA adapter merged into the weights (plain transformers loads
+        it); the in-memory model keeps its adapter."""
+        merged = copy.deepcopy(self.model).merge_and_unload()
+        merged.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+    def frozen_logprobs(self):
+        """``batch -> log pi(target)`` under the weights as they are now, kept for later (pi_ref
+        of SFT+KL, or an anchored pi_old): the model with its LoRA adapter switched off when the
+        adapter is still at its zero start (no copy), else a frozen copy of the model."""
+        fresh_adapter = self.is_lora and all(
+            not p.any() for n, p in self.model.named_parameters() if "lora_B" in n)
+        frozen = None if fresh_adapter else self.frozen_copy()
+
+        @torch.no_grad()
+        def logprobs(batch):
+            if frozen is not None:
+                return self.token_logprobs(batch, model=frozen)[0]
+            with self.model.disable_adapter():
+                return self.token_logprobs(batch)[0]
+        return logprobs
+
     def frozen_copy(self):
         """A gradient-free copy of the current weights (pi_ref for SFT+KL, or an anchored pi_old)."""
         model = copy.deepcopy(self.model).eval()
@@ -383,37 +504,68 @@ class CausalLM:
             return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
         return self.tokenizer(self._render(prompt, True), add_special_tokens=False)["input_ids"]
 
-    def _split(self, row):
-        """(prompt ids, completion ids) of one row in TRL's formats."""
+    def _split(self, row, all_turns: bool = False):
+        """(prompt ids, completion ids, completion mask) of one row in TRL's formats. The mask is 1
+        on the tokens trained on: the completion, or with ``all_turns`` every assistant turn of a
+        conversation (TRL's ``assistant_only_loss``)."""
         tok = self.tokenizer
+        if row.get("messages") is not None and all_turns:
+            return self._split_turns(row["messages"])
         if row.get("messages") is not None:
             prompt, completion = row["messages"][:-1], row["messages"][-1:]
         else:
             prompt, completion = row["prompt"], row["completion"]
         if isinstance(prompt, str):
             ids = tok(completion, add_special_tokens=False)["input_ids"]
-            return self.prompt_ids(prompt), ids + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
+            ids = ids + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
+            return self.prompt_ids(prompt), ids, [1] * len(ids)
         head = self._render(prompt, add_generation_prompt=True)
         full = self._render(list(prompt) + list(completion), add_generation_prompt=False)
         if not full.startswith(head):
-            raise DataError("the chat template renders the conversation so that the prompt is not a prefix of it")
-        return (tok(head, add_special_tokens=False)["input_ids"],
-                tok(full[len(head):], add_special_tokens=False)["input_ids"])
+            raise DataError("the chat template renders the conversation so that the prompt is not "
+                            "a prefix of it")
+        ids = tok(full[len(head):], add_special_tokens=False)["input_ids"]
+        return tok(head, add_special_tokens=False)["input_ids"], ids, [1] * len(ids)
 
-    def encode(self, rows, max_length=None) -> list:
-        """Rows -> examples ``{"input_ids": [...], "completion_mask": [...]}`` (1 on completion tokens).
+    def _split_turns(self, messages):
+        """Every assistant turn trained on: the conversation rendered turn by turn, each piece
+        tokenised on its own (as the last-turn case), assistant pieces masked 1."""
+        tok = self.tokenizer
+        pieces, done = [], ""  # (text, is_assistant) in order; `done` = text rendered so far
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            head = self._render(messages[:i], add_generation_prompt=True)
+            upto = self._render(messages[:i + 1], add_generation_prompt=False)
+            if not (head.startswith(done) and upto.startswith(head)):
+                raise DataError(f"the chat template renders the conversation so that the text "
+                                f"before assistant turn {i} is not a prefix of it")
+            pieces += [(head[len(done):], False), (upto[len(head):], True)]
+            done = upto
+        ids, mask = [], []
+        for text, trained in pieces:
+            piece = tok(text, add_special_tokens=False)["input_ids"] if text else []
+            ids += piece
+            mask += [int(trained)] * len(piece)
+        first = mask.index(1) if 1 in mask else len(ids)
+        return ids[:first], ids[first:], mask[first:]
+
+    def encode(self, rows, max_length=None, all_assistant_turns: bool = False) -> list:
+        """Rows -> examples ``{"input_ids": [...], "completion_mask": [...]}`` (1 on trained tokens).
 
         Formats (TRL's): ``{"prompt": str, "completion": str}`` (EOS appended to the completion),
         ``{"messages": [...]}`` (the final assistant message is the completion, the rest the prompt,
-        via the chat template), or ``{"prompt": [msgs], "completion": [msgs]}``. Sequences longer than
-        ``max_length`` (default: the model's context) lose the end of their completion; a row left with
-        no completion token is never trained on: all such rows are reported in one ``DataError``.
+        via the chat template; with ``all_assistant_turns`` every assistant message is trained on,
+        as TRL's ``assistant_only_loss``), or ``{"prompt": [msgs], "completion": [msgs]}``.
+        Sequences longer than ``max_length`` (default: the model's context) lose their end; a row
+        left with no trained token is never trained on: all such rows are reported in one
+        ``DataError``.
         """
         max_length = max_length or self.max_length
         examples, problems, cut = [], [], 0
         for i, row in enumerate(rows, start=1):
             try:
-                prompt, completion = self._split(row)
+                prompt, completion, trained = self._split(row, all_assistant_turns)
             except DataError as e:
                 problems.append(f"row {i}: {e}")
                 continue
@@ -422,17 +574,18 @@ class CausalLM:
             elif not completion:
                 problems.append(f"row {i}: the completion encodes to no token")
             elif len(prompt) >= max_length:
-                problems.append(f"row {i}: completion truncated away (prompt has {len(prompt)} tokens, "
-                                f"max_length is {max_length})")
+                problems.append(f"row {i}: completion truncated away (prompt has {len(prompt)} "
+                                f"tokens, max_length is {max_length})")
             else:
                 keep = min(len(completion), max_length - len(prompt))
                 cut += keep < len(completion)
                 examples.append({"input_ids": prompt + completion[:keep],
-                                 "completion_mask": [0] * len(prompt) + [1] * keep})
+                                 "completion_mask": [0] * len(prompt) + trained[:keep]})
         if problems:
             raise DataError.listing(f"{len(problems)} row(s) cannot be trained on", problems)
         if cut:
-            warnings.warn(f"{cut} of {len(examples)} completions were shortened to max_length={max_length}")
+            warnings.warn(f"{cut} of {len(examples)} completions were shortened to "
+                          f"max_length={max_length}")
         return examples
 
     def collate(self, examples) -> dict:
@@ -463,35 +616,62 @@ class CausalLM:
                                batch["completion_mask"], terms, with_entropy)
 
     @torch.no_grad()
-    def generate(self, prompts, max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
-                 top_p: float = 1.0, batch_size: int = 64) -> list:
-        """Completions (decoded text, special tokens dropped) for a list of prompts (strings or message lists).
+    def generate(self, prompts, max_new_tokens: int = 64, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 64,
+                 top_k: int = 0) -> list:
+        """Completions (decoded text, special tokens dropped) for a list of prompts (strings or
+        message lists). Greedy (argmax) unless ``do_sample``; see ``sample_ids``.
 
         Prompts are encoded exactly as in ``encode`` and left-padded, so a completion continues the
         same token sequence the model was trained on.
         """
-        pairs = self.sample_ids(prompts, max_new_tokens, do_sample, temperature, top_p, batch_size)
+        pairs = self.sample_ids(prompts, max_new_tokens, do_sample, temperature, top_p, batch_size,
+                                top_k)
         return self.tokenizer.batch_decode([c for _, c in pairs], skip_special_tokens=True)
 
+    def _generation_config(self, max_new_tokens, do_sample, temperature, top_p, top_k):
+        """Exactly the decoding asked for: argmax, or sampling at ``temperature`` with ``top_p`` and
+        ``top_k`` (0 = no top-k); no repetition penalty or other processor from a hub model's
+        ``generation_config`` (Qwen2.5-Instruct ships top_k 20, temperature 0.7 and a penalty)."""
+        tok = self.tokenizer
+        special = dict(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                       bos_token_id=tok.bos_token_id, max_new_tokens=max_new_tokens, num_beams=1,
+                       repetition_penalty=1.0, no_repeat_ngram_size=0)
+        if not do_sample:
+            return GenerationConfig(do_sample=False, **special)
+        return GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k,
+                                **special)
+
     @torch.no_grad()
-    def sample_ids(self, prompts, max_new_tokens: int = 64, do_sample: bool = True, temperature: float = 1.0,
-                   top_p: float = 1.0, batch_size: int = 64) -> list:
-        """``(prompt_ids, completion_ids)`` per prompt: the exact tokens generated, up to and including
-        EOS (no padding), so an RL step scores what was sampled, not a re-tokenisation of its text."""
+    def sample_ids(self, prompts, max_new_tokens: int = 64, do_sample: bool = True,
+                   temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 64,
+                   top_k: int = 0) -> list:
+        """``(prompt_ids, completion_ids)`` per prompt: the exact tokens generated, up to and
+        including EOS (no padding), so an RL step scores what was sampled, not a re-tokenisation of
+        its text. Decoding follows the arguments only, never the model's ``generation_config``."""
         tok, out = self.tokenizer, []
         was_training = self.model.training
         self.model.eval()
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
-        for s in range(0, len(prompts), batch_size):
-            enc = [self.prompt_ids(p) for p in prompts[s:s + batch_size]]
-            T = max(map(len, enc))
-            ids = torch.tensor([[tok.pad_token_id] * (T - len(e)) + e for e in enc], device=self.device)
-            attn = torch.tensor([[0] * (T - len(e)) + [1] * len(e) for e in enc], device=self.device)
-            gen = self.model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens,
-                                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **sampling)
-            for e, row in zip(enc, gen[:, T:].tolist()):
-                if tok.eos_token_id in row:  # after EOS, generate fills with padding
-                    row = row[:row.index(tok.eos_token_id) + 1]
-                out.append((e, row))
+        config = self._generation_config(max_new_tokens, do_sample, temperature, top_p, top_k)
+        # generate() fills what a config leaves unset from the model's own generation_config:
+        # hand it a blank one for the call
+        hf_model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        saved, hf_model.generation_config = hf_model.generation_config, GenerationConfig()
+        try:
+            for s in range(0, len(prompts), batch_size):
+                enc = [self.prompt_ids(p) for p in prompts[s:s + batch_size]]
+                T = max(map(len, enc))
+                ids = torch.tensor([[tok.pad_token_id] * (T - len(e)) + e for e in enc],
+                                   device=self.device)
+                attn = torch.tensor([[0] * (T - len(e)) + [1] * len(e) for e in enc],
+                                    device=self.device)
+                gen = self.model.generate(input_ids=ids, attention_mask=attn,
+                                          generation_config=config)
+                for e, row in zip(enc, gen[:, T:].tolist()):
+                    if tok.eos_token_id in row:  # after EOS, generate fills with padding
+                        row = row[:row.index(tok.eos_token_id) + 1]
+                    out.append((e, row))
+        finally:
+            hf_model.generation_config = saved
         self.model.train(was_training)
         return out

@@ -114,6 +114,18 @@ def _micro_batches(mb: dict, cfg) -> list:
     return [(s, {k: v[s:s + size] for k, v in mb.items()}) for s in range(0, len(mb["input_ids"]), size)]
 
 
+def _partly_frozen(model) -> bool:
+    return not all(p.requires_grad for p in model.parameters())
+
+
+def _model_state(model) -> dict:
+    """What a checkpoint keeps of the model: every tensor, or only the trainable ones when part
+    of the model is frozen (LoRA: the adapter, not a second copy of the base)."""
+    if not _partly_frozen(model):
+        return model.state_dict()
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
 def _lr_lambda(cfg: TrainConfig, total_steps: int):
     def f(step):  # step = optimizer steps taken so far
         if step < cfg.lr_warmup_steps:
@@ -220,7 +232,7 @@ def train(lm, examples: list, cfg: TrainConfig, out_dir=None, eval_fn=None, resu
     torch.manual_seed(cfg.seed)
     # a frozen copy of the *starting* weights: pi_ref for sft_kl, or pi_old when it is never refreshed
     anchored = cfg.method == "sft_kl" or (cfg.method == "psft" and not cfg.refresh_pi_old)
-    base = lm.frozen_copy() if anchored else None
+    starting = lm.frozen_logprobs() if anchored else None
     params = [p for p in model.parameters() if p.requires_grad]
     opt = adamw(params, cfg.lr, cfg.weight_decay)
     batch_sizes = [len(b) for b in _epoch_batches(len(examples), cfg, 0)]
@@ -253,7 +265,7 @@ def train(lm, examples: list, cfg: TrainConfig, out_dir=None, eval_fn=None, resu
         if refused:
             raise ValueError(f"cannot resume: settings differ from the checkpoint's: {refused} "
                              f"(only {', '.join(RESUME_CHANGEABLE)} may change when resuming)")
-        model.load_state_dict(ck["model"])
+        model.load_state_dict(ck["model"], strict=not _partly_frozen(model))
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         if diff:
@@ -287,7 +299,7 @@ def train(lm, examples: list, cfg: TrainConfig, out_dir=None, eval_fn=None, resu
     def save_checkpoint():
         if ckpt_path is not None:
             tmp = ckpt_path.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            torch.save({"model": _model_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                         "rng": _rng_state(), "position": dict(pos), "history": history, "evals": evals,
                         "config": asdict(cfg)}, tmp)
             os.replace(tmp, ckpt_path)  # atomic: a crash mid-save never leaves a broken checkpoint
@@ -307,7 +319,8 @@ def train(lm, examples: list, cfg: TrainConfig, out_dir=None, eval_fn=None, resu
                 # log pi_old per minibatch; filled at the batch's first PSFT step ("take the snapshot")
                 old = [None] * len(minibatches)
                 for j in range(len(minibatches)):
-                    rec = _step(lm, cfg, opt, sched, base, minibatches, old, j, pos["step"], token_hook)
+                    rec = _step(lm, cfg, opt, sched, starting, minibatches, old, j, pos["step"],
+                                token_hook)
                     pos["step"] += 1
                     rec.update(step=pos["step"], epoch=epoch + 1, epoch_frac=pos["step"] / steps_per_epoch)
                     history.append(rec)
@@ -382,7 +395,7 @@ def _snapshot_logprobs(lm, minibatches, old, j, cfg):
         old[k] = torch.cat([lm.token_logprobs(micro)[0] for _, micro in _micro_batches(minibatches[k], cfg)])
 
 
-def _step(lm, cfg, opt, sched, base, minibatches, old, j, step, token_hook=None) -> dict:
+def _step(lm, cfg, opt, sched, starting, minibatches, old, j, step, token_hook=None) -> dict:
     """One optimizer step on minibatch ``j`` of the current batch."""
     t0 = time.perf_counter()
     model, mb = lm.model, minibatches[j]
@@ -394,9 +407,8 @@ def _step(lm, cfg, opt, sched, base, minibatches, old, j, step, token_hook=None)
     for s, micro in _micro_batches(mb, cfg):
         mask = micro["completion_mask"]
         logp_base = None  # the frozen starting model: pi_ref of sft_kl, or the anchored pi_old
-        if base is not None and method != "sft":
-            with torch.no_grad():
-                logp_base = lm.token_logprobs(micro, model=base)[0]
+        if starting is not None and method != "sft":
+            logp_base = starting(micro)
         snapshot_is_now = isinstance(old[j], str)  # pi_old = these weights: log pi_old = log pi
         logp_old = logp_base  # anchored pi_old (or none), unless a snapshot was taken
         if old[j] is not None and not snapshot_is_now:

@@ -67,7 +67,10 @@ def test_training_through_the_fused_head_equals_the_default_path(method, setting
         assert max(r["clipfrac"] for r in hist_b) > 0
     for ra, rb in zip(hist_a, hist_b):
         for key in ("loss", "nll", "entropy", "clipfrac", "ratio_max", "kl"):
-            assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-5), key
+            if ra[key] is None:  # a metric this loss does not have
+                assert rb[key] is None, key
+            else:
+                assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-5), key
     # float32 sums in another order, then Adam at lr 3e-2 for 8 steps: close, not equal
     for pa, pb in zip(a.model.parameters(), b.model.parameters()):
         torch.testing.assert_close(pa, pb, atol=1e-3, rtol=1e-2)

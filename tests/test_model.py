@@ -4,7 +4,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import addition_rows, tiny_lm
-from minipsft.model import CausalLM, DataError, token_logprobs
+from minipsft.model import CausalLM, DataError, fast_head, token_logprobs
 
 
 def test_save_pretrained_reloads_with_plain_transformers(lm, tmp_path):
@@ -95,6 +95,7 @@ def test_token_logprobs_and_entropy_match_full_log_softmax(lm, chunk_elements, k
 @pytest.mark.parametrize("keep_logits,head_calls", [(False, 2 * 4), (True, 4), (None, 2 * 4)])  # None: CPU recomputes
 def test_keep_logits_decides_whether_backward_recomputes_the_vocabulary_projection(lm, keep_logits, head_calls):
     batch = lm.collate(lm.encode([{"prompt": "1+1=", "completion": "2"}, {"prompt": "10+10=", "completion": "20"}]))
+    fast_head(lm.model)  # its one-time check against the model's own logits runs the head too
     calls = []
     hook = lm.model.get_output_embeddings().register_forward_hook(lambda *_: calls.append(1))
     try:  # 8 target positions, 2 per chunk: 4 chunks, each projected once forward (and once more if recomputed)
@@ -133,3 +134,93 @@ def test_compiled_layers_give_the_same_logprobs_and_training():
     cfg = TrainConfig(method="psft", epochs=1, lr=1e-2, batch_size=8, minibatch_size=4, progress=False)
     a, b = train(eager, examples, cfg)["history"], train(compiled, examples, cfg)["history"]
     assert [round(x["loss"], 5) for x in a] == [round(x["loss"], 5) for x in b]
+
+
+@pytest.fixture(scope="module")
+def hostile_model_dir(tmp_path_factory):
+    """A tiny model saved with a generation_config that would change every decoding if followed."""
+    from transformers import GenerationConfig
+
+    path = tmp_path_factory.mktemp("hostile")
+    lm = tiny_lm(seed=3)
+    lm.model.generation_config = GenerationConfig(
+        do_sample=True, temperature=0.1, top_k=2, top_p=0.5, min_p=0.5, repetition_penalty=5.0,
+        no_repeat_ngram_size=1, suppress_tokens=list(range(6, len(lm.tokenizer))))
+    lm.save_pretrained(path)
+    return path
+
+
+def test_greedy_decoding_is_the_argmax_whatever_the_generation_config(hostile_model_dir):
+    lm = CausalLM.from_pretrained(hostile_model_dir, device="cpu")
+    assert lm.model.generation_config.repetition_penalty == 5.0  # it was saved and loaded
+    prompts = ["1+1=", "23+4=", "abc"]
+    got = lm.sample_ids(prompts, max_new_tokens=8, do_sample=False)
+    for prompt, (prompt_ids, completion) in zip(prompts, got):
+        ids = list(prompt_ids)
+        expected = []
+        for _ in range(8):  # a hand-written argmax decode
+            with torch.no_grad():
+                logits = lm.model(input_ids=torch.tensor([ids])).logits[0, -1]
+            nxt = int(logits.argmax())
+            expected.append(nxt)
+            ids.append(nxt)
+            if nxt == lm.tokenizer.eos_token_id:
+                break
+        assert completion == expected, prompt
+    assert lm.model.generation_config.repetition_penalty == 5.0  # restored after the call
+
+
+def test_sampling_follows_the_models_softmax_whatever_the_generation_config(hostile_model_dir):
+    lm = CausalLM.from_pretrained(hostile_model_dir, device="cpu")
+    torch.manual_seed(0)
+    n = 4000
+    pairs = lm.sample_ids(["1+1="] * n, max_new_tokens=1, do_sample=True, batch_size=1000)
+    counts = torch.bincount(torch.tensor([c[0] for _, c in pairs]), minlength=len(lm.tokenizer))
+    with torch.no_grad():
+        ids = torch.tensor([lm.prompt_ids("1+1=")])
+        probs = lm.model(input_ids=ids).logits[0, -1].float().softmax(-1)
+    total_variation = 0.5 * (counts / n - probs[:len(counts)]).abs().sum()
+    assert (counts > 0).sum() > 10 and total_variation < 0.1  # top_k 2 or temperature 0.1: ~0.9
+    top2 = lm.sample_ids(["1+1="] * 200, max_new_tokens=1, do_sample=True, top_k=2)
+    assert len({c[0] for _, c in top2}) <= 2  # asked-for truncation still works
+
+
+# A ChatML-like template with a default system prompt (as Qwen2.5's) and TRL's generation markers
+SYSTEM_DEFAULT_TEMPLATE = (
+    "{%- if messages[0]['role'] != 'system' %}<|im_start|>system\nbe brief<|im_end|>\n{% endif %}"
+    "{%- for m in messages %}{%- if m['role'] == 'assistant' %}<|im_start|>assistant\n"
+    "{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}\n"
+    "{%- else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CONVERSATION = {"messages": [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"},
+                             {"role": "user", "content": "2+3="}, {"role": "assistant", "content": "5"}]}
+
+
+def _trained_text(lm, example):
+    ids = [i for i, m in zip(example["input_ids"], example["completion_mask"]) if m]
+    return lm.tokenizer.decode(ids)
+
+
+def test_every_assistant_turn_or_the_last_under_a_template_with_a_default_system_prompt():
+    lm = tiny_lm(max_positions=256)
+    lm.tokenizer.chat_template = SYSTEM_DEFAULT_TEMPLATE
+    last = lm.encode([CONVERSATION])[0]
+    every = lm.encode([CONVERSATION], all_assistant_turns=True)[0]
+    assert last["input_ids"] == every["input_ids"]  # the same tokens, only the mask differs
+    assert _trained_text(lm, last) == "5<|im_end|>"
+    assert _trained_text(lm, every) == "2<|im_end|>5<|im_end|>"
+    text = lm.tokenizer.decode(every["input_ids"])
+    assert text.startswith("<|im_start|>system\nbe brief") and text.count("<|im_start|>user") == 2
+    prompt = [m for m in CONVERSATION["messages"][:1]]  # generation continues the same prefix
+    head = lm.prompt_ids(prompt)
+    assert every["input_ids"][:len(head)] == head
+
+
+def test_a_template_whose_prompt_is_not_a_prefix_is_an_error_naming_the_row():
+    lm = tiny_lm(max_positions=256)
+    # the generation prompt says "bot:" while the rendered turn says "assistant:": not a prefix
+    lm.tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}:{{ m['content'] }}\n{% endfor %}"
+                                  "{% if add_generation_prompt %}bot:{% endif %}")
+    for all_turns in (False, True):
+        with pytest.raises(DataError, match=r"row 2: the chat template .* not a prefix"):
+            lm.encode([{"prompt": "1+1=", "completion": "2"}, CONVERSATION], all_assistant_turns=all_turns)
