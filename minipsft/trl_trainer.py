@@ -13,38 +13,32 @@ logging, checkpoints, accelerate/DeepSpeed/FSDP); only the training loss changes
 normalised like TRL's own loss (summed over tokens, divided by the tokens of the whole optimizer
 step across devices), so with ``refresh_steps=1`` it is exactly TRL's ``loss_type="nll"``.
 
-**pi_old.** A frozen copy of the model, prepared with the accelerator exactly like TRL's reference
-models (DeepSpeed engine, FSDP or DDP-free eval model, so it shards like the trained model). Its
-weights are overwritten with the current ones at the first micro-batch of every optimizer step
-whose number is a multiple of ``refresh_steps`` (TRL's ``SyncRefModelCallback.sync_target_model``
-with alpha 1, which also handles ZeRO-3). ``global_step`` does not move during gradient
-accumulation, so accumulation never changes which weights count as pi_old: pi_old is always the
-weights of ``global_step % refresh_steps`` optimizer steps ago. On a refresh step the ratio is 1,
-and the current forward is reused as log pi_old (no extra forward).
+**pi_old without a copy.** As in the official recipe (and TRL's GRPOTrainer, which buffers its
+generation batches), pi_old is a set of stored log-probs, not a model. At every optimizer step whose
+number is a multiple of ``refresh_steps`` (and at the first PSFT step), the trainer fetches the
+micro-batches of the coming steps up to the next refresh (within the epoch) and scores the ones
+after the current step once with the current weights (no grad, dropout off); each step then
+compares its log-probs with those. The current step's own forward is its log pi_old (ratio 1).
+``global_step`` does not move during gradient accumulation, so accumulation never changes which
+weights count as pi_old. PEFT models (``peft_config=...``) work the same way: only the adapter trains.
 
-**Cost.** Memory: one more copy of the model weights in the training dtype (no gradients, no
-optimizer state; sharded under ZeRO-3/FSDP), e.g. +1 GB for a 0.5B model in bf16, +15 GB (split over
-the GPUs) for 7B. Time: one extra no-grad forward per micro-batch on the ``refresh_steps - 1``
-steps of each window that are not refresh steps (about a third of a step each), plus one weight
-copy per window. Measured (``benchmarks/trl_psft_overhead.py``, CPU, tiny model, 8 steps per
-snapshot): PSFTTrainer/SFTTrainer step time 1.21 (median of 3 alternating runs; 1.09-1.35 per run),
-in line with minipsft's own loop on one H200 (PSFT/SFT 1.23 eager). Not measured on GPUs.
+**Cost.** Memory: the stored log-probs ([rows, tokens] floats for ``refresh_steps`` optimizer
+steps) and the buffered micro-batches; no second set of weights. Time: one no-grad forward per
+micro-batch of the ``refresh_steps - 1`` steps of each window after its first, as before, done
+together at the refresh.
 
 Settings mapped to the official recipe (batch 256, minibatch 32, eps 0.2/0.28, lr 1e-6): make
 ``per_device_train_batch_size x gradient_accumulation_steps x num_processes = 32`` (the minibatch)
 and ``refresh_steps = 256 / 32 = 8``. Note that TRL counts ``refresh_steps`` in optimizer steps over
 the whole run, while minipsft's loop restarts its batches at each epoch: both agree when the data
-set size is a multiple of the batch. Resuming from a checkpoint refreshes pi_old at the first step
-after the resume; save checkpoints at multiples of ``refresh_steps`` for an exact resume.
+set size is a multiple of the batch (a window cut by an epoch's end refreshes at the next epoch's
+first step). Resuming from a checkpoint refreshes pi_old at the first step after the resume; save
+checkpoints at multiples of ``refresh_steps`` for an exact resume.
 """
-import copy
 from dataclasses import dataclass, field
 
 import torch
 from trl import SFTConfig, SFTTrainer
-from trl.models import prepare_deepspeed, prepare_fsdp
-from trl.trainer.callbacks import SyncRefModelCallback
-from trl.trainer.utils import add_fused_lm_head
 
 from .losses import psft_loss
 
@@ -75,28 +69,17 @@ class PSFTConfig(SFTConfig):
 
 
 class PSFTTrainer(SFTTrainer):
-    """TRL's ``SFTTrainer`` with the PSFT loss and a pi_old snapshot refreshed every ``refresh_steps``
-    optimizer steps (see the module docstring for what it costs). Logs ``clipfrac``, ``ratio_mean``,
-    ``ratio_max``, ``approx_kl`` and ``entropy`` through the Trainer's normal logging."""
+    """TRL's ``SFTTrainer`` with the PSFT loss against pi_old log-probs stored every ``refresh_steps``
+    optimizer steps (see the module docstring). Logs ``clipfrac``, ``ratio_mean``, ``ratio_max``,
+    ``approx_kl`` and ``entropy`` through the Trainer's normal logging."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, PSFTConfig):
             raise TypeError(f"PSFTTrainer needs a PSFTConfig as args, got {type(self.args).__name__}")
-        if getattr(self.model, "peft_config", None):
-            raise NotImplementedError("PSFTTrainer does not support PEFT models yet: the snapshot would have to "
-                                      "copy the adapter weights only")
-        old = copy.deepcopy(self.accelerator.unwrap_model(self.model)).eval()
-        old.requires_grad_(False)
-        add_fused_lm_head(old)  # log-probs of the labels without the [B, T, vocab] logits
-        if self.is_deepspeed_enabled:
-            old = prepare_deepspeed(old, self.accelerator)
-        elif self.is_fsdp_enabled:
-            old = prepare_fsdp(old, self.accelerator)
-        else:
-            old = self.accelerator.prepare_model(old, evaluation_mode=True)
-        self.old_model = old
-        self._snapshot_step = None  # the global_step at which pi_old was last refreshed
+        self._snapshot_step = None  # the global_step at which pi_old was last taken
+        self._window = []  # (micro-batches, num_items_in_batch) of the coming steps of this window
+        self._cut = False  # whether an epoch's end cut the last window short
         self._psft_sums = {}  # token-weighted sums of the PSFT diagnostics since the last log
 
     def log(self, logs: dict, start_time=None) -> None:
@@ -104,32 +87,60 @@ class PSFTTrainer(SFTTrainer):
             n = self._psft_sums.pop("_tokens")
             ratio_max = self._psft_sums.pop("ratio_max")
             for k, v in self._psft_sums.items():
-                self._metrics["train"][k] = [v / n]  # replaces TRL's per-micro-batch entropy/accuracy means
+                self._metrics["train"][k] = [v / n]  # replaces TRL's per-micro-batch means
             self._metrics["train"]["ratio_max"] = [ratio_max]
             self._psft_sums = {}
         super().log(logs, start_time)
 
-    def _refresh_pi_old(self):
-        SyncRefModelCallback.sync_target_model(self.accelerator.unwrap_model(self.model),
-                                               self.accelerator.unwrap_model(self.old_model), alpha=1.0)
-        self._snapshot_step = self.state.global_step
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The micro-batches of one optimizer step. At a refresh, those of the window's later steps
+        are fetched too and scored with the current weights: their log pi_old."""
+        step, args = self.state.global_step, self.args
+        if self._window:
+            return self._window.pop(0)
+        psft = self.model.training and step >= args.sft_warmup_steps
+        # a snapshot: the first PSFT step, every refresh_steps-th step, and the step after a window
+        # that an epoch's end cut short (its stored log-probs covered only that epoch's batches)
+        due = self._snapshot_step is None or step % args.refresh_steps == 0 or self._cut
+        if not (psft and due):
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._snapshot_step, self._cut = step, False
+        steps = args.refresh_steps - step % args.refresh_steps
+        window = [super().get_batch_samples(epoch_iterator, num_batches, device)]
+        for _ in range(steps - 1):
+            batches, n_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+            if not batches:  # the epoch ended inside the window
+                self._cut = True
+                break
+            window.append((self._score(batches), n_items))
+        self._window = window[1:]
+        return window[0]
+
+    @torch.no_grad()
+    def _score(self, batches: list) -> list:
+        """Each micro-batch with its log pi_old under the current weights (dropout off)."""
+        model = self.model_wrapped
+        was_training = model.training
+        model.eval()
+        scored = []
+        for batch in batches:
+            inputs = self._prepare_inputs(batch)
+            inputs["old_log_probs"] = model(**inputs, use_cache=False, fused_lm_head=True).log_probs
+            scored.append(inputs)
+        model.train(was_training)
+        return scored
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args, step = self.args, self.state.global_step
+        logp_old = inputs.pop("old_log_probs", None)
         if not model.training or step < args.sft_warmup_steps:  # eval loss and warm-up: plain NLL
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        refresh = self._snapshot_step is None or (step % args.refresh_steps == 0 and self._snapshot_step != step)
-        if refresh:
-            self._refresh_pi_old()
         inputs["use_cache"] = False
         outputs = model(**inputs, fused_lm_head=True)
         mask = outputs.label_mask
         logp = outputs.log_probs
-        if self._snapshot_step == step:  # ratio 1 on the snapshot's own step: its forward is log pi_old
+        if logp_old is None:  # the snapshot's own step: its forward is log pi_old (ratio 1)
             logp_old = logp.detach()
-        else:
-            with torch.no_grad():
-                logp_old = self.old_model(**inputs, fused_lm_head=True).log_probs
         loss, metrics = psft_loss(logp, logp_old, mask, args.eps_low, args.eps_high)
         # TRL's normalisation: token sum over the micro-batch / tokens of the whole optimizer step (all ranks)
         n_local = mask.sum()

@@ -148,3 +148,86 @@ def test_example_accelerate_configs_load(name):
     cfg = ClusterConfig.from_yaml_file(str(ROOT / "examples" / name))
     assert cfg.num_processes == 8 and str(cfg.mixed_precision) == "bf16"
     assert cfg.distributed_type.value in ("DEEPSPEED", "FSDP")
+
+
+def test_psft_trainer_trains_a_peft_model_and_clips(setup, tmp_path):
+    from peft import LoraConfig
+
+    _, examples, cfg = setup
+    lm = tiny_lm(chat=False)
+    before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    trainer = PSFTTrainer(model=lm.model, processing_class=lm.tokenizer,
+                          train_dataset=ordered_dataset(examples, cfg),
+                          peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+                          args=PSFTConfig(**trl_args(tmp_path, refresh_steps=4, learning_rate=5e-2)))
+    trainer.train()
+    logs = [r for r in trainer.state.log_history if "clipfrac" in r and "train_runtime" not in r]
+    assert max(r["clipfrac"] for r in logs) > 0
+    assert not hasattr(trainer, "old_model")  # no second model
+    def original(name):  # peft's name of a base weight -> the model's own
+        return name.replace("base_model.model.", "").replace(".base_layer", "")
+
+    moved = [n for n, p in trainer.model.named_parameters()
+             if "lora_" not in n and not torch.equal(p, before[original(n)])]
+    assert moved == []  # only the adapter trained
+
+
+def test_a_window_cut_by_the_epoch_end_takes_a_new_snapshot(setup, tmp_path):
+    """3 optimizer steps per epoch, refresh every 4: the window of step 0 ends with the epoch; the
+    next epoch's first step takes a snapshot (ratio 1) instead of comparing with nothing, and step
+    4 takes the regular one."""
+    _, examples, cfg = setup
+    lm = tiny_lm(chat=False)
+    trainer = PSFTTrainer(model=lm.model, processing_class=lm.tokenizer,
+                          train_dataset=ordered_dataset(examples[:12], cfg),
+                          args=PSFTConfig(**trl_args(tmp_path, refresh_steps=4, num_train_epochs=2)))
+    trainer.train()
+    logs = [r for r in trainer.state.log_history if "clipfrac" in r and "train_runtime" not in r]
+    assert len(logs) == 6
+    ratios = [r["ratio_mean"] for r in logs]
+    snapshots = [r == pytest.approx(1.0) for r in ratios]
+    # steps 0 (start), 3 (after the cut window), 4 (a multiple of refresh_steps) take snapshots
+    assert snapshots == [True, False, False, True, True, False]
+
+
+PEAK_RSS = """
+import resource, sys, tempfile, torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, Qwen2Config
+sys.path.insert(0, {tests!r})
+from conftest import addition_rows, tiny_lm
+from test_trl import trl_args
+from trl import SFTConfig, SFTTrainer
+from minipsft.trl_trainer import PSFTConfig, PSFTTrainer
+torch.manual_seed(0)
+tok = tiny_lm(chat=False).tokenizer
+config = Qwen2Config(vocab_size=len(tok), hidden_size=1024, intermediate_size=2048, num_hidden_layers=6,
+                     num_attention_heads=8, num_key_value_heads=2, pad_token_id=tok.pad_token_id)
+model = AutoModelForCausalLM.from_config(config)
+rows = [{{"prompt": r["prompt"], "completion": r["completion"]}} for r in addition_rows(16)]
+tmp = tempfile.mkdtemp()
+kind = sys.argv[1]
+args = trl_args(__import__("pathlib").Path(tmp), learning_rate=1e-4)
+if kind == "psft":
+    trainer = PSFTTrainer(model=model, processing_class=tok, train_dataset=Dataset.from_list(rows),
+                          args=PSFTConfig(**args, refresh_steps=4))
+else:
+    trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=Dataset.from_list(rows),
+                         args=SFTConfig(**args))
+trainer.train()
+print("PEAK_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def test_psft_trainer_peak_memory_is_within_10_percent_of_sft_trainer(tmp_path):
+    """A 70M-parameter model (280 MB of float32 weights: a copy of them would be ~+20%)."""
+    script = tmp_path / "peak.py"
+    script.write_text(PEAK_RSS.format(tests=str(ROOT / "tests")))
+    peaks = {}
+    for kind in ("sft", "psft"):
+        env = dict(os.environ, OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1")
+        proc = subprocess.run([sys.executable, str(script), kind], capture_output=True, text=True,
+                              timeout=600, env=env, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        peaks[kind] = int(proc.stdout.split("PEAK_KB")[-1])
+    assert peaks["psft"] <= 1.10 * peaks["sft"], peaks
