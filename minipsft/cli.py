@@ -13,11 +13,14 @@ import textwrap
 import typing
 from pathlib import Path
 
+import torch
+
 from .data import load_rows
+from .losses import LOSSES
 from .model import CausalLM, DataError
 from .experiments import PRESETS, Preset
 from .experiments_rl import RLPreset
-from .train import (METHODS, RUN_FILES, NonFiniteLossError, TrainConfig, heldout_eval, summarize,
+from .train import (RUN_FILES, NonFiniteLossError, TrainConfig, heldout_eval, summarize,
                     train)
 
 
@@ -58,7 +61,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                                 help=help_text + on_off)
         else:
             parser.add_argument(flag, type=hints[f.name], default=f.default, help=help_text,
-                                choices=METHODS if f.name == "method" else None)
+                                choices=tuple(LOSSES) if f.name == "method" else None)
 
 
 def _add_run_flags(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -285,6 +288,8 @@ def run(args) -> None:
     out = Path(args.out)
     # everything that can be checked without the model first: a download can take minutes
     holds_run = any((out / f).exists() for f in RUN_FILES)
+    if args.merge_lora and not args.lora_r:
+        raise ValueError("--merge-lora needs --lora-r (there is no adapter to merge)")
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
     if holds_run and not (args.resume or args.overwrite):
@@ -298,6 +303,7 @@ def run(args) -> None:
                                   gradient_checkpointing=args.gradient_checkpointing,
                                   compile=args.compile)
     if args.lora_r:
+        torch.manual_seed(cfg.seed)  # the adapter's initial weights follow --seed
         targets = args.lora_target_modules
         lm.add_lora(args.lora_r, args.lora_alpha, args.lora_dropout,
                     targets[0] if targets == ["all-linear"] else targets)

@@ -33,10 +33,12 @@ import torch
 from tqdm.auto import tqdm
 
 from . import plots, real, toy
+from .losses import LOSSES
 from .model import CausalLM
 from .train import TrainConfig, train
 
-ARMS = ("psft", "sft", "sft_kl", "dft", "sft_paper", "sft_small")
+# one arm per registered loss (losses.LOSSES, at PSFT's schedule and lr), plus two SFT controls
+ARMS = tuple(LOSSES) + ("sft_paper", "sft_small")
 ABLATIONS = ("refresh", "eps", "warmup")
 
 
@@ -105,7 +107,7 @@ def arm_config(p: Preset, arm: str, **overrides) -> TrainConfig:
     common = dict(epochs=p.epochs, batch_size=p.batch_size, minibatch_size=p.minibatch_size, lr=p.lr,
                   kl_coef=p.kl_coef, micro_batch_size=p.micro_batch_size, length_bucketing=p.length_bucketing,
                   progress=False)
-    method = {"psft": "psft", "sft_kl": "sft_kl", "dft": "dft"}.get(arm, "sft")
+    method = arm if arm in LOSSES else "sft"  # sft_paper and sft_small are SFT
     cfg = TrainConfig(method=method, **common)
     if arm == "sft_paper":
         cfg = replace(cfg, minibatch_size=p.batch_size, lr=p.sft_paper_lr)
@@ -197,7 +199,7 @@ class ClippedTokens:
 
 
 # ------------------------------------------------------------------------------------------- orchestration
-def _run_jobs(jobs: list, workers: int, desc: str, fn=run_one) -> list:
+def run_jobs(jobs: list, workers: int, desc: str, fn=run_one) -> list:
     if workers <= 1:
         return [fn(j) for j in tqdm(jobs, desc=desc)]
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
@@ -246,16 +248,16 @@ def reproduce(preset_name: str, out_dir, cache_dir=None, seeds=None, workers=Non
     if main:
         jobs = [dict(main_job, arm=arm, seed=s, config=asdict(arm_config(p, arm)), clip_analysis=(arm == "psft" and s == p.seeds[0] and p.world == "toy"))
                 for s in p.seeds for arm in p.arms if arm != "sft_small"]
-        runs += _run_jobs(jobs, p.workers, "main runs")
+        runs += run_jobs(jobs, p.workers, "main runs")
         small = []
         for s in (p.seeds if "sft_small" in p.arms else ()):
             psft, sft = (next(r for r in runs if r["job"]["arm"] == a and r["job"]["seed"] == s) for a in ("psft", "sft"))
             ratio = _drift_at_epoch1(psft) / _drift_at_epoch1(sft)
             small.append(dict(main_job, arm="sft_small", seed=s, step_ratio=ratio,
                               config=asdict(arm_config(p, "sft_small", lr=p.lr * ratio))))
-        runs += _run_jobs(small, p.workers, "sft at psft's step size")
+        runs += run_jobs(small, p.workers, "sft at psft's step size")
     for name in ablations:
-        runs += _run_jobs(ablation_jobs(p, name, job0), p.workers, f"ablation {name}")
+        runs += run_jobs(ablation_jobs(p, name, job0), p.workers, f"ablation {name}")
     wall = time.perf_counter() - t0
     return write_results(out, p, preset_name, runs, base_path, cached, wall, t_base)
 
@@ -311,7 +313,7 @@ def _mean_std(xs):
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def _fmt(xs, digits=3):
+def fmt_mean_std(xs, digits=3):
     m, s = _mean_std(xs)
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
@@ -438,8 +440,8 @@ def report(summary: dict, records: list, grad_max: dict | None = None) -> str:
             for e in range(last + 1):
                 rs = [r for r in main if r["method"] == arm and r["epoch"] == e]
                 if rs:
-                    cells = [_fmt([r.get(k) for r in rs]) for k in keys]
-                    extra = [_fmt([r["train_entropy"] for r in rs]) if e else "", _fmt([r["clipfrac"] for r in rs]) if e else ""]
+                    cells = [fmt_mean_std([r.get(k) for r in rs]) for k in keys]
+                    extra = [fmt_mean_std([r["train_entropy"] for r in rs]) if e else "", fmt_mean_std([r["clipfrac"] for r in rs]) if e else ""]
                     lines.append(f"| {arm} | {e} | " + " | ".join(cells + extra) + " |")
         m = summary["matched_id"]
         lines += ["", f"## OOD at matched ID (first epoch with id_acc >= {m['level']:.2f})", "",
@@ -448,7 +450,7 @@ def report(summary: dict, records: list, grad_max: dict | None = None) -> str:
                      if m.get("not_learning") else "") + ".", "",
                   "| arm | seeds reaching | epoch | id_acc | ood_acc |", "|---|---|---|---|---|"]
         for arm, v in m["arms"].items():
-            lines.append(f"| {arm} | {v['reached']} | {v['epoch']} | {_fmt(v['id_acc'])} | {_fmt(v['ood_acc'])} |")
+            lines.append(f"| {arm} | {v['reached']} | {v['epoch']} | {fmt_mean_std(v['id_acc'])} | {fmt_mean_std(v['ood_acc'])} |")
         if summary["sft_small_step_ratio"]:
             lines += ["", "sft_small lr = lr x (PSFT drift / SFT drift after epoch 1): ratio per seed "
                       + ", ".join(f"{k}: {v:.3f}" for k, v in summary["sft_small_step_ratio"].items())]
@@ -473,8 +475,8 @@ def report(summary: dict, records: list, grad_max: dict | None = None) -> str:
                 end = [r for r in rs if r["epoch"] == last]
                 best = [max((r for r in rs if r["seed"] == s and r["epoch"] > 0), key=lambda r: r["id_acc"])
                         for s in sorted({r["seed"] for r in rs})]
-                lines.append(f"| {group} | {setting} | {_fmt([r['id_acc'] for r in end])} | "
-                             f"{_fmt([r['ood_acc'] for r in end])} | {_fmt([r['entropy'] for r in end])} | "
-                             f"{_fmt([r['id_acc'] for r in best])} | {_fmt([r['ood_acc'] for r in best])} | "
-                             f"{_fmt([(grad_max or {}).get((group, setting, r['seed'])) for r in end], 1)} |")
+                lines.append(f"| {group} | {setting} | {fmt_mean_std([r['id_acc'] for r in end])} | "
+                             f"{fmt_mean_std([r['ood_acc'] for r in end])} | {fmt_mean_std([r['entropy'] for r in end])} | "
+                             f"{fmt_mean_std([r['id_acc'] for r in best])} | {fmt_mean_std([r['ood_acc'] for r in best])} | "
+                             f"{fmt_mean_std([(grad_max or {}).get((group, setting, r['seed'])) for r in end], 1)} |")
     return "\n".join(lines) + "\n"

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from . import plots, toy
-from .experiments import PRESETS, _fmt, _run_jobs, reproduce, same_preset
+from .experiments import PRESETS, fmt_mean_std, run_jobs, reproduce, same_preset
 from .model import CausalLM
 from .rl import GRPOConfig, grpo
 
@@ -126,7 +126,7 @@ def reproduce_rl(preset_name: str, out_dir, cache_dir=None, seeds=None, workers=
     t_ft = time.perf_counter() - t0
     jobs = base_jobs + [dict(job0, start=s, seed=seed, start_path=best[f"{s}-s{seed}"]["path"])
                         for seed in p.seeds for s in tuned]
-    runs += _run_jobs(jobs, p.workers, "grpo runs", fn=run_rl_one)
+    runs += run_jobs(jobs, p.workers, "grpo runs", fn=run_rl_one)
     runs.sort(key=lambda r: (r["seed"], STARTS.index(r["start"])))
     (out / "histories").mkdir(exist_ok=True)
     for r in runs:
@@ -214,12 +214,12 @@ def report(summary: dict, records: list, runs: list = ()) -> str:
                          [statistics.fmean(x["reward"] for x in h[-k:]) for h in hs]]
                 cells += [[statistics.fmean(x[key] for x in h) for h in hs]
                           for key in ("zero_adv_groups", "clipfrac_high", "clipfrac_low")]
-                lines.append(f"| {start} | " + " | ".join(_fmt(c, 4 if i > 2 else 3) for i, c in enumerate(cells)) + " |")
+                lines.append(f"| {start} | " + " | ".join(fmt_mean_std(c, 4 if i > 2 else 3) for i, c in enumerate(cells)) + " |")
         lines.append("")
     keys = ("reward", "id_acc", "ood_acc", "ood_format", "sample_entropy", "rollout_entropy", "ood_kl")
     lines += ["## Along RL", "", "| start | step | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     for start in STARTS:
         for step in sorted({r["step"] for r in records if r["start"] == start}):
             rs = [r for r in records if r["start"] == start and r["step"] == step]
-            lines.append(f"| {start} | {step} | " + " | ".join(_fmt([r[k] for r in rs]) for k in keys) + " |")
+            lines.append(f"| {start} | {step} | " + " | ".join(fmt_mean_std([r[k] for r in rs]) for k in keys) + " |")
     return "\n".join(lines) + "\n"

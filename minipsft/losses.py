@@ -18,9 +18,13 @@ swaps ``log pi`` for PPO's clipped importance ratio against a frozen snapshot ``
 ``clipped_surrogate`` is that one formula; ``psft_loss`` calls it with ``A = 1`` and an RL stage
 calls it with group-normalised advantages.
 """
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
-__all__ = ["clipped_surrogate", "psft_loss", "sft_loss", "dft_loss", "sft_kl_loss", "masked_mean",
+__all__ = ["Loss", "LOSSES", "clipped_surrogate", "psft_loss", "sft_loss", "dft_loss", "sft_kl_loss",
+           "masked_mean",
            "surrogate_terms", "nll_terms", "dft_terms", "kl_terms"]
 
 
@@ -159,3 +163,37 @@ def sft_kl_loss(logp, logp_ref, mask, kl_coef: float = 0.5):
     kl_mean = masked_mean(kl_terms(logp, logp_ref), m)
     metrics = _floats({"nll": nll.detach(), "kl": kl_mean.detach(), "num_tokens": m.sum()})
     return nll + kl_coef * kl_mean, metrics
+
+
+# ---------------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class Loss:
+    """A fine-tuning loss. Adding one is a function above plus an entry in ``LOSSES``: the training
+    loop, the CLI's ``--method`` choices, the experiment runner's arms and the figures follow.
+
+    ``loss(logp, mask, logp_old, logp_ref, settings)`` returns ``(loss, metrics)``;
+    ``terms(logp, logp_old, logp_ref, settings)`` the per-token terms whose token-mean it is (the
+    fused output head differentiates those). ``settings`` carries ``eps_low``, ``eps_high`` and
+    ``kl_coef`` (a ``TrainConfig``)."""
+    loss: Callable
+    terms: Callable
+    label: str  # its name in reports and figures
+    colour: str  # its colour in figures
+    snapshot: bool = False  # compares with pi_old, a snapshot of the weights refreshed per batch
+    reference: bool = False  # compares with pi_ref, the frozen starting weights
+
+
+LOSSES = {
+    "psft": Loss(lambda logp, mask, old, ref, s: psft_loss(logp, old, mask, s.eps_low, s.eps_high),
+                 lambda logp, old, ref, s: surrogate_terms(logp, old, 1.0, s.eps_low, s.eps_high),
+                 "PSFT", "tab:blue", snapshot=True),
+    "sft": Loss(lambda logp, mask, old, ref, s: sft_loss(logp, mask),
+                lambda logp, old, ref, s: nll_terms(logp),
+                "SFT (PSFT's schedule and lr)", "tab:red"),
+    "sft_kl": Loss(lambda logp, mask, old, ref, s: sft_kl_loss(logp, ref, mask, s.kl_coef),
+                   lambda logp, old, ref, s: nll_terms(logp) + s.kl_coef * kl_terms(logp, ref),
+                   "SFT+KL", "tab:green", reference=True),
+    "dft": Loss(lambda logp, mask, old, ref, s: dft_loss(logp, mask),
+                lambda logp, old, ref, s: dft_terms(logp),
+                "DFT", "tab:purple"),
+}

@@ -154,17 +154,21 @@ def logit_scale(config) -> float:
 
 
 class ScaledHead(torch.nn.Module):
-    """An output head as such models apply it: the linear map, times a scale, then a soft cap
-    (Gemma-2's ``final_logit_softcapping``: ``cap * tanh(logits / cap)``)."""
+    """An output head as such models apply it: the linear map, times a scale (divided by
+    ``1 / scale`` where the model divides, as Granite does: the same rounding in bf16), then a soft
+    cap (Gemma-2's ``final_logit_softcapping``: ``cap * tanh(logits / cap)``)."""
 
-    def __init__(self, linear: torch.nn.Linear, scale: float = 1.0, softcap: float | None = None):
+    def __init__(self, linear: torch.nn.Linear, scale: float = 1.0, softcap: float | None = None,
+                 divide: bool = False):
         super().__init__()
-        self.linear, self.scale, self.softcap = linear, scale, softcap
+        self.linear, self.scale, self.softcap, self.divide = linear, scale, softcap, divide
         self.out_features = linear.out_features
 
     def forward(self, hidden):
         logits = self.linear(hidden)
-        if self.scale != 1.0:
+        if self.scale != 1.0 and self.divide:
+            logits = logits / (1.0 / self.scale)
+        elif self.scale != 1.0:
             logits = logits * self.scale
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
@@ -190,7 +194,9 @@ def fast_head(model):
     if decoder is not None and decoder is not model and isinstance(linear, torch.nn.Linear):
         config = model.config.get_text_config()
         scale, cap = logit_scale(config), getattr(config, "final_logit_softcapping", None)
-        head = linear if scale == 1.0 and not cap else ScaledHead(linear, scale, cap)
+        divide = getattr(config, "logits_scaling", None) is not None and scale != 1.0 and (
+            config.model_type != "hyperclovax")
+        head = linear if scale == 1.0 and not cap else ScaledHead(linear, scale, cap, divide)
         if not _same_logits(model, decoder, head):
             head = None
     _FAST_HEADS[model] = head
@@ -307,7 +313,9 @@ class _FusedHeadLoss(torch.autograd.Function):
                                                                       _fused_chunk_grad)
         n_tokens = mask.sum()
         grad_hidden = torch.zeros_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_weight = None  # a frozen head (LoRA) needs no weight gradient
+        if weight.requires_grad:
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         loss = hidden.new_zeros((), dtype=torch.float32)
         logps, ents = [], []
         for s in range(0, targets.shape[1], step):
@@ -323,12 +331,14 @@ class _FusedHeadLoss(torch.autograd.Function):
                 (coef,) = torch.autograd.grad(chunk_loss, lp)
             grad_logits = grad_fn(logits, logz, y, coef).to(hidden.dtype)
             grad_hidden[:, cols] = grad_logits @ weight
-            if weight.requires_grad:  # a frozen head (LoRA) needs no weight gradient
+            if grad_weight is not None:
                 grad_weight += (grad_logits.flatten(0, 1).t() @ h.flatten(0, 1)).float()
             loss += chunk_loss.detach()
             logps.append(logp)
             ents.append(entropy)
-        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        ctx.save_for_backward(grad_hidden, grad_weight)
         logp = torch.cat(logps, 1)
         entropy = torch.cat(ents, 1) if with_entropy else torch.zeros_like(logp)
         ctx.mark_non_differentiable(logp, entropy)
@@ -337,7 +347,9 @@ class _FusedHeadLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_logp, _grad_entropy):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None, None, None, None
+        if grad_weight is not None:
+            grad_weight = grad_weight * grad_loss
+        return grad_hidden * grad_loss, grad_weight, None, None, None, None, None, None
 
 
 def fused_head_loss(model, input_ids, attention_mask, loss_mask, terms, with_entropy: bool = False,
@@ -457,11 +469,10 @@ class CausalLM:
         return hasattr(self.model, "disable_adapter")
 
     def save_merged(self, path):
-        """Save the model with its LoRA adapter merged into the weights (plain transformers loads
-        it); the in-memory model keeps its adapter."""
-        merged = copy.deepcopy(self.model).merge_and_unload()
-        merged.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
+        """Merge the LoRA adapter into the weights, in place (no second copy of the model in
+        memory; the model has no adapter afterwards), and save it (plain transformers loads it)."""
+        self.model = self.model.merge_and_unload()
+        self.save_pretrained(path)
 
     def frozen_logprobs(self):
         """``batch -> log pi(target)`` under the weights as they are now, kept for later (pi_ref
@@ -634,13 +645,29 @@ class CausalLM:
         ``top_k`` (0 = no top-k); no repetition penalty or other processor from a hub model's
         ``generation_config`` (Qwen2.5-Instruct ships top_k 20, temperature 0.7 and a penalty)."""
         tok = self.tokenizer
-        special = dict(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        special = dict(pad_token_id=tok.pad_token_id, eos_token_id=self._stop_ids(),
                        bos_token_id=tok.bos_token_id, max_new_tokens=max_new_tokens, num_beams=1,
                        repetition_penalty=1.0, no_repeat_ngram_size=0)
         if not do_sample:
             return GenerationConfig(do_sample=False, **special)
         return GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k,
                                 **special)
+
+    @property
+    def hf_model(self):
+        """The transformers model itself (under a PEFT wrapper, its base model)."""
+        if hasattr(self.model, "get_base_model"):
+            return self.model.get_base_model()
+        return self.model
+
+    def _stop_ids(self) -> list:
+        """The tokenizer's EOS and any end tokens the model's generation_config lists (Llama-3's
+        ``<|eot_id|>``, Gemma's ``<end_of_turn>``): generation stops at any of them."""
+        hf_model = self.hf_model
+        listed = getattr(getattr(hf_model, "generation_config", None), "eos_token_id", None)
+        listed = [listed] if isinstance(listed, int) else list(listed or [])
+        eos = self.tokenizer.eos_token_id
+        return ([eos] if eos is not None else []) + [i for i in listed if i != eos]
 
     @torch.no_grad()
     def sample_ids(self, prompts, max_new_tokens: int = 64, do_sample: bool = True,
@@ -653,9 +680,10 @@ class CausalLM:
         was_training = self.model.training
         self.model.eval()
         config = self._generation_config(max_new_tokens, do_sample, temperature, top_p, top_k)
+        stops = set(config.eos_token_id)
         # generate() fills what a config leaves unset from the model's own generation_config:
         # hand it a blank one for the call
-        hf_model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        hf_model = self.hf_model
         saved, hf_model.generation_config = hf_model.generation_config, GenerationConfig()
         try:
             for s in range(0, len(prompts), batch_size):
@@ -668,8 +696,9 @@ class CausalLM:
                 gen = self.model.generate(input_ids=ids, attention_mask=attn,
                                           generation_config=config)
                 for e, row in zip(enc, gen[:, T:].tolist()):
-                    if tok.eos_token_id in row:  # after EOS, generate fills with padding
-                        row = row[:row.index(tok.eos_token_id) + 1]
+                    end = next((k for k, t in enumerate(row) if t in stops), None)
+                    if end is not None:  # after a stop token, generate fills with padding
+                        row = row[:end + 1]
                     out.append((e, row))
         finally:
             hf_model.generation_config = saved

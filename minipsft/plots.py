@@ -4,10 +4,14 @@ from collections import defaultdict
 
 import matplotlib.pyplot as plt  # on a machine without a display matplotlib picks Agg by itself
 
-COLORS = {"psft": "tab:blue", "sft": "tab:red", "sft_kl": "tab:green", "dft": "tab:purple",
-          "sft_paper": "tab:orange", "sft_small": "tab:brown"}
-LABELS = {"psft": "PSFT", "sft": "SFT (PSFT's schedule and lr)", "sft_kl": "SFT+KL", "dft": "DFT",
-          "sft_paper": "SFT (paper recipe: 1 step/batch, higher lr)", "sft_small": "SFT at PSFT's step size"}
+from .losses import LOSSES
+
+# one colour and label per registered loss, plus the runner's two SFT controls
+COLORS = {name: loss.colour for name, loss in LOSSES.items()} | {
+    "sft_paper": "tab:orange", "sft_small": "tab:brown"}
+LABELS = {name: loss.label for name, loss in LOSSES.items()} | {
+    "sft_paper": "SFT (paper recipe: 1 step/batch, higher lr)",
+    "sft_small": "SFT at PSFT's step size"}
 
 
 def _band(ax, xs, ys_by_seed, color, label, smooth=1, **kw):

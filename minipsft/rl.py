@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .losses import clipped_surrogate, masked_mean
-from .train import _chunks, _f, _merge, adamw
+from .train import adamw, chunks, merge_metrics, setting
 
 __all__ = ["GRPOConfig", "grpo", "group_advantages"]
 
@@ -35,24 +35,24 @@ __all__ = ["GRPOConfig", "grpo", "group_advantages"]
 @dataclass
 class GRPOConfig:
     """Every setting of a GRPO run. The help text of each field is its documentation."""
-    steps: int = _f(50, "rollout steps (sample, score, update)")
-    prompts_per_step: int = _f(16, "prompts drawn per rollout step (cycling through a per-seed shuffle of the pool)")
-    group_size: int = _f(8, "completions sampled per prompt; advantages are normalised within each group")
-    minibatch_size: int = _f(32, "sequences per optimizer step: prompts_per_step * group_size / minibatch_size "
+    steps: int = setting(50, "rollout steps (sample, score, update)")
+    prompts_per_step: int = setting(16, "prompts drawn per rollout step (cycling through a per-seed shuffle of the pool)")
+    group_size: int = setting(8, "completions sampled per prompt; advantages are normalised within each group")
+    minibatch_size: int = setting(32, "sequences per optimizer step: prompts_per_step * group_size / minibatch_size "
                                  "steps per rollout, all against the same pi_old (the sampler)")
-    ppo_epochs: int = _f(1, "passes over each rollout batch")
-    lr: float = _f(1e-5, "AdamW learning rate (constant)")
-    eps_low: float = _f(0.2, "lower clip: acts on negative-advantage tokens whose ratio fell below 1-eps_low")
-    eps_high: float = _f(0.28, "upper clip (DAPO's clip-higher): acts on positive-advantage tokens above 1+eps_high")
-    kl_coef: float = _f(0.0, "weight of a k3 KL(pi || pi_start) penalty on the sampled tokens (0 = none, as DAPO)")
-    scale_rewards: bool = _f(True, "divide by the group's reward std (GRPO); off = mean-centred only (Dr. GRPO)")
-    temperature: float = _f(1.0, "sampling temperature (log pi_old is taken at temperature 1, so keep 1 for exact ratios)")
-    max_new_tokens: int = _f(64, "longest sampled completion")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = off)")
-    seed: int = _f(0, "seed of the prompt order and of the sampling")
-    eval_every: int = _f(10, "evaluate every N rollout steps (and always at the start and the end)")
-    progress: bool = _f(True, "show a tqdm progress bar")
+    ppo_epochs: int = setting(1, "passes over each rollout batch")
+    lr: float = setting(1e-5, "AdamW learning rate (constant)")
+    eps_low: float = setting(0.2, "lower clip: acts on negative-advantage tokens whose ratio fell below 1-eps_low")
+    eps_high: float = setting(0.28, "upper clip (DAPO's clip-higher): acts on positive-advantage tokens above 1+eps_high")
+    kl_coef: float = setting(0.0, "weight of a k3 KL(pi || pi_start) penalty on the sampled tokens (0 = none, as DAPO)")
+    scale_rewards: bool = setting(True, "divide by the group's reward std (GRPO); off = mean-centred only (Dr. GRPO)")
+    temperature: float = setting(1.0, "sampling temperature (log pi_old is taken at temperature 1, so keep 1 for exact ratios)")
+    max_new_tokens: int = setting(64, "longest sampled completion")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    grad_clip: float = setting(1.0, "clip the global gradient norm to this (0 = off)")
+    seed: int = setting(0, "seed of the prompt order and of the sampling")
+    eval_every: int = setting(10, "evaluate every N rollout steps (and always at the start and the end)")
+    progress: bool = setting(True, "show a tqdm progress bar")
 
     def check(self) -> None:
         """Refuse settings that cannot run, naming the setting."""
@@ -151,7 +151,7 @@ def grpo(lm, prompts: list, reward_fn, cfg: GRPOConfig, eval_fn=None, out_dir=No
             raise ValueError(f"rollout step {step}: samples {empty[:5]} have no completion token")
 
         # 2. freeze the sampler as pi_old: its log-probs (and entropy) under no grad
-        mb_idx = _chunks(torch.randperm(len(examples), generator=gen).tolist(), cfg.minibatch_size)
+        mb_idx = chunks(torch.randperm(len(examples), generator=gen).tolist(), cfg.minibatch_size)
         minibatches = [lm.collate([examples[i] for i in idx]) for idx in mb_idx]
         with torch.no_grad():
             old = [lm.token_logprobs(mb, with_entropy=True) for mb in minibatches]
@@ -188,7 +188,7 @@ def grpo(lm, prompts: list, reward_fn, cfg: GRPOConfig, eval_fn=None, out_dir=No
                "zero_adv_groups": zero_groups.float().mean().item(), "updates": updates,
                # a rollout whose groups all tied took no step: nothing clipped, no ratio to report
                "clipfrac": 0.0, "clipfrac_high": 0.0, "clipfrac_low": 0.0, "ratio_mean": None, "ratio_max": None,
-               "approx_kl": None, "loss": None, **(_merge(parts) if parts else {}),
+               "approx_kl": None, "loss": None, **(merge_metrics(parts) if parts else {}),
                "grad_norm": max(grad_norms) if grad_norms else None,
                "tokens_per_s": n_completion / (time.perf_counter() - t0)}  # sampled tokens per second of the whole step
         history.append(rec)

@@ -24,12 +24,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .losses import (dft_loss, dft_terms, kl_terms, masked_mean, nll_terms, psft_loss, sft_kl_loss,
-                     sft_loss, surrogate_terms)
+from .losses import LOSSES, masked_mean
 
 __all__ = ["TrainConfig", "train", "heldout_eval", "summarize", "METHODS", "NonFiniteLossError"]
 
-METHODS = ("sft", "psft", "dft", "sft_kl")
+METHODS = tuple(LOSSES)  # one per registered loss (losses.LOSSES)
 # keys that may differ when resuming (they do not change the result)
 _RESUME_FREE = {"progress", "eval_every", "checkpoint_every"}
 # keys that may differ with a warning (e.g. a lower lr after a NaN stop): same data, same schedule
@@ -37,47 +36,49 @@ _RESUME_FREE = {"progress", "eval_every", "checkpoint_every"}
 RESUME_CHANGEABLE = ("lr", "grad_clip")
 # what a run writes into its output folder (what --overwrite removes)
 RUN_FILES = ("history.jsonl", "evals.jsonl", "config.json", "checkpoint.pt", "checkpoint.tmp",
-             "summary.json", "final")
+             "summary.json", "final", "merged")
 
 
-def _f(default, help: str):
+def setting(default, help: str):
+    """A config field with its help text beside it (also its ``--help`` line)."""
     return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class TrainConfig:
     """Every setting of a fine-tuning run. The help text of each field is also its ``--help`` line."""
-    method: str = _f("psft", "loss: sft | psft | dft | sft_kl (one loop, one data order; only the loss differs)")
-    epochs: int = _f(4, "passes over the data set")
-    lr: float = _f(1e-5, "peak AdamW learning rate (official: PSFT 1e-6, their SFT baseline 2e-5)")
-    batch_size: int = _f(256, "demonstrations per pi_old snapshot (official 256); log pi_old is computed once per batch")
-    minibatch_size: int = _f(32, "demonstrations per optimizer step (official 32): batch_size/minibatch_size "
+    method: str = setting("psft", f"loss: {' | '.join(LOSSES)} (losses.LOSSES; one loop, one data "
+                                  "order: only the loss differs)")
+    epochs: int = setting(4, "passes over the data set")
+    lr: float = setting(1e-5, "peak AdamW learning rate (official: PSFT 1e-6, their SFT baseline 2e-5)")
+    batch_size: int = setting(256, "demonstrations per pi_old snapshot (official 256); log pi_old is computed once per batch")
+    minibatch_size: int = setting(32, "demonstrations per optimizer step (official 32): batch_size/minibatch_size "
                                  "steps per snapshot; equal to batch_size, PSFT is exactly SFT")
-    micro_batch_size: int = _f(0, "demonstrations per forward/backward within a minibatch, gradients accumulated "
+    micro_batch_size: int = setting(0, "demonstrations per forward/backward within a minibatch, gradients accumulated "
                                   "(saves memory, same result); 0 = the whole minibatch at once")
-    eps_low: float = _f(0.2, "lower clip, ratio >= 1-eps_low (never acts when the advantage is positive)")
-    eps_high: float = _f(0.28, "upper clip, ratio <= 1+eps_high (DAPO's clip-higher, as the official code); "
+    eps_low: float = setting(0.2, "lower clip, ratio >= 1-eps_low (never acts when the advantage is positive)")
+    eps_high: float = setting(0.28, "upper clip, ratio <= 1+eps_high (DAPO's clip-higher, as the official code); "
                                "a huge value turns the clip off")
-    refresh_pi_old: bool = _f(True, "refresh pi_old at every batch; off anchors pi_old to the starting model "
+    refresh_pi_old: bool = setting(True, "refresh pi_old at every batch; off anchors pi_old to the starting model "
                                     "(the paper's 'no update' ablation)")
-    sft_warmup_steps: int = _f(0, "plain-SFT optimizer steps before PSFT starts")
-    length_bucketing: bool = _f(False, "within each batch, group demonstrations of similar length into the same "
+    sft_warmup_steps: int = setting(0, "plain-SFT optimizer steps before PSFT starts")
+    length_bucketing: bool = setting(False, "within each batch, group demonstrations of similar length into the same "
                                        "minibatch (less padding; same batches and snapshots for every method)")
-    kl_coef: float = _f(0.5, "weight of the KL(pi || pi_ref) penalty of sft_kl (paper: 0.5)")
-    weight_decay: float = _f(0.1, "AdamW weight decay")
-    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = off)")
-    lr_warmup_steps: int = _f(0, "linear learning-rate warm-up, in optimizer steps")
-    lr_schedule: str = _f("constant", "after warm-up: constant | cosine (down to 0 at the last step)")
-    seed: int = _f(0, "seed of the data order and of torch's RNG")
-    eval_every: int = _f(0, "also evaluate every N optimizer steps (always: at the start and after each epoch)")
-    checkpoint_every: int = _f(0, "with an output folder, save a resumable checkpoint every N batches "
+    kl_coef: float = setting(0.5, "weight of the KL(pi || pi_ref) penalty of sft_kl (paper: 0.5)")
+    weight_decay: float = setting(0.1, "AdamW weight decay")
+    grad_clip: float = setting(1.0, "clip the global gradient norm to this (0 = off)")
+    lr_warmup_steps: int = setting(0, "linear learning-rate warm-up, in optimizer steps")
+    lr_schedule: str = setting("constant", "after warm-up: constant | cosine (down to 0 at the last step)")
+    seed: int = setting(0, "seed of the data order and of torch's RNG")
+    eval_every: int = setting(0, "also evaluate every N optimizer steps (always: at the start and after each epoch)")
+    checkpoint_every: int = setting(0, "with an output folder, save a resumable checkpoint every N batches "
                                   "(always after each epoch)")
-    progress: bool = _f(True, "show a tqdm progress bar")
+    progress: bool = setting(True, "show a tqdm progress bar")
 
     def check(self) -> None:
         """Refuse settings that cannot run, naming the setting."""
-        if self.method not in METHODS:
-            raise ValueError(f"method={self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.method not in LOSSES:  # the registry as it is now (a loss may be added at run time)
+            raise ValueError(f"method={self.method!r}: choose one of {', '.join(LOSSES)}")
         for name in ("epochs", "batch_size", "minibatch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
@@ -104,7 +105,8 @@ def _epoch_batches(n: int, cfg: TrainConfig, epoch: int) -> list:
     return [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
 
 
-def _chunks(seq, size):
+def chunks(seq, size) -> list:
+    """``seq`` cut into consecutive pieces of ``size`` (the last may be shorter)."""
     return [seq[i:i + size] for i in range(0, len(seq), size)]
 
 
@@ -137,7 +139,7 @@ def _lr_lambda(cfg: TrainConfig, total_steps: int):
     return f
 
 
-def _merge(parts: list) -> dict:
+def merge_metrics(parts: list) -> dict:
     """Token-weighted mean of per-micro-batch metrics (max for ``*_max``, sum for counts)."""
     total = sum(p["num_tokens"] for p in parts)
     out = {}
@@ -158,7 +160,7 @@ def heldout_eval(lm, examples, batch_size: int = 32) -> dict:
     was_training = lm.model.training
     lm.model.eval()
     nll = ent = n = 0.0
-    for chunk in _chunks(examples, batch_size):
+    for chunk in chunks(examples, batch_size):
         batch = lm.collate(chunk)
         logp, entropy = lm.token_logprobs(batch, with_entropy=True)
         m = batch["completion_mask"].float()
@@ -168,11 +170,7 @@ def heldout_eval(lm, examples, batch_size: int = 32) -> dict:
 
 
 def _loss(method, cfg, logp, mask, logp_old, logp_ref):
-    if method == "psft":
-        return psft_loss(logp, logp_old, mask, cfg.eps_low, cfg.eps_high)
-    if method == "sft_kl":
-        return sft_kl_loss(logp, logp_ref, mask, cfg.kl_coef)
-    return (dft_loss if method == "dft" else sft_loss)(logp, mask)
+    return LOSSES[method].loss(logp, mask, logp_old, logp_ref, cfg)
 
 
 def _token_terms(method, cfg, logp_old, logp_ref):
@@ -180,14 +178,9 @@ def _token_terms(method, cfg, logp_old, logp_ref):
     ``cols`` (what ``model.fused_head_loss`` differentiates chunk by chunk; the token-mean of these
     terms is ``_loss``). ``logp_old=None`` is a snapshot taken with these very weights (ratio 1)."""
     def terms(logp, cols):
-        if method == "psft":
-            old = logp.detach() if logp_old is None else logp_old[:, 1:][:, cols]
-            return surrogate_terms(logp, old, 1.0, cfg.eps_low, cfg.eps_high)
-        if method == "sft_kl":
-            return nll_terms(logp) + cfg.kl_coef * kl_terms(logp, logp_ref[:, 1:][:, cols])
-        if method == "dft":
-            return dft_terms(logp)
-        return nll_terms(logp)
+        old = logp.detach() if logp_old is None else logp_old[:, 1:][:, cols]
+        ref = None if logp_ref is None else logp_ref[:, 1:][:, cols]
+        return LOSSES[method].terms(logp, old, ref, cfg)
     return terms
 
 
@@ -231,7 +224,8 @@ def train(lm, examples: list, cfg: TrainConfig, out_dir=None, eval_fn=None, resu
     out = Path(out_dir) if out_dir is not None else None
     torch.manual_seed(cfg.seed)
     # a frozen copy of the *starting* weights: pi_ref for sft_kl, or pi_old when it is never refreshed
-    anchored = cfg.method == "sft_kl" or (cfg.method == "psft" and not cfg.refresh_pi_old)
+    loss = LOSSES[cfg.method]
+    anchored = loss.reference or (loss.snapshot and not cfg.refresh_pi_old)
     starting = lm.frozen_logprobs() if anchored else None
     params = [p for p in model.parameters() if p.requires_grad]
     opt = adamw(params, cfg.lr, cfg.weight_decay)
@@ -265,7 +259,11 @@ def train(lm, examples: list, cfg: TrainConfig, out_dir=None, eval_fn=None, resu
         if refused:
             raise ValueError(f"cannot resume: settings differ from the checkpoint's: {refused} "
                              f"(only {', '.join(RESUME_CHANGEABLE)} may change when resuming)")
-        model.load_state_dict(ck["model"], strict=not _partly_frozen(model))
+        loaded = model.load_state_dict(ck["model"], strict=not _partly_frozen(model))
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        if loaded.unexpected_keys or trainable & set(loaded.missing_keys):
+            raise ValueError("cannot resume: the checkpoint's trainable weights do not match the "
+                             "model's (another LoRA rank or target modules?)")
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         if diff:
@@ -315,7 +313,7 @@ def train(lm, examples: list, cfg: TrainConfig, out_dir=None, eval_fn=None, resu
                 order = batches[b]
                 if cfg.length_bucketing:
                     order = sorted(order, key=lambda i: len(examples[i]["input_ids"]))
-                minibatches = [lm.collate([examples[i] for i in idx]) for idx in _chunks(order, cfg.minibatch_size)]
+                minibatches = [lm.collate([examples[i] for i in idx]) for idx in chunks(order, cfg.minibatch_size)]
                 # log pi_old per minibatch; filled at the batch's first PSFT step ("take the snapshot")
                 old = [None] * len(minibatches)
                 for j in range(len(minibatches)):
@@ -360,7 +358,7 @@ def summarize(history: list, cfg: TrainConfig) -> dict:
     """Run-level figures of a training history: final loss and NLL, mean tokens/s and, over the
     PSFT steps, the mean clip fraction, the steps with any clipping and the largest ratio.
     ``note`` says in words what a reader should know (e.g. that PSFT never clipped)."""
-    psft = [r for r in history if r["method"] == "psft"]
+    psft = [r for r in history if LOSSES[r["method"]].snapshot]  # the clipped ones
     clipped = [r for r in psft if r["clipfrac"] > 0]
     last = history[-1]
     out = {"steps": len(history), "final_loss": last["loss"], "final_nll": last["nll"],
@@ -391,16 +389,22 @@ def _snapshot_logprobs(lm, minibatches, old, j, cfg):
     whole batch in one forward was slower on CPU, measured with benchmarks/step_time.py.)
     """
     old[j] = "self"
+    was_training = lm.model.training
+    lm.model.eval()  # dropout off (LoRA dropout, say): pi_old is the weights, not a dropout sample
     for k in range(j + 1, len(minibatches)):
-        old[k] = torch.cat([lm.token_logprobs(micro)[0] for _, micro in _micro_batches(minibatches[k], cfg)])
+        micros = _micro_batches(minibatches[k], cfg)
+        old[k] = torch.cat([lm.token_logprobs(micro)[0] for _, micro in micros])
+    lm.model.train(was_training)
 
 
 def _step(lm, cfg, opt, sched, starting, minibatches, old, j, step, token_hook=None) -> dict:
     """One optimizer step on minibatch ``j`` of the current batch."""
     t0 = time.perf_counter()
     model, mb = lm.model, minibatches[j]
-    method = "sft" if cfg.method == "psft" and step < cfg.sft_warmup_steps else cfg.method
-    if method == "psft" and cfg.refresh_pi_old and old[j] is None:
+    method = cfg.method
+    if LOSSES[method].snapshot and step < cfg.sft_warmup_steps:  # plain SFT first
+        method = "sft"
+    if LOSSES[method].snapshot and cfg.refresh_pi_old and old[j] is None:
         _snapshot_logprobs(lm, minibatches, old, j, cfg)
     total_tokens = mb["completion_mask"].sum()
     parts = []
@@ -423,7 +427,7 @@ def _step(lm, cfg, opt, sched, starting, minibatches, old, j, step, token_hook=N
             logp, entropy = lm.token_logprobs(micro, with_entropy=True)
             loss, metrics = _loss(method, cfg, logp, mask,
                                   logp.detach() if snapshot_is_now else logp_old, logp_base)
-        if token_hook is not None and method == "psft":
+        if token_hook is not None and LOSSES[method].snapshot:
             token_hook(micro, logp.detach(), logp.detach() if snapshot_is_now else logp_old)
         m = mask.to(logp.dtype)
         stats = torch.stack([loss.detach(), masked_mean(-logp.detach(), m), masked_mean(entropy, m),
@@ -443,7 +447,7 @@ def _step(lm, cfg, opt, sched, starting, minibatches, old, j, step, token_hook=N
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
-    rec = _merge(parts)
+    rec = merge_metrics(parts)
     rec.setdefault("clipfrac", 0.0)  # no clip in this loss: nothing was clipped
     for k in ("clipfrac_high", "clipfrac_low", "ratio_mean", "ratio_max", "approx_kl", "kl"):
         rec.setdefault(k, None)

@@ -80,6 +80,7 @@ class PSFTTrainer(SFTTrainer):
         self._snapshot_step = None  # the global_step at which pi_old was last taken
         self._window = []  # (micro-batches, num_items_in_batch) of the coming steps of this window
         self._cut = False  # whether an epoch's end cut the last window short
+        self._window_source = None  # the epoch iterator the window's batches came from
         self._psft_sums = {}  # token-weighted sums of the PSFT diagnostics since the last log
 
     def log(self, logs: dict, start_time=None) -> None:
@@ -96,9 +97,11 @@ class PSFTTrainer(SFTTrainer):
         """The micro-batches of one optimizer step. At a refresh, those of the window's later steps
         are fetched too and scored with the current weights: their log pi_old."""
         step, args = self.state.global_step, self.args
-        if self._window:
+        if self._window and self._window_source is epoch_iterator:
             return self._window.pop(0)
-        psft = self.model.training and step >= args.sft_warmup_steps
+        self._window = []  # a window left from another epoch iterator (a stopped epoch) is stale
+        # (only the training loop calls this, and before it puts the model in train mode)
+        psft = step >= args.sft_warmup_steps
         # a snapshot: the first PSFT step, every refresh_steps-th step, and the step after a window
         # that an epoch's end cut short (its stored log-probs covered only that epoch's batches)
         due = self._snapshot_step is None or step % args.refresh_steps == 0 or self._cut
@@ -113,7 +116,7 @@ class PSFTTrainer(SFTTrainer):
                 self._cut = True
                 break
             window.append((self._score(batches), n_items))
-        self._window = window[1:]
+        self._window, self._window_source = window[1:], epoch_iterator
         return window[0]
 
     @torch.no_grad()

@@ -95,3 +95,13 @@ def test_cli_saves_an_adapter_peft_loads_and_the_merged_model(saved_model_dir, t
         b = token_logprobs(base, ids, attn)[0]
     torch.testing.assert_close(a, m, atol=1e-5, rtol=1e-5)
     assert (a - b).abs().max() > 1e-3  # the adapter changed the model
+
+
+def test_lora_through_the_fused_head_equals_the_default_path():
+    rows = addition_rows(16)
+    runs = []
+    for fused in (False, True):
+        base = tiny_lm()
+        lm = CausalLM(base.model, base.tokenizer, device="cpu", fused_head=fused).add_lora(r=4)
+        runs.append(train(lm, lm.encode(rows), cfg(epochs=1))["history"])
+    assert [r["loss"] for r in runs[0]] == pytest.approx([r["loss"] for r in runs[1]], rel=1e-4)

@@ -109,3 +109,37 @@ def test_shape_mismatch_raises():
         psft_loss(torch.zeros(2, 3), torch.zeros(2, 4), torch.ones(2, 3))
     with pytest.raises(ValueError, match="mask has shape"):
         sft_loss(torch.zeros(2, 3), torch.ones(3, 2))
+
+
+def test_a_loss_added_to_the_registry_trains_without_touching_the_loop(monkeypatch, capsys):
+    """One function plus one LOSSES entry: the loop (default and fused head), the CLI's --method
+    choices and the figures' colours pick it up."""
+    from conftest import addition_rows, tiny_lm
+    from minipsft.cli import build_parser
+    from minipsft.losses import LOSSES, Loss, masked_mean
+    from minipsft.model import CausalLM
+    from minipsft.train import TrainConfig, train
+
+    def half_nll_terms(logp):  # a new loss: half of SFT's
+        return -0.5 * logp
+
+    monkeypatch.setitem(LOSSES, "half_sft", Loss(
+        lambda logp, mask, old, ref, s: (masked_mean(half_nll_terms(logp), mask.float()),
+                                         {"num_tokens": int(mask.sum())}),
+        lambda logp, old, ref, s: half_nll_terms(logp), "half SFT", "tab:pink"))
+    histories = []
+    for fused in (False, True):
+        base = tiny_lm()
+        lm = CausalLM(base.model, base.tokenizer, device="cpu", fused_head=fused)
+        cfg = TrainConfig(method="half_sft", epochs=1, batch_size=8, minibatch_size=4, lr=1e-2,
+                          progress=False)
+        histories.append(train(lm, lm.encode(addition_rows(16)), cfg)["history"])
+    sft = train(tiny_lm(), tiny_lm().encode(addition_rows(16)),
+                TrainConfig(method="sft", epochs=1, batch_size=8, minibatch_size=4, lr=1e-2,
+                            progress=False))["history"]
+    assert histories[0][0]["loss"] == pytest.approx(0.5 * sft[0]["loss"], rel=1e-6)
+    assert [r["loss"] for r in histories[0]] == pytest.approx([r["loss"] for r in histories[1]],
+                                                               rel=1e-4)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    assert "half_sft" in capsys.readouterr().out

@@ -224,3 +224,12 @@ def test_a_template_whose_prompt_is_not_a_prefix_is_an_error_naming_the_row():
     for all_turns in (False, True):
         with pytest.raises(DataError, match=r"row 2: the chat template .* not a prefix"):
             lm.encode([{"prompt": "1+1=", "completion": "2"}, CONVERSATION], all_assistant_turns=all_turns)
+
+
+def test_generation_stops_at_any_end_token_the_generation_config_lists(tmp_path):
+    lm = tiny_lm(seed=3)
+    greedy = lm.sample_ids(["1+1="], max_new_tokens=6, do_sample=False)[0][1]
+    stop = greedy[2]  # make the third generated token an end-of-turn token, as Llama-3's <|eot_id|>
+    lm.model.generation_config.eos_token_id = [lm.tokenizer.eos_token_id, stop]
+    stopped = lm.sample_ids(["1+1="], max_new_tokens=6, do_sample=False)[0][1]
+    assert stopped == greedy[:greedy.index(stop) + 1]

@@ -231,3 +231,18 @@ def test_psft_trainer_peak_memory_is_within_10_percent_of_sft_trainer(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         peaks[kind] = int(proc.stdout.split("PEAK_KB")[-1])
     assert peaks["psft"] <= 1.10 * peaks["sft"], peaks
+
+
+def test_a_model_handed_over_in_eval_mode_still_snapshots_at_the_first_step(setup, tmp_path):
+    """from_pretrained returns models in eval mode; the trainer puts them in train mode only
+    inside the step, after the step's micro-batches were fetched."""
+    _, examples, cfg = setup
+    lm = tiny_lm(chat=False)
+    lm.model.eval()
+    trainer = PSFTTrainer(model=lm.model, processing_class=lm.tokenizer,
+                          train_dataset=ordered_dataset(examples, cfg),
+                          args=PSFTConfig(**trl_args(tmp_path, refresh_steps=4)))
+    trainer.train()
+    ratios = [r["ratio_mean"] for r in trainer.state.log_history
+              if "clipfrac" in r and "train_runtime" not in r]
+    assert [r == pytest.approx(1.0) for r in ratios] == [True, False, False, False] * 2
