@@ -18,7 +18,7 @@ import torch
 from .data import load_rows
 from .losses import LOSSES
 from .model import CausalLM, DataError
-from .experiments import PRESETS, Preset
+from .experiments import ABLATIONS, PRESETS, Preset
 from .experiments_rl import RLPreset
 from .train import (RUN_FILES, NonFiniteLossError, TrainConfig, heldout_eval, summarize,
                     train)
@@ -161,9 +161,10 @@ def _add_reproduce(sub, common) -> None:
     r.add_argument("--list-presets", action="store_true",
                    help="print every preset's settings and exit")
     _add_run_flags(r, required=False)
-    r.add_argument("--ablations", nargs="*", default=[], choices=["refresh", "eps", "warmup"],
-                   help="also run these PSFT ablations (refresh period; eps_high and no clip; "
-                        "SFT warm-up)")
+    r.add_argument("--ablations", nargs="*", default=[], choices=list(ABLATIONS),
+                   help="also run these ablations (PSFT's refresh period; eps_high and no clip; "
+                        "SFT warm-up; aggregation: PSFT, SFT and paper-recipe SFT with the "
+                        "official run's loss aggregation and lr warm-up)")
     r.add_argument("--skip-main", action="store_true", help="run only the ablations")
     r.add_argument("--model", default=None,
                    help="gsm8k preset: hub id or folder of the model to fine-tune")

@@ -39,7 +39,12 @@ from .train import TrainConfig, train
 
 # one arm per registered loss (losses.LOSSES, at PSFT's schedule and lr), plus two SFT controls
 ARMS = tuple(LOSSES) + ("sft_paper", "sft_small")
-ABLATIONS = ("refresh", "eps", "warmup")
+ABLATIONS = ("refresh", "eps", "warmup", "aggregation")
+# the "aggregation" ablation: the headline arms under the official run's loss aggregation and
+# lr warm-up, beside the default on the same base and seeds
+AGGREGATION_VARIANTS = {"token-mean": {}, "seq-mean": dict(loss_aggregation="seq_mean_token_mean"),
+                        "warm-up 10 batches": dict(lr_warmup_batches=10)}
+AGGREGATION_ARMS = ("psft", "sft", "sft_paper")
 
 
 @dataclass
@@ -71,6 +76,8 @@ class Preset:
     length_bucketing: bool = False  # minibatches of similar lengths (less padding); same batches for every arm
     compile: bool = False  # torch.compile the decoder layers and vocabulary chunks (CausalLM(compile=True))
     gradient_checkpointing: bool = False  # recompute each layer in backward (less GPU memory)
+    loss_aggregation: str = "token_mean"  # or seq_mean_token_mean (train.TrainConfig)
+    lr_warmup_batches: int = 0  # the official lr warm-up, counted in batches (train.TrainConfig)
 
 
 PRESETS = {
@@ -106,6 +113,7 @@ def preset_from_env() -> str:
 def arm_config(p: Preset, arm: str, **overrides) -> TrainConfig:
     common = dict(epochs=p.epochs, batch_size=p.batch_size, minibatch_size=p.minibatch_size, lr=p.lr,
                   kl_coef=p.kl_coef, micro_batch_size=p.micro_batch_size, length_bucketing=p.length_bucketing,
+                  loss_aggregation=p.loss_aggregation, lr_warmup_batches=p.lr_warmup_batches,
                   progress=False)
     method = arm if arm in LOSSES else "sft"  # sft_paper and sft_small are SFT
     cfg = TrainConfig(method=method, **common)
@@ -299,6 +307,11 @@ def ablation_jobs(p: Preset, name: str, job0: dict) -> list:
     elif name == "warmup":
         steps = p.n_train // mb // 2
         settings = {"no warm-up": {}, f"sft warm-up {steps} steps": dict(sft_warmup_steps=steps)}
+    elif name == "aggregation":
+        return [dict(job0, arm=arm, group=name, setting=f"{arm}, {label}", seed=s,
+                     config=asdict(arm_config(p, arm, **kw)))
+                for label, kw in AGGREGATION_VARIANTS.items() for arm in AGGREGATION_ARMS
+                for s in p.seeds]
     else:
         raise ValueError(f"unknown ablation {name!r}: choose from {', '.join(ABLATIONS)}")
     return [dict(job0, arm="psft", group=name, setting=label, seed=s, config=asdict(arm_config(p, "psft", **kw)))
@@ -400,6 +413,13 @@ def finalize(out_dir) -> list:
         arms = [a for a in ARMS if any(r["method"] == a for r in main_records)]
         data["summary"]["matched_id"] = matched_id(main_records, arms)
         (out / "results.json").write_text(json.dumps(data, indent=1))
+    aggregation = [r for r in data["records"] if r["group"] == "aggregation"]
+    if aggregation:  # the verdict's comparison within each variant: OOD at matched ID
+        data["summary"]["aggregation_matched_id"] = {
+            label: matched_id([r for r in aggregation if r["setting"].endswith(", " + label)],
+                              AGGREGATION_ARMS)
+            for label in AGGREGATION_VARIANTS}
+        (out / "results.json").write_text(json.dumps(data, indent=1))
     figures = make_figures(out)
     grad_max = {(r["job"]["group"], r["job"]["setting"], r["job"]["seed"]): max((h["grad_norm"] for h in r["history"]), default=None)
                 for r in load_results(out)["runs"]}
@@ -479,4 +499,13 @@ def report(summary: dict, records: list, grad_max: dict | None = None) -> str:
                              f"{fmt_mean_std([r['ood_acc'] for r in end])} | {fmt_mean_std([r['entropy'] for r in end])} | "
                              f"{fmt_mean_std([r['id_acc'] for r in best])} | {fmt_mean_std([r['ood_acc'] for r in best])} | "
                              f"{fmt_mean_std([(grad_max or {}).get((group, setting, r['seed'])) for r in end], 1)} |")
+    if summary.get("aggregation_matched_id"):
+        lines += ["", "## Aggregation and warm-up: OOD at matched ID within each variant", "",
+                  "Each variant's level is the highest ID every learning arm reaches in it.", "",
+                  "| variant | level | arm | seeds reaching | epoch | id_acc | ood_acc |",
+                  "|---|---|---|---|---|---|---|"]
+    for label, m in summary.get("aggregation_matched_id", {}).items():
+        for arm, v in m["arms"].items():
+            lines.append(f"| {label} | {m['level']:.2f} | {arm} | {v['reached']} | {v['epoch']} | "
+                         f"{fmt_mean_std(v['id_acc'])} | {fmt_mean_std(v['ood_acc'])} |")
     return "\n".join(lines) + "\n"

@@ -29,7 +29,8 @@ __all__ = ["Loss", "LOSSES", "clipped_surrogate", "psft_loss", "sft_loss", "dft_
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Token-mean of ``x`` over the positions where ``mask`` is 1 (all tokens of the batch pooled)."""
+    """Token-mean of ``x`` over the positions where ``mask`` is 1 (all tokens of the batch pooled);
+    a float ``mask`` weighs each position (``train.token_weights``: e.g. a mean over sequences)."""
     return (x * mask).sum() / mask.sum()
 
 
@@ -138,7 +139,7 @@ def psft_loss(logp, logp_old, mask, eps_low: float = 0.2, eps_high: float = 0.28
 def sft_loss(logp, mask):
     """SFT: token-mean negative log-likelihood of the demonstration."""
     m = _check(logp, mask)
-    return masked_mean(nll_terms(logp), m), {"num_tokens": int(m.sum().item())}
+    return masked_mean(nll_terms(logp), m), {"num_tokens": int((m != 0).sum().item())}
 
 
 def dft_loss(logp, mask):
@@ -148,7 +149,7 @@ def dft_loss(logp, mask):
     are pushed less (the opposite of SFT's ``1/p`` weighting of ``grad p``).
     """
     m = _check(logp, mask)
-    return masked_mean(dft_terms(logp), m), {"num_tokens": int(m.sum().item())}
+    return masked_mean(dft_terms(logp), m), {"num_tokens": int((m != 0).sum().item())}
 
 
 def sft_kl_loss(logp, logp_ref, mask, kl_coef: float = 0.5):
@@ -161,7 +162,7 @@ def sft_kl_loss(logp, logp_ref, mask, kl_coef: float = 0.5):
     m = _check(logp, mask, logp_ref=logp_ref)
     nll = masked_mean(nll_terms(logp), m)
     kl_mean = masked_mean(kl_terms(logp, logp_ref), m)
-    metrics = _floats({"nll": nll.detach(), "kl": kl_mean.detach(), "num_tokens": m.sum()})
+    metrics = _floats({"nll": nll.detach(), "kl": kl_mean.detach(), "num_tokens": (m != 0).sum()})
     return nll + kl_coef * kl_mean, metrics
 
 

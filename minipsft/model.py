@@ -620,11 +620,12 @@ class CausalLM:
         return token_logprobs(model if model is not None else self.model,
                               batch["input_ids"], batch["attention_mask"], with_entropy, keep_logits=self.keep_logits)
 
-    def fused_loss(self, batch, terms, with_entropy: bool = False):
+    def fused_loss(self, batch, terms, with_entropy: bool = False, loss_mask=None):
         """``fused_head_loss`` of a collated batch: ``(loss, logp, entropy)``, the loss the
         token-mean of ``terms`` over the completion tokens."""
+        loss_mask = batch["completion_mask"] if loss_mask is None else loss_mask
         return fused_head_loss(self.model, batch["input_ids"], batch["attention_mask"],
-                               batch["completion_mask"], terms, with_entropy)
+                               loss_mask, terms, with_entropy)
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens: int = 64, do_sample: bool = False,

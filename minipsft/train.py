@@ -34,6 +34,7 @@ _RESUME_FREE = {"progress", "eval_every", "checkpoint_every"}
 # keys that may differ with a warning (e.g. a lower lr after a NaN stop): same data, same schedule
 # of snapshots, but no longer the uninterrupted run
 RESUME_CHANGEABLE = ("lr", "grad_clip")
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean")
 # what a run writes into its output folder (what --overwrite removes)
 RUN_FILES = ("history.jsonl", "evals.jsonl", "config.json", "checkpoint.pt", "checkpoint.tmp",
              "summary.json", "final", "merged")
@@ -68,6 +69,13 @@ class TrainConfig:
     weight_decay: float = setting(0.1, "AdamW weight decay")
     grad_clip: float = setting(1.0, "clip the global gradient norm to this (0 = off)")
     lr_warmup_steps: int = setting(0, "linear learning-rate warm-up, in optimizer steps")
+    lr_warmup_batches: int = setting(0, "linear lr warm-up counted in batches, as the official "
+                                        "verl recipe: batch b < N trains at lr * b / N (the "
+                                        "first at 0)")
+    loss_aggregation: str = setting("token_mean", "token_mean: every completion token of a "
+                                     "minibatch weighs the same (TRL's DAPO/BNPO); "
+                                     "seq_mean_token_mean: every demonstration's token-mean weighs "
+                                     "the same (the official 8-GPU run)")
     lr_schedule: str = setting("constant", "after warm-up: constant | cosine (down to 0 at the last step)")
     seed: int = setting(0, "seed of the data order and of torch's RNG")
     eval_every: int = setting(0, "also evaluate every N optimizer steps (always: at the start and after each epoch)")
@@ -87,9 +95,15 @@ class TrainConfig:
         if self.lr <= 0 or self.eps_low < 0 or self.eps_high < 0 or self.eps_low >= 1:
             raise ValueError(f"need lr > 0, 0 <= eps_low < 1, eps_high >= 0 (got lr={self.lr}, "
                              f"eps_low={self.eps_low}, eps_high={self.eps_high})")
+        if self.loss_aggregation not in AGGREGATIONS:
+            raise ValueError(f"loss_aggregation={self.loss_aggregation!r}: choose "
+                             f"{' or '.join(AGGREGATIONS)}")
+        if self.lr_warmup_steps and self.lr_warmup_batches:
+            raise ValueError("lr_warmup_steps and lr_warmup_batches: set one of the two")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule={self.lr_schedule!r}: choose constant or cosine")
-        if min(self.micro_batch_size, self.sft_warmup_steps, self.lr_warmup_steps, self.eval_every,
+        if min(self.micro_batch_size, self.sft_warmup_steps, self.lr_warmup_steps,
+               self.lr_warmup_batches, self.eval_every,
                self.checkpoint_every) < 0 or self.grad_clip < 0 or self.kl_coef < 0:
             raise ValueError("step counts, sizes, grad_clip and kl_coef must be >= 0")
 
@@ -128,15 +142,35 @@ def _model_state(model) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _lr_lambda(cfg: TrainConfig, total_steps: int):
+def _lr_lambda(cfg: TrainConfig, total_steps: int, batch_of_step=None):
+    """The lr factor after ``step`` optimizer steps. ``batch_of_step[step]``: the (run-wide) batch
+    that step belongs to, for a warm-up counted in batches."""
+    batch_of_step = batch_of_step or [0] * total_steps
+    warm = cfg.lr_warmup_steps  # steps before the schedule proper
+    if cfg.lr_warmup_batches:
+        warm = sum(b < cfg.lr_warmup_batches for b in batch_of_step)
+
     def f(step):  # step = optimizer steps taken so far
         if step < cfg.lr_warmup_steps:
             return (step + 1) / cfg.lr_warmup_steps
+        batch = batch_of_step[min(step, len(batch_of_step) - 1)]
+        if batch < cfg.lr_warmup_batches:  # the official recipe's: per batch, the first at 0
+            return batch / cfg.lr_warmup_batches
         if cfg.lr_schedule == "cosine":
-            done = (step - cfg.lr_warmup_steps) / max(1, total_steps - cfg.lr_warmup_steps)
+            done = (step - warm) / max(1, total_steps - warm)
             return 0.5 * (1.0 + math.cos(math.pi * min(1.0, done)))
         return 1.0
     return f
+
+
+def token_weights(mask, aggregation: str = "token_mean"):
+    """Per-token weights of a minibatch's loss: the completion mask (token-mean), or the mask
+    divided by each row's completion length (``seq_mean_token_mean``: the mean over
+    demonstrations of their token-means, as verl's token-mean per one-sequence micro-batch)."""
+    weights = mask.float()
+    if aggregation == "seq_mean_token_mean":
+        weights = weights / weights.sum(1, keepdim=True).clamp(min=1.0)
+    return weights
 
 
 def merge_metrics(parts: list) -> dict:
@@ -232,7 +266,9 @@ def train(lm, examples: list, cfg: TrainConfig, out_dir=None, eval_fn=None, resu
     batch_sizes = [len(b) for b in _epoch_batches(len(examples), cfg, 0)]
     steps_per_epoch = sum(math.ceil(n / cfg.minibatch_size) for n in batch_sizes)
     total_steps = steps_per_epoch * cfg.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total_steps))
+    steps_in_batch = [math.ceil(n / cfg.minibatch_size) for n in batch_sizes] * cfg.epochs
+    batch_of_step = [b for b, k in enumerate(steps_in_batch) for _ in range(k)]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total_steps, batch_of_step))
     pos = {"epoch": 0, "batch": 0, "step": 0}
     history, evals = [], []
     ckpt_path = out / "checkpoint.pt" if out is not None else None
@@ -406,10 +442,11 @@ def _step(lm, cfg, opt, sched, starting, minibatches, old, j, step, token_hook=N
         method = "sft"
     if LOSSES[method].snapshot and cfg.refresh_pi_old and old[j] is None:
         _snapshot_logprobs(lm, minibatches, old, j, cfg)
-    total_tokens = mb["completion_mask"].sum()
+    weights = token_weights(mb["completion_mask"], cfg.loss_aggregation)  # the loss's per token
+    total_weight = weights.sum()
     parts = []
     for s, micro in _micro_batches(mb, cfg):
-        mask = micro["completion_mask"]
+        mask = weights[s:s + len(micro["input_ids"])]
         logp_base = None  # the frozen starting model: pi_ref of sft_kl, or the anchored pi_old
         if starting is not None and method != "sft":
             logp_base = starting(micro)
@@ -419,7 +456,7 @@ def _step(lm, cfg, opt, sched, starting, minibatches, old, j, step, token_hook=N
             logp_old = old[j][s:s + len(mask)]
         if lm.fused_head:
             terms = _token_terms(method, cfg, None if snapshot_is_now else logp_old, logp_base)
-            loss, logp, entropy = lm.fused_loss(micro, terms, with_entropy=True)
+            loss, logp, entropy = lm.fused_loss(micro, terms, with_entropy=True, loss_mask=mask)
             with torch.no_grad():  # the same loss on the same log-probs, for its diagnostics
                 metrics = _loss(method, cfg, logp, mask, logp if snapshot_is_now else logp_old,
                                 logp_base)[1]
@@ -429,13 +466,13 @@ def _step(lm, cfg, opt, sched, starting, minibatches, old, j, step, token_hook=N
                                   logp.detach() if snapshot_is_now else logp_old, logp_base)
         if token_hook is not None and LOSSES[method].snapshot:
             token_hook(micro, logp.detach(), logp.detach() if snapshot_is_now else logp_old)
-        m = mask.to(logp.dtype)
+        m = micro["completion_mask"].to(logp.dtype)  # NLL and entropy: plain token-means
         stats = torch.stack([loss.detach(), masked_mean(-logp.detach(), m), masked_mean(entropy, m),
                              micro["attention_mask"].sum().to(logp.dtype)])
         loss_value, nll, mean_entropy, tokens = stats.tolist()  # one host sync for all four
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(f"non-finite loss ({loss_value}) at step {step + 1}")
-        (loss * (mask.sum() / total_tokens)).backward()
+        (loss * (mask.sum() / total_weight)).backward()
         parts.append({**metrics, "loss": loss_value, "nll": nll, "entropy": mean_entropy,
                       "tokens": int(tokens)})
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))

@@ -51,6 +51,7 @@ def test_fused_head_loss_equals_autograd_through_the_logits(method, chunk):
     ("psft", {"refresh_pi_old": False}),  # pi_old anchored to the starting model
     ("sft_kl", {"micro_batch_size": 3}),
     ("dft", {}),
+    ("psft", {"loss_aggregation": "seq_mean_token_mean", "micro_batch_size": 2}),
 ])
 def test_training_through_the_fused_head_equals_the_default_path(method, settings):
     # prompts of very different lengths: much padding, where log-probs must stay masked

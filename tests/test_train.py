@@ -243,3 +243,42 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         (logp * batch["completion_mask"]).sum().backward()
     for x, y in zip(a.model.parameters(), b.model.parameters()):
         torch.testing.assert_close(x.grad, y.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_sequence_mean_aggregation_equals_a_hand_written_reference():
+    # completions of very different lengths: "3" vs "123456789"
+    rows = [{"prompt": "1+2=", "completion": "3"}, {"prompt": "9=", "completion": "123456789"},
+            {"prompt": "5+5=", "completion": "10"}, {"prompt": "1=", "completion": "1111"}]
+    lm = tiny_lm()
+    examples = lm.encode(rows)
+    batch = lm.collate(examples)
+    with torch.no_grad():
+        logp = lm.token_logprobs(batch)[0]
+    mask = batch["completion_mask"].float()
+    per_row = (-logp * mask).sum(1) / mask.sum(1)  # each demonstration's token-mean NLL
+    reference = per_row.mean()
+    pooled = (-logp * mask).sum() / mask.sum()
+    assert abs(reference - pooled) > 1e-3  # the two readings differ on these rows
+    common = dict(method="sft", epochs=1, batch_size=4, minibatch_size=4, lr=1e-2)
+    first = train(tiny_lm(), examples, cfg(**common, loss_aggregation="seq_mean_token_mean"))
+    assert first["history"][0]["loss"] == pytest.approx(reference.item(), rel=1e-5)
+    # micro-batches of one demonstration give the same step (each weighs 1/4, not its token share)
+    whole, micro = tiny_lm(), tiny_lm()
+    train(whole, examples, cfg(**common, loss_aggregation="seq_mean_token_mean"))
+    train(micro, examples,
+          cfg(**common, loss_aggregation="seq_mean_token_mean", micro_batch_size=1))
+    pooled_lm = tiny_lm()
+    train(pooled_lm, examples, cfg(**common))
+    for a, b, c in zip(_weights(whole), _weights(micro), _weights(pooled_lm)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert max((a - c).abs().max() for a, c in zip(_weights(whole), _weights(pooled_lm))) > 1e-4
+
+
+def test_official_warmup_counts_batches_and_starts_at_zero(examples):
+    # 32 examples, batches of 16, minibatches of 4: 4 steps per batch
+    hist = train(tiny_lm(), examples, cfg(epochs=1, lr=1e-2, lr_warmup_batches=2))["history"]
+    assert [r["lr"] for r in hist] == pytest.approx([0.0] * 4 + [5e-3] * 4)
+    with pytest.raises(ValueError, match="set one of the two"):
+        cfg(lr_warmup_steps=2, lr_warmup_batches=2).check()
+    with pytest.raises(ValueError, match="loss_aggregation='sum'"):
+        cfg(loss_aggregation="sum").check()
