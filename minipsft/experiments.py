@@ -39,7 +39,12 @@ from .train import TrainConfig, train
 
 # one arm per registered loss (losses.LOSSES, at PSFT's schedule and lr), plus two SFT controls
 ARMS = tuple(LOSSES) + ("sft_paper", "sft_small")
-ABLATIONS = ("refresh", "eps", "warmup", "aggregation")
+ABLATIONS = ("refresh", "eps", "warmup", "aggregation", "frontier")
+# the "frontier" sweep: the controlled arms at 5 lrs (the cpu preset's 1e-4 in the middle of a
+# 100x range, up to where plain SFT steps get large), paper-recipe SFT at 3 (its 2e-3 in the middle)
+FRONTIER_ARMS = ("psft", "sft", "sft_kl")
+FRONTIER_LRS = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
+FRONTIER_PAPER_LRS = (6e-4, 2e-3, 6e-3)
 # the "aggregation" ablation: the headline arms under the official run's loss aggregation and
 # lr warm-up, beside the default on the same base and seeds
 AGGREGATION_VARIANTS = {"token-mean": {}, "seq-mean": dict(loss_aggregation="seq_mean_token_mean"),
@@ -307,6 +312,12 @@ def ablation_jobs(p: Preset, name: str, job0: dict) -> list:
     elif name == "warmup":
         steps = p.n_train // mb // 2
         settings = {"no warm-up": {}, f"sft warm-up {steps} steps": dict(sft_warmup_steps=steps)}
+    elif name == "frontier":
+        runs = [(arm, lr) for arm in FRONTIER_ARMS for lr in FRONTIER_LRS]
+        runs += [("sft_paper", lr) for lr in FRONTIER_PAPER_LRS]
+        return [dict(job0, arm=arm, group=name, setting=f"{arm} lr={lr:g}", seed=s,
+                     config=asdict(arm_config(p, arm, lr=lr)))
+                for arm, lr in runs for s in p.seeds]
     elif name == "aggregation":
         return [dict(job0, arm=arm, group=name, setting=f"{arm}, {label}", seed=s,
                      config=asdict(arm_config(p, arm, **kw)))
@@ -316,6 +327,67 @@ def ablation_jobs(p: Preset, name: str, job0: dict) -> list:
         raise ValueError(f"unknown ablation {name!r}: choose from {', '.join(ABLATIONS)}")
     return [dict(job0, arm="psft", group=name, setting=label, seed=s, config=asdict(arm_config(p, "psft", **kw)))
             for label, kw in settings.items() for s in p.seeds]
+
+
+# ------------------------------------------------------------------------------------ frontier
+def frontier_points(records, seeds=None) -> dict:
+    """arm -> [(mean ID, mean OOD, lr, epoch)] over ``seeds`` (default: all), one point per lr and
+    epoch after the start: every place a run of that arm passed through."""
+    cells = defaultdict(list)
+    for r in records:
+        if r["epoch"] > 0:
+            cells[(r["method"], r["setting"], r["epoch"])].append(r)
+    points = defaultdict(list)
+    for (arm, setting, epoch), rs in sorted(cells.items()):
+        by_seed = {r["seed"]: r for r in rs}
+        chosen = [by_seed[s] for s in (seeds if seeds is not None else sorted(by_seed))]
+        lr = float(setting.split("lr=")[1])
+        points[arm].append((statistics.fmean(r["id_acc"] for r in chosen),
+                            statistics.fmean(r["ood_acc"] for r in chosen), lr, epoch))
+    return dict(points)
+
+
+def frontier_value(points, level: float):
+    """The best OOD accuracy among the points with ID accuracy >= ``level`` (None if none)."""
+    reached = [ood for id_acc, ood, _, _ in points if id_acc >= level]
+    return max(reached) if reached else None
+
+
+def largest_gap(points: dict, arm: str, other: str, levels) -> tuple:
+    """(gap, level): the largest ``frontier_arm(x) - frontier_other(x)`` over the ID levels both
+    frontiers reach."""
+    best = (float("-inf"), None)
+    for x in levels:
+        a, b = frontier_value(points[arm], x), frontier_value(points[other], x)
+        if a is not None and b is not None and a - b > best[0]:
+            best = (a - b, x)
+    return best
+
+
+def frontier_summary(records, resamples: int = 1000, seed: int = 0) -> dict:
+    """At equal ID, the largest OOD gap between PSFT's frontier and each other arm's, with a
+    bootstrap over seeds (the seeds resampled with replacement, jointly for every run, since a
+    seed fixes the data sample and order for every arm): the point estimate and a 95% interval."""
+    import random
+
+    levels = [round(0.5 + 0.01 * i, 2) for i in range(50)]  # ID 0.50 .. 0.99
+    seeds = sorted({r["seed"] for r in records})
+    points = frontier_points(records)
+    rng = random.Random(seed)
+    out = {}
+    for other in (a for a in points if a != "psft"):
+        gap, level = largest_gap(points, "psft", other, levels)
+        draws = []
+        for _ in range(resamples):
+            sample = [rng.choice(seeds) for _ in seeds]
+            draws.append(largest_gap(frontier_points(records, sample), "psft", other, levels)[0])
+        if level is None:  # the two frontiers share no ID level from 0.50 up
+            out[other] = None
+            continue
+        draws.sort()
+        out[other] = {"gap": gap, "at_id": level, "ci95": [draws[int(0.025 * resamples)],
+                                                           draws[int(0.975 * resamples) - 1]]}
+    return out
 
 
 # ------------------------------------------------------------------------------------------- results
@@ -413,6 +485,10 @@ def finalize(out_dir) -> list:
         arms = [a for a in ARMS if any(r["method"] == a for r in main_records)]
         data["summary"]["matched_id"] = matched_id(main_records, arms)
         (out / "results.json").write_text(json.dumps(data, indent=1))
+    frontier = [r for r in data["records"] if r["group"] == "frontier"]
+    if frontier:
+        data["summary"]["frontier"] = frontier_summary(frontier)
+        (out / "results.json").write_text(json.dumps(data, indent=1))
     aggregation = [r for r in data["records"] if r["group"] == "aggregation"]
     if aggregation:  # the verdict's comparison within each variant: OOD at matched ID
         data["summary"]["aggregation_matched_id"] = {
@@ -437,9 +513,15 @@ def make_figures(out_dir) -> list:
         plots.epoch_stability(res["runs"], ARMS, out / "epoch_stability.png")
         plots.tradeoff(main_records, ARMS, res["summary"]["matched_id"], out / "tradeoff.png")
         figures += ["epoch_stability.png", "tradeoff.png"]
-    if any(r["group"] != "main" for r in res["records"]):
-        plots.ablations(res["records"], out / "ablations.png")
+    ablations = [r for r in res["records"] if r["group"] not in ("main", "frontier")]
+    if ablations:
+        plots.ablations(ablations, out / "ablations.png")
         figures.append("ablations.png")
+    frontier = [r for r in res["records"] if r["group"] == "frontier"]
+    if frontier:
+        plots.frontier(frontier_points(frontier), res["summary"]["frontier"],
+                       out / "frontier.png")
+        figures.append("frontier.png")
     return figures
 
 
@@ -499,6 +581,20 @@ def report(summary: dict, records: list, grad_max: dict | None = None) -> str:
                              f"{fmt_mean_std([r['ood_acc'] for r in end])} | {fmt_mean_std([r['entropy'] for r in end])} | "
                              f"{fmt_mean_std([r['id_acc'] for r in best])} | {fmt_mean_std([r['ood_acc'] for r in best])} | "
                              f"{fmt_mean_std([(grad_max or {}).get((group, setting, r['seed'])) for r in end], 1)} |")
+    if summary.get("frontier"):
+        lines += ["", "## The lr frontier: OOD vs ID over every lr and epoch", "",
+                  "Frontier of an arm at ID level x: the best OOD among its (lr, epoch) points "
+                  "(means over seeds) with ID >= x. Gap: the largest PSFT-minus-other frontier "
+                  "difference over the ID levels 0.50-0.99 both reach; 95% interval from 1000 "
+                  "bootstrap resamples of the seeds.", "",
+                  "| PSFT vs | largest OOD gap at equal ID | at ID | 95% interval |",
+                  "|---|---|---|---|"]
+        for other, g in summary["frontier"].items():
+            if g is None:
+                lines.append(f"| {other} | no common ID level >= 0.50 | | |")
+                continue
+            lines.append(f"| {other} | {g['gap']:+.3f} | {g['at_id']} | "
+                         f"[{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}] |")
     if summary.get("aggregation_matched_id"):
         lines += ["", "## Aggregation and warm-up: OOD at matched ID within each variant", "",
                   "Each variant's level is the highest ID every learning arm reaches in it.", "",

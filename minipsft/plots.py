@@ -133,6 +133,31 @@ def ablations(records, path):
     plt.close(fig)
 
 
+def frontier(points: dict, gaps: dict, path):
+    """Every (arm, lr, epoch) point (means over seeds) and each arm's frontier; the title says the
+    largest gap between PSFT's frontier and SFT's (PSFT's schedule and lr)."""
+    fig, ax = plt.subplots(figsize=(8.5, 6.5))
+    levels = [0.5 + 0.005 * i for i in range(100)]
+    for arm, pts in points.items():
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=14, alpha=0.45, color=COLORS[arm])
+        curve = [(x, max((p[1] for p in pts if p[0] >= x), default=None)) for x in levels]
+        curve = [(x, y) for x, y in curve if y is not None]
+        ax.step([x for x, _ in curve], [y for _, y in curve], where="post", color=COLORS[arm],
+                linewidth=2, label=f"{LABELS[arm]} ({len(pts)} lr x epoch points)")
+    g = gaps.get("sft")
+    finding = "PSFT vs SFT at equal ID: "
+    if g is not None:
+        finding += (f"largest OOD gap {g['gap']:+.3f} at ID {g['at_id']} "
+                    f"(95% interval {g['ci95'][0]:+.3f} to {g['ci95'][1]:+.3f})")
+    ax.set(title=finding + "\nfrontier = best OOD at ID >= x, over every lr and epoch",
+           xlabel="in-domain accuracy", ylabel="out-of-domain accuracy", xlim=(0.45, 1.0))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 START_COLORS = {"base": "tab:gray", "sft_paper": "tab:orange", "sft": "tab:red", "psft": "tab:blue"}
 START_LABELS = {"base": "base model", "sft_paper": "SFT (paper recipe) -> RL", "sft": "SFT (PSFT's lr) -> RL",
                 "psft": "PSFT -> RL"}

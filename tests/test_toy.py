@@ -139,3 +139,38 @@ def test_the_quick_preset_is_the_cpu_world_smaller():
     assert quick.base == cpu.base and quick.n_train == cpu.n_train
     assert (quick.lr, quick.sft_paper_lr) == (cpu.lr, cpu.sft_paper_lr)
     assert set(quick.arms) == {"psft", "sft", "sft_paper"} and quick.epochs < cpu.epochs
+
+
+def test_frontier_jobs_sweep_the_lrs_for_every_arm():
+    from minipsft.experiments import FRONTIER_LRS, FRONTIER_PAPER_LRS
+
+    jobs = ablation_jobs(PRESETS["cpu"], "frontier", {})
+    assert len(jobs) == (3 * len(FRONTIER_LRS) + len(FRONTIER_PAPER_LRS)) * 3
+    lrs = {(j["arm"], j["config"]["lr"]) for j in jobs}
+    assert ("psft", 1e-4) in lrs and ("sft", 3e-3) in lrs and ("sft_paper", 2e-3) in lrs
+    assert max(FRONTIER_LRS) / min(FRONTIER_LRS) >= 10
+    paper = [j for j in jobs if j["arm"] == "sft_paper"]
+    assert all(j["config"]["minibatch_size"] == j["config"]["batch_size"] for j in paper)
+
+
+def test_frontier_gap_and_its_bootstrap_on_hand_made_records():
+    from minipsft.experiments import frontier_summary, frontier_value, largest_gap
+
+    def rec(arm, lr, seed, epoch, id_acc, ood):
+        return {"method": arm, "setting": f"{arm} lr={lr:g}", "seed": seed, "epoch": epoch,
+                "id_acc": id_acc, "ood_acc": ood}
+
+    records = []
+    for seed in (0, 1, 2):
+        # PSFT: 0.1 more OOD than SFT at every ID it reaches; two lrs, two epochs each
+        for arm, bonus in (("psft", 0.1), ("sft", 0.0)):
+            records += [rec(arm, 1e-4, seed, 1, 0.6, 0.5 + bonus),
+                        rec(arm, 1e-4, seed, 2, 0.9, 0.3 + bonus),
+                        rec(arm, 1e-3, seed, 1, 0.8, 0.35 + bonus)]
+    points = {"psft": [(0.6, 0.6, 1e-4, 1), (0.9, 0.4, 1e-4, 2), (0.8, 0.45, 1e-3, 1)]}
+    assert frontier_value(points["psft"], 0.7) == 0.45
+    assert frontier_value(points["psft"], 0.95) is None
+    summary = frontier_summary(records, resamples=50)
+    assert summary["sft"]["gap"] == pytest.approx(0.1)
+    assert summary["sft"]["ci95"] == pytest.approx([0.1, 0.1])  # identical seeds: no spread
+    assert largest_gap({"a": points["psft"], "b": points["psft"]}, "a", "b", [0.6])[0] == 0
