@@ -23,7 +23,8 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Loss", "LOSSES", "clipped_surrogate", "psft_loss", "sft_loss", "dft_loss", "sft_kl_loss",
+__all__ = ["Loss", "LOSSES", "clipped_surrogate", "psft_loss", "sft_loss", "dft_loss",
+           "sft_kl_loss",
            "masked_mean",
            "surrogate_terms", "nll_terms", "dft_terms", "kl_terms"]
 

@@ -20,7 +20,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-__all__ = ["CausalLM", "DataError", "ModelLoadError", "token_logprobs", "fused_head_loss", "fast_head",
+__all__ = ["CausalLM", "DataError", "ModelLoadError", "token_logprobs", "fused_head_loss",
+           "fast_head",
            "logit_scale", "ScaledHead",
            "char_tokenizer", "resolve_device", "resolve_dtype"]
 
@@ -451,8 +452,8 @@ class CausalLM:
     # ---------------------------------------------------------------- LoRA
     def add_lora(self, r: int = 16, alpha: float | None = None, dropout: float = 0.0,
                  target_modules="all-linear"):
-        """Wrap the model with a fresh LoRA adapter (``peft``): only the adapter trains, pi_old stays
-        a set of stored log-probs, and pi_ref (SFT+KL, the anchored ablation) is the model with
+        """Wrap the model with a fresh LoRA adapter (``peft``): only the adapter trains, pi_old
+        stays a set of stored log-probs, and pi_ref (SFT+KL, the anchored ablation) is the model with
         its adapter switched off, not a copy. ``alpha`` defaults to ``2 * r``; ``target_modules``
         is peft's (``"all-linear"``: every linear layer but the output head)."""
         try:
@@ -562,7 +563,8 @@ class CausalLM:
         return ids[:first], ids[first:], mask[first:]
 
     def encode(self, rows, max_length=None, all_assistant_turns: bool = False) -> list:
-        """Rows -> examples ``{"input_ids": [...], "completion_mask": [...]}`` (1 on trained tokens).
+        """Rows -> examples ``{"input_ids": [...], "completion_mask": [...]}`` (1 on trained
+        tokens).
 
         Formats (TRL's): ``{"prompt": str, "completion": str}`` (EOS appended to the completion),
         ``{"messages": [...]}`` (the final assistant message is the completion, the rest the prompt,

@@ -20,7 +20,8 @@ micro-batches of the coming steps up to the next refresh (within the epoch) and 
 after the current step once with the current weights (no grad, dropout off); each step then
 compares its log-probs with those. The current step's own forward is its log pi_old (ratio 1).
 ``global_step`` does not move during gradient accumulation, so accumulation never changes which
-weights count as pi_old. PEFT models (``peft_config=...``) work the same way: only the adapter trains.
+weights count as pi_old. PEFT models (``peft_config=...``) work the same way: only the adapter
+trains.
 
 **Cost.** Memory: the stored log-probs ([rows, tokens] floats for ``refresh_steps`` optimizer
 steps) and the buffered micro-batches; no second set of weights. Time: one no-grad forward per
@@ -69,9 +70,9 @@ class PSFTConfig(SFTConfig):
 
 
 class PSFTTrainer(SFTTrainer):
-    """TRL's ``SFTTrainer`` with the PSFT loss against pi_old log-probs stored every ``refresh_steps``
-    optimizer steps (see the module docstring). Logs ``clipfrac``, ``ratio_mean``, ``ratio_max``,
-    ``approx_kl`` and ``entropy`` through the Trainer's normal logging."""
+    """TRL's ``SFTTrainer`` with the PSFT loss against pi_old log-probs stored every
+    ``refresh_steps`` optimizer steps (see the module docstring). Logs ``clipfrac``,
+    ``ratio_mean``, ``ratio_max``, ``approx_kl`` and ``entropy`` through the Trainer's logging."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
