@@ -403,6 +403,9 @@ def fmt_mean_std(xs, digits=3):
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
+_fmt = fmt_mean_std  # the reports' shorthand
+
+
 def matched_id(records: list, arms) -> dict:
     """OOD accuracy at the first epoch each arm reaches a common ID level: the highest level (rounded
     down to 0.05) that every *learning* arm reaches on average, i.e. the lowest of their best mean
@@ -542,8 +545,8 @@ def report(summary: dict, records: list, grad_max: dict | None = None) -> str:
             for e in range(last + 1):
                 rs = [r for r in main if r["method"] == arm and r["epoch"] == e]
                 if rs:
-                    cells = [fmt_mean_std([r.get(k) for r in rs]) for k in keys]
-                    extra = [fmt_mean_std([r["train_entropy"] for r in rs]) if e else "", fmt_mean_std([r["clipfrac"] for r in rs]) if e else ""]
+                    cells = [_fmt([r.get(k) for r in rs]) for k in keys]
+                    extra = [_fmt([r["train_entropy"] for r in rs]) if e else "", _fmt([r["clipfrac"] for r in rs]) if e else ""]
                     lines.append(f"| {arm} | {e} | " + " | ".join(cells + extra) + " |")
         m = summary["matched_id"]
         lines += ["", f"## OOD at matched ID (first epoch with id_acc >= {m['level']:.2f})", "",
@@ -552,7 +555,7 @@ def report(summary: dict, records: list, grad_max: dict | None = None) -> str:
                      if m.get("not_learning") else "") + ".", "",
                   "| arm | seeds reaching | epoch | id_acc | ood_acc |", "|---|---|---|---|---|"]
         for arm, v in m["arms"].items():
-            lines.append(f"| {arm} | {v['reached']} | {v['epoch']} | {fmt_mean_std(v['id_acc'])} | {fmt_mean_std(v['ood_acc'])} |")
+            lines.append(f"| {arm} | {v['reached']} | {v['epoch']} | {_fmt(v['id_acc'])} | {_fmt(v['ood_acc'])} |")
         if summary["sft_small_step_ratio"]:
             lines += ["", "sft_small lr = lr x (PSFT drift / SFT drift after epoch 1): ratio per seed "
                       + ", ".join(f"{k}: {v:.3f}" for k, v in summary["sft_small_step_ratio"].items())]
@@ -577,10 +580,10 @@ def report(summary: dict, records: list, grad_max: dict | None = None) -> str:
                 end = [r for r in rs if r["epoch"] == last]
                 best = [max((r for r in rs if r["seed"] == s and r["epoch"] > 0), key=lambda r: r["id_acc"])
                         for s in sorted({r["seed"] for r in rs})]
-                lines.append(f"| {group} | {setting} | {fmt_mean_std([r['id_acc'] for r in end])} | "
-                             f"{fmt_mean_std([r['ood_acc'] for r in end])} | {fmt_mean_std([r['entropy'] for r in end])} | "
-                             f"{fmt_mean_std([r['id_acc'] for r in best])} | {fmt_mean_std([r['ood_acc'] for r in best])} | "
-                             f"{fmt_mean_std([(grad_max or {}).get((group, setting, r['seed'])) for r in end], 1)} |")
+                lines.append(f"| {group} | {setting} | {_fmt([r['id_acc'] for r in end])} | "
+                             f"{_fmt([r['ood_acc'] for r in end])} | {_fmt([r['entropy'] for r in end])} | "
+                             f"{_fmt([r['id_acc'] for r in best])} | {_fmt([r['ood_acc'] for r in best])} | "
+                             f"{_fmt([(grad_max or {}).get((group, setting, r['seed'])) for r in end], 1)} |")
     if summary.get("frontier"):
         lines += ["", "## The lr frontier: OOD vs ID over every lr and epoch", "",
                   "Frontier of an arm at ID level x: the best OOD among its (lr, epoch) points "
@@ -603,5 +606,5 @@ def report(summary: dict, records: list, grad_max: dict | None = None) -> str:
     for label, m in summary.get("aggregation_matched_id", {}).items():
         for arm, v in m["arms"].items():
             lines.append(f"| {label} | {m['level']:.2f} | {arm} | {v['reached']} | {v['epoch']} | "
-                         f"{fmt_mean_std(v['id_acc'])} | {fmt_mean_std(v['ood_acc'])} |")
+                         f"{_fmt(v['id_acc'])} | {_fmt(v['ood_acc'])} |")
     return "\n".join(lines) + "\n"

@@ -27,11 +27,13 @@ from pathlib import Path
 import torch
 
 from . import plots, toy
-from .experiments import PRESETS, fmt_mean_std, run_jobs, reproduce, same_preset
+from .experiments import PRESETS, fmt_mean_std, reproduce, run_jobs, same_preset
 from .model import CausalLM
 from .rl import GRPOConfig, grpo
 
 STARTS = ("base", "sft_paper", "sft", "psft")
+
+_fmt = fmt_mean_std  # the report's shorthand
 
 
 @dataclass
@@ -214,12 +216,12 @@ def report(summary: dict, records: list, runs: list = ()) -> str:
                          [statistics.fmean(x["reward"] for x in h[-k:]) for h in hs]]
                 cells += [[statistics.fmean(x[key] for x in h) for h in hs]
                           for key in ("zero_adv_groups", "clipfrac_high", "clipfrac_low")]
-                lines.append(f"| {start} | " + " | ".join(fmt_mean_std(c, 4 if i > 2 else 3) for i, c in enumerate(cells)) + " |")
+                lines.append(f"| {start} | " + " | ".join(_fmt(c, 4 if i > 2 else 3) for i, c in enumerate(cells)) + " |")
         lines.append("")
     keys = ("reward", "id_acc", "ood_acc", "ood_format", "sample_entropy", "rollout_entropy", "ood_kl")
     lines += ["## Along RL", "", "| start | step | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     for start in STARTS:
         for step in sorted({r["step"] for r in records if r["start"] == start}):
             rs = [r for r in records if r["start"] == start and r["step"] == step]
-            lines.append(f"| {start} | {step} | " + " | ".join(fmt_mean_std([r[k] for r in rs]) for k in keys) + " |")
+            lines.append(f"| {start} | {step} | " + " | ".join(_fmt([r[k] for r in rs]) for k in keys) + " |")
     return "\n".join(lines) + "\n"

@@ -453,9 +453,9 @@ class CausalLM:
     def add_lora(self, r: int = 16, alpha: float | None = None, dropout: float = 0.0,
                  target_modules="all-linear"):
         """Wrap the model with a fresh LoRA adapter (``peft``): only the adapter trains, pi_old
-        stays a set of stored log-probs, and pi_ref (SFT+KL, the anchored ablation) is the model with
-        its adapter switched off, not a copy. ``alpha`` defaults to ``2 * r``; ``target_modules``
-        is peft's (``"all-linear"``: every linear layer but the output head)."""
+        stays a set of stored log-probs, and pi_ref (SFT+KL, the anchored ablation) is the model
+        with its adapter switched off, not a copy. ``alpha`` defaults to ``2 * r``;
+        ``target_modules`` is peft's (``"all-linear"``: every linear layer but the output head)."""
         try:
             from peft import LoraConfig, get_peft_model
         except ImportError:

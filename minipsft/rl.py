@@ -36,22 +36,31 @@ __all__ = ["GRPOConfig", "grpo", "group_advantages"]
 class GRPOConfig:
     """Every setting of a GRPO run. The help text of each field is its documentation."""
     steps: int = setting(50, "rollout steps (sample, score, update)")
-    prompts_per_step: int = setting(16, "prompts drawn per rollout step (cycling through a per-seed shuffle of the pool)")
-    group_size: int = setting(8, "completions sampled per prompt; advantages are normalised within each group")
-    minibatch_size: int = setting(32, "sequences per optimizer step: prompts_per_step * group_size / minibatch_size "
+    prompts_per_step: int = setting(16, "prompts drawn per rollout step (cycling through a "
+                                        "per-seed shuffle of the pool)")
+    group_size: int = setting(8, "completions sampled per prompt; advantages are normalised within "
+                                 "each group")
+    minibatch_size: int = setting(32, "sequences per optimizer step: prompts_per_step * group_size "
+                                      "/ minibatch_size "
                                  "steps per rollout, all against the same pi_old (the sampler)")
     ppo_epochs: int = setting(1, "passes over each rollout batch")
     lr: float = setting(1e-5, "AdamW learning rate (constant)")
-    eps_low: float = setting(0.2, "lower clip: acts on negative-advantage tokens whose ratio fell below 1-eps_low")
-    eps_high: float = setting(0.28, "upper clip (DAPO's clip-higher): acts on positive-advantage tokens above 1+eps_high")
-    kl_coef: float = setting(0.0, "weight of a k3 KL(pi || pi_start) penalty on the sampled tokens (0 = none, as DAPO)")
-    scale_rewards: bool = setting(True, "divide by the group's reward std (GRPO); off = mean-centred only (Dr. GRPO)")
-    temperature: float = setting(1.0, "sampling temperature (log pi_old is taken at temperature 1, so keep 1 for exact ratios)")
+    eps_low: float = setting(0.2, "lower clip: acts on negative-advantage tokens whose ratio fell "
+                                  "below 1-eps_low")
+    eps_high: float = setting(0.28, "upper clip (DAPO's clip-higher): acts on positive-advantage "
+                                    "tokens above 1+eps_high")
+    kl_coef: float = setting(0.0, "weight of a k3 KL(pi || pi_start) penalty on the sampled tokens "
+                                  "(0 = none, as DAPO)")
+    scale_rewards: bool = setting(True, "divide by the group's reward std (GRPO); off = "
+                                        "mean-centred only (Dr. GRPO)")
+    temperature: float = setting(1.0, "sampling temperature (log pi_old is taken at temperature 1, "
+                                      "so keep 1 for exact ratios)")
     max_new_tokens: int = setting(64, "longest sampled completion")
     weight_decay: float = setting(0.0, "AdamW weight decay")
     grad_clip: float = setting(1.0, "clip the global gradient norm to this (0 = off)")
     seed: int = setting(0, "seed of the prompt order and of the sampling")
-    eval_every: int = setting(10, "evaluate every N rollout steps (and always at the start and the end)")
+    eval_every: int = setting(10, "evaluate every N rollout steps (and always at the start and the "
+                                  "end)")
     progress: bool = setting(True, "show a tqdm progress bar")
 
     def check(self) -> None:

@@ -51,19 +51,27 @@ class TrainConfig:
     method: str = setting("psft", f"loss: {' | '.join(LOSSES)} (losses.LOSSES; one loop, one data "
                                   "order: only the loss differs)")
     epochs: int = setting(4, "passes over the data set")
-    lr: float = setting(1e-5, "peak AdamW learning rate (official: PSFT 1e-6, their SFT baseline 2e-5)")
-    batch_size: int = setting(256, "demonstrations per pi_old snapshot (official 256); log pi_old is computed once per batch")
-    minibatch_size: int = setting(32, "demonstrations per optimizer step (official 32): batch_size/minibatch_size "
+    lr: float = setting(1e-5, "peak AdamW learning rate (official: PSFT 1e-6, their SFT baseline "
+                              "2e-5)")
+    batch_size: int = setting(256, "demonstrations per pi_old snapshot (official 256); log pi_old "
+                                   "is computed once per batch")
+    minibatch_size: int = setting(32, "demonstrations per optimizer step (official 32): "
+                                      "batch_size/minibatch_size "
                                  "steps per snapshot; equal to batch_size, PSFT is exactly SFT")
-    micro_batch_size: int = setting(0, "demonstrations per forward/backward within a minibatch, gradients accumulated "
+    micro_batch_size: int = setting(0, "demonstrations per forward/backward within a minibatch, "
+                                       "gradients accumulated "
                                   "(saves memory, same result); 0 = the whole minibatch at once")
-    eps_low: float = setting(0.2, "lower clip, ratio >= 1-eps_low (never acts when the advantage is positive)")
-    eps_high: float = setting(0.28, "upper clip, ratio <= 1+eps_high (DAPO's clip-higher, as the official code); "
+    eps_low: float = setting(0.2, "lower clip, ratio >= 1-eps_low (never acts when the advantage "
+                                  "is positive)")
+    eps_high: float = setting(0.28, "upper clip, ratio <= 1+eps_high (DAPO's clip-higher, as the "
+                                    "official code); "
                                "a huge value turns the clip off")
-    refresh_pi_old: bool = setting(True, "refresh pi_old at every batch; off anchors pi_old to the starting model "
+    refresh_pi_old: bool = setting(True, "refresh pi_old at every batch; off anchors pi_old to the "
+                                         "starting model "
                                     "(the paper's 'no update' ablation)")
     sft_warmup_steps: int = setting(0, "plain-SFT optimizer steps before PSFT starts")
-    length_bucketing: bool = setting(False, "within each batch, group demonstrations of similar length into the same "
+    length_bucketing: bool = setting(False, "within each batch, group demonstrations of similar "
+                                            "length into the same "
                                        "minibatch (less padding; same batches and snapshots for every method)")
     kl_coef: float = setting(0.5, "weight of the KL(pi || pi_ref) penalty of sft_kl (paper: 0.5)")
     weight_decay: float = setting(0.1, "AdamW weight decay")
@@ -76,10 +84,13 @@ class TrainConfig:
                                      "minibatch weighs the same (TRL's DAPO/BNPO); "
                                      "seq_mean_token_mean: every demonstration's token-mean weighs "
                                      "the same (the official 8-GPU run)")
-    lr_schedule: str = setting("constant", "after warm-up: constant | cosine (down to 0 at the last step)")
+    lr_schedule: str = setting("constant", "after warm-up: constant | cosine (down to 0 at the "
+                                           "last step)")
     seed: int = setting(0, "seed of the data order and of torch's RNG")
-    eval_every: int = setting(0, "also evaluate every N optimizer steps (always: at the start and after each epoch)")
-    checkpoint_every: int = setting(0, "with an output folder, save a resumable checkpoint every N batches "
+    eval_every: int = setting(0, "also evaluate every N optimizer steps (always: at the start and "
+                                 "after each epoch)")
+    checkpoint_every: int = setting(0, "with an output folder, save a resumable checkpoint every N "
+                                       "batches "
                                   "(always after each epoch)")
     progress: bool = setting(True, "show a tqdm progress bar")
 
@@ -333,7 +344,8 @@ def train(lm, examples: list, cfg: TrainConfig, out_dir=None, eval_fn=None, resu
     def save_checkpoint():
         if ckpt_path is not None:
             tmp = ckpt_path.with_suffix(".tmp")
-            torch.save({"model": _model_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            torch.save({"model": _model_state(model), "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(),
                         "rng": _rng_state(), "position": dict(pos), "history": history, "evals": evals,
                         "config": asdict(cfg)}, tmp)
             os.replace(tmp, ckpt_path)  # atomic: a crash mid-save never leaves a broken checkpoint
@@ -349,7 +361,8 @@ def train(lm, examples: list, cfg: TrainConfig, out_dir=None, eval_fn=None, resu
                 order = batches[b]
                 if cfg.length_bucketing:
                     order = sorted(order, key=lambda i: len(examples[i]["input_ids"]))
-                minibatches = [lm.collate([examples[i] for i in idx]) for idx in chunks(order, cfg.minibatch_size)]
+                minibatches = [lm.collate([examples[i] for i in idx])
+                               for idx in chunks(order, cfg.minibatch_size)]
                 # log pi_old per minibatch; filled at the batch's first PSFT step ("take the snapshot")
                 old = [None] * len(minibatches)
                 for j in range(len(minibatches)):
