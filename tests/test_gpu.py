@@ -77,11 +77,14 @@ def test_gpu_fuses_adamw_and_keeps_the_vocabulary_chunks_when_they_fit():
     lm = _on_gpu()
     assert adamw(lm.model.parameters(), 1e-3, 0.1).defaults["fused"] is True
     batch = lm.collate(lm.encode(addition_rows(8)))
+    with torch.no_grad():  # the one-time check of the fast head against the model's logits, first
+        token_logprobs(lm.model, batch["input_ids"][:1], batch["attention_mask"][:1])
     calls = []
     hook = lm.model.get_output_embeddings().register_forward_hook(lambda *_: calls.append(1))
     T1 = batch["input_ids"].shape[1] - 1
-    logp, _ = token_logprobs(lm.model, batch["input_ids"], batch["attention_mask"], chunk_elements=8 * len(lm.tokenizer))
-    logp.sum().backward()  # a tiny model's logits fit: each one-position chunk is projected once, not recomputed
+    logp, _ = token_logprobs(lm.model, batch["input_ids"], batch["attention_mask"],
+                             chunk_elements=8 * len(lm.tokenizer))
+    logp.sum().backward()  # a tiny model's logits fit: each one-position chunk projected once
     hook.remove()
     assert len(calls) == T1
 
