@@ -83,6 +83,7 @@ class Preset:
     gradient_checkpointing: bool = False  # recompute each layer in backward (less GPU memory)
     loss_aggregation: str = "token_mean"  # or seq_mean_token_mean (train.TrainConfig)
     lr_warmup_batches: int = 0  # the official lr warm-up, counted in batches (train.TrainConfig)
+    pretrain_seed: int | None = None  # pretrain the base with this seed instead of base's own
 
 
 PRESETS = {
@@ -243,7 +244,10 @@ def reproduce(preset_name: str, out_dir, cache_dir=None, seeds=None, workers=Non
     t0 = time.perf_counter()
     torch.set_num_threads(max(1, p.threads * p.workers))
     if p.world == "toy":
-        base, base_path, cached = toy.pretrained_base(p.base, cache_dir, device=device)
+        base_config = p.base
+        if p.pretrain_seed is not None:  # another draw of the base: its data sample and init
+            base_config = replace(p.base, pretrain_seed=p.pretrain_seed)
+        base, base_path, cached = toy.pretrained_base(base_config, cache_dir, device=device)
         how = "pretrained now"
         if cached:
             how = "shipped with the package" if toy.SHIPPED_BASES in base_path.parents else "cached"
