@@ -18,7 +18,7 @@ import torch
 from .data import load_rows
 from .losses import LOSSES
 from .model import CausalLM, DataError
-from .experiments import ABLATIONS, PRESETS, Preset
+from .experiments import ABLATIONS, ARMS, PRESETS, Preset
 from .experiments_rl import RLPreset
 from .train import (RUN_FILES, NonFiniteLossError, TrainConfig, heldout_eval, summarize,
                     train)
@@ -176,6 +176,53 @@ def _add_reproduce(sub, common) -> None:
                    help=_set_help(Preset, "--list-presets"))
 
 
+ARM_NAMES = [a for a in ARMS if a != "sft_small"]  # sft_small needs psft and sft beside it
+
+
+def _add_compare(sub, common) -> None:
+    c = sub.add_parser(
+        "compare", formatter_class=HelpFormatter, parents=[common],
+        help="SFT vs PSFT on your own data and model (the files world)",
+        description=_wrap(
+            "Does PSFT help on my data? Fine-tune MODEL on TRAIN with PSFT, SFT at PSFT's lr and "
+            "schedule, and SFT in the paper's recipe (one step per batch, a higher lr), over "
+            "seeds, from the same model and in the same data order; after every epoch score "
+            "exact match of the answer on TEST (greedy) and every OOD set. Writes the toy world's "
+            "files: DIR/results.json, DIR/report.md, DIR/histories/, DIR/epoch_stability.png and "
+            "DIR/tradeoff.png. Files: JSONL/Parquet in TRL's prompt-completion or messages "
+            "format; an OOD set is multiple-choice JSONL (prompt, choices, label: scored by each "
+            "choice's log-likelihood) or more such rows (exact match)."),
+        epilog=_examples(
+            "python -m minipsft compare --model Qwen/Qwen2.5-0.5B-Instruct --train train.jsonl "
+            "\
+      --test test.jsonl --ood arc=arc.jsonl --answer gsm8k --out runs/compare",
+            "python -m minipsft compare --model ./my-model --train t.jsonl --test v.jsonl "
+            "--arms psft sft sft_paper sft_kl dft \
+      --answer 'Answer: (\\S+)' --epochs 2 "
+            "--seeds 0 1 2 --out runs/mine"))
+    c.add_argument("--model", required=True, help="hub id or folder of the model to fine-tune")
+    c.add_argument("--train", required=True, help="training rows (.jsonl, .json or .parquet)")
+    c.add_argument("--test", required=True,
+                   help="held-out rows: the in-domain score is exact match of their answers")
+    c.add_argument("--ood", nargs="*", default=[], metavar="NAME=PATH",
+                   help="out-of-domain sets: multiple-choice JSONL or prompt/answer rows")
+    c.add_argument("--answer", default="whole",
+                   help="what exact match compares: 'whole' (the whole completion, stripped), "
+                        "'gsm8k' (the number after ####, else the last number) or a regular "
+                        "expression (its first group)")
+    c.add_argument("--arms", nargs="+", default=list(PRESETS["files"].arms), choices=ARM_NAMES,
+                   help="the methods compared (sft_kl and dft on request)")
+    c.add_argument("--epochs", type=int, default=PRESETS["files"].epochs, help="epochs per run")
+    c.add_argument("--lr", type=float, default=PRESETS["files"].lr,
+                   help="PSFT's lr (and SFT's at PSFT's schedule)")
+    c.add_argument("--sft-paper-lr", type=float, default=PRESETS["files"].sft_paper_lr,
+                   help="the paper-recipe SFT's lr")
+    _add_run_flags(c)
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help=_set_help(Preset, "python -m minipsft reproduce --list-presets, "
+                                          "preset 'files'"))
+
+
 def _add_reproduce_rl(sub, common) -> None:
     g = sub.add_parser(
         "reproduce-rl", formatter_class=HelpFormatter, parents=[common],
@@ -205,12 +252,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m minipsft", formatter_class=HelpFormatter,
         description=_wrap("Proximal Supervised Fine-Tuning: fine-tune a causal LM (train), "
                           "reproduce the paper's claims in a toy world or on GSM8K (reproduce), "
+                          "compare SFT and PSFT on your own data (compare), "
                           "RL after fine-tuning (reproduce-rl)."),
         epilog=_examples("python -m minipsft train --help",
+                         "python -m minipsft compare --help",
                          "python -m minipsft reproduce --preset quick --out runs/quick"))
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub, common)
     _add_reproduce(sub, common)
+    _add_compare(sub, common)
     _add_reproduce_rl(sub, common)
     return parser
 
@@ -270,6 +320,15 @@ def run(args) -> None:
         reproduce_rl(args.preset, args.out, cache_dir=args.cache, seeds=args.seeds,
                      workers=args.workers, device=args.device,
                      **_overrides(args.overrides, RLPreset))
+        return
+    if args.command == "compare":
+        from .experiments import reproduce
+
+        reproduce("files", args.out, cache_dir=args.cache, seeds=args.seeds,
+                  workers=args.workers, device=args.device, model=args.model,
+                  train_file=args.train, test_file=args.test, ood_files=tuple(args.ood),
+                  answer=args.answer, arms=tuple(args.arms), epochs=args.epochs, lr=args.lr,
+                  sft_paper_lr=args.sft_paper_lr, **_overrides(args.overrides))
         return
     if args.command == "reproduce":
         from .experiments import reproduce

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .model import DataError
 
-__all__ = ["load_rows", "check_rows", "DataError"]
+__all__ = ["load_rows", "read_json_rows", "check_rows", "DataError"]
 
 
 def load_rows(path) -> list:
@@ -34,12 +34,12 @@ def load_rows(path) -> list:
         except Exception as e:  # noqa: BLE001 - any reader failure: name the file and the reason
             raise DataError(f"{path}: cannot be read as parquet: {type(e).__name__}: {e}") from e
     else:
-        rows = _read_json_rows(path)
+        rows = read_json_rows(path)
     check_rows(rows, source=str(path))
     return rows
 
 
-def _read_json_rows(path: Path) -> list:
+def read_json_rows(path: Path) -> list:
     """Rows of a JSONL file (or of a ``.json`` file holding one list of objects)."""
     text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is not an error
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):

@@ -32,10 +32,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import plots, real, toy
+from . import plots, toy
 from .losses import LOSSES
 from .model import CausalLM
 from .train import TrainConfig, train
+from .worlds import make_world, world_words
 
 # one arm per registered loss (losses.LOSSES, at PSFT's schedule and lr), plus two SFT controls
 ARMS = tuple(LOSSES) + ("sft_paper", "sft_small")
@@ -84,6 +85,13 @@ class Preset:
     loss_aggregation: str = "token_mean"  # or seq_mean_token_mean (train.TrainConfig)
     lr_warmup_batches: int = 0  # the official lr warm-up, counted in batches (train.TrainConfig)
     pretrain_seed: int | None = None  # pretrain the base with this seed instead of base's own
+    # the gsm8k and files worlds (worlds.py): the model, and where the data come from
+    model: str | None = None  # hub id or folder of the model to fine-tune
+    data_dir: str | None = None  # gsm8k: local files in the hub schemas (real.LOCAL_FILES)
+    train_file: str | None = None  # files: training rows, TRL's prompt-completion or messages
+    test_file: str | None = None  # files: held-out rows, the answer scored by exact match
+    ood_files: tuple = ()  # files: NAME=PATH sets, multiple-choice JSONL or prompt/answer rows
+    answer: str = "whole"  # files: what exact match compares: whole, gsm8k or a regex (group 1)
 
 
 PRESETS = {
@@ -99,11 +107,25 @@ PRESETS = {
                                       pretrain_lr=1e-3),
                   n_train=4096, n_id_eval=1024, ood_per_task=128, n_samples=512, epochs=8, batch_size=256,
                   minibatch_size=32, lr=5e-5, sft_paper_lr=1e-3, seeds=(0, 1, 2, 3, 4), workers=1, threads=8),
+    # the user's own files and model (the compare command): every row, the paper's lrs
+    "files": Preset(base=None, world="files", arms=("psft", "sft", "sft_paper"), n_train=0,
+                    n_id_eval=0, ood_per_task=0, epochs=3, batch_size=64, minibatch_size=8,
+                    lr=1e-6, sft_paper_lr=2e-5, seeds=(0,), workers=1, threads=8,
+                    max_length=1024, micro_batch_size=8, length_bucketing=True),
     # a hub model (--model) on GSM8K, OOD = TruthfulQA MC1 and ARC-Challenge; one GPU
     "gsm8k": Preset(base=None, world="gsm8k", arms=("psft", "sft", "sft_paper"), n_train=2048, n_id_eval=250,
                     ood_per_task=250, epochs=4, batch_size=256, minibatch_size=32, lr=1e-6, sft_paper_lr=2e-5,
                     seeds=(0,), workers=1, threads=8, max_length=1024, micro_batch_size=8, length_bucketing=True),
 }
+
+
+def preset_of(preset) -> Preset:
+    """A preset by name (``PRESETS``), or a ``Preset`` itself."""
+    if isinstance(preset, Preset):
+        return preset
+    if preset not in PRESETS:
+        raise ValueError(f"preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    return PRESETS[preset]
 
 
 def preset_from_env() -> str:
@@ -133,17 +155,12 @@ def run_one(job: dict) -> dict:
     """Fine-tune the base with one arm and seed; return its eval records and step history."""
     torch.set_num_threads(job["threads"])
     p: Preset = job["preset"]
+    world = make_world(p)
     lm = CausalLM.from_pretrained(job["base_path"], device=job.get("device", "cpu"),
-                                  dtype="float32" if p.world == "toy" else None,  # toy: float32 on any device
-                                  compile=p.compile, gradient_checkpointing=p.gradient_checkpointing)
-    if p.world == "toy":
-        examples = lm.encode(toy.id_rows(p.n_train, seed=10_000 + job["seed"]))
-        evaluator = toy.Evaluator(lm, toy.id_rows(p.n_id_eval, seed=1), toy.ood_rows(p.ood_per_task, seed=2),
-                                  n_samples=p.n_samples)
-    else:  # a hub (or local) model on GSM8K; the seed changes the data order
-        data = real.world_data(p.n_train, p.n_id_eval, p.ood_per_task, job.get("data_dir"))
-        examples = lm.encode(data["train"], max_length=p.max_length)
-        evaluator = real.Evaluator(lm, data["test"], data["ood"], p.max_new_tokens, p.max_length)
+                                  dtype=world.dtype, compile=p.compile,
+                                  gradient_checkpointing=p.gradient_checkpointing)
+    examples = lm.encode(world.train_rows(job["seed"]), max_length=p.max_length)
+    evaluator = world.evaluator(lm)
     cfg = replace(TrainConfig(**job["config"]), seed=job["seed"])
     clipped = ClippedTokens(lm.tokenizer, cfg.eps_high) if job.get("clip_analysis") else None
     best = {"epoch": None, "id_acc": -1.0}
@@ -233,33 +250,26 @@ def reproduce(preset_name: str, out_dir, cache_dir=None, seeds=None, workers=Non
     ``out_dir/checkpoints/ARM-sSEED/`` (the RL stage starts there). ``overrides``: any ``Preset`` field."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    p = replace(PRESETS[preset_name], **overrides)
+    if model is not None:
+        overrides["model"] = str(model)
+    if data_dir is not None:
+        overrides["data_dir"] = str(data_dir)
+    p = replace(preset_of(preset_name), **overrides)
     if seeds is not None:
         p = replace(p, seeds=tuple(seeds))
     if workers is not None:
         p = replace(p, workers=workers)
+    world = make_world(p)  # checks the settings and reads the user's files before anything runs
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(cache_dir or os.environ.get("MINIPSFT_CACHE", Path.home() / ".cache" / "minipsft"))
     t0 = time.perf_counter()
     torch.set_num_threads(max(1, p.threads * p.workers))
-    if p.world == "toy":
-        base_config = p.base
-        if p.pretrain_seed is not None:  # another draw of the base: its data sample and init
-            base_config = replace(p.base, pretrain_seed=p.pretrain_seed)
-        base, base_path, cached = toy.pretrained_base(base_config, cache_dir, device=device)
-        how = "pretrained now"
-        if cached:
-            how = "shipped with the package" if toy.SHIPPED_BASES in base_path.parents else "cached"
-        print(f"base model: {base_path} ({how}, "
-              f"{sum(x.numel() for x in base.model.parameters()) / 1e6:.2f}M parameters)")
-    elif model is None:
-        raise ValueError(f"preset {preset_name!r} fine-tunes a given model: pass --model (hub id or folder)")
-    else:
-        base_path, cached = model, True
+    base_path, how = world.base_model(cache_dir, device)
+    cached = how != "pretrained now"
+    print(f"base model: {base_path} ({how})")
     t_base = time.perf_counter() - t0
-    job0 = dict(preset=p, base_path=str(base_path), threads=p.threads, device=device,
-                data_dir=None if data_dir is None else str(data_dir))
+    job0 = dict(preset=p, base_path=str(base_path), threads=p.threads, device=device)
     main_job = dict(job0, save_best=str(out / "checkpoints") if save_best else None)
     runs = []
     if main:
@@ -276,7 +286,8 @@ def reproduce(preset_name: str, out_dir, cache_dir=None, seeds=None, workers=Non
     for name in ablations:
         runs += run_jobs(ablation_jobs(p, name, job0), p.workers, f"ablation {name}")
     wall = time.perf_counter() - t0
-    return write_results(out, p, preset_name, runs, base_path, cached, wall, t_base)
+    name = preset_name if isinstance(preset_name, str) else p.world
+    return write_results(out, p, name, runs, base_path, cached, wall, t_base)
 
 
 def same_preset(saved: dict, p: Preset) -> bool:
@@ -293,7 +304,7 @@ def reproduce_or_load(preset_name: str, out_dir, ablations=(), main=True, **kw) 
     path = Path(out_dir) / "results.json"
     if path.exists():
         res = load_results(out_dir)
-        current = replace(PRESETS[preset_name], **{k: v for k, v in kw.items() if k in {f.name for f in fields(Preset)}})
+        current = replace(preset_of(preset_name), **{k: v for k, v in kw.items() if k in {f.name for f in fields(Preset)}})
         same = same_preset(res["summary"]["preset_config"], current)
         groups = {r["group"] for r in res["records"]}
         if same and set(ablations) <= groups and (not main or "main" in groups):
@@ -403,6 +414,9 @@ def _mean_std(xs):
 
 
 def fmt_mean_std(xs, digits=3):
+    """``mean ± std`` of the values that are not None; ``-`` when there are none (never nan)."""
+    if all(x is None for x in xs):
+        return "-"
     m, s = _mean_std(xs)
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
@@ -514,15 +528,19 @@ def make_figures(out_dir) -> list:
     """(Re)draw every figure of a results folder from its files."""
     out = Path(out_dir)
     res = load_results(out)
+    words = world_words(res["summary"]["preset_config"])
     main_records = [r for r in res["records"] if r["group"] == "main"]
     figures = []
     if main_records:
-        plots.epoch_stability(res["runs"], ARMS, out / "epoch_stability.png")
-        plots.tradeoff(main_records, ARMS, res["summary"]["matched_id"], out / "tradeoff.png")
-        figures += ["epoch_stability.png", "tradeoff.png"]
+        plots.epoch_stability(res["runs"], ARMS, words, out / "epoch_stability.png")
+        figures.append("epoch_stability.png")
+    if any(r.get("ood_acc") is not None for r in main_records):  # a world with OOD sets
+        plots.tradeoff(main_records, ARMS, res["summary"]["matched_id"], words,
+                       out / "tradeoff.png")
+        figures.append("tradeoff.png")
     ablations = [r for r in res["records"] if r["group"] not in ("main", "frontier")]
     if ablations:
-        plots.ablations(ablations, out / "ablations.png")
+        plots.ablations(ablations, words, out / "ablations.png")
         figures.append("ablations.png")
     frontier = [r for r in res["records"] if r["group"] == "frontier"]
     if frontier:
@@ -534,14 +552,18 @@ def make_figures(out_dir) -> list:
 
 def report(summary: dict, records: list, grad_max: dict | None = None) -> str:
     """Markdown tables of the numbers (mean ± std over seeds), written from the records."""
-    lines = [f"# Toy-world results, preset `{summary['preset']}`", "",
+    words = world_words(summary["preset_config"])
+    lines = [f"# SFT vs PSFT {words.title}: results of preset `{summary['preset']}`", "",
              f"Wall time {summary['wall_seconds'] / 60:.1f} min (base model {summary['pretrain_seconds'] / 60:.1f} min, "
              f"{'loaded' if summary['base_loaded_from_cache'] else 'pretrained in this run'}). "
              "Values are mean ± std over seeds.", ""]
     main = [r for r in records if r["group"] == "main"]
     if main:
         last = max(r["epoch"] for r in main)
-        keys = ("id_acc", "ood_acc", "ood_format", "entropy", "sample_entropy", "ood_kl", "drift")
+        keys = list(words.columns)
+        if words.per_set:
+            keys += sorted({k for r in main for k in r if k.startswith("ood_")} - set(keys))
+        keys = [k for k in keys if any(r.get(k) is not None for r in main)]  # never a nan column
         lines += ["## Per epoch (main comparison)", "",
                   "| arm | epoch | " + " | ".join(keys) + " | train_entropy | clipfrac |",
                   "|---|---|" + "---|" * (len(keys) + 2)]

@@ -43,7 +43,7 @@ def _finish_grid(fig, axes, ncol: int, title: str, path) -> None:
     """Grid lines, one shared legend below the panels, the title; save and close."""
     for ax in axes.flat:
         ax.grid(alpha=0.3)
-    handles, labels = axes[0, 1].get_legend_handles_labels()
+    handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=ncol, frameon=False)
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.05, 1, 0.96))
@@ -51,38 +51,55 @@ def _finish_grid(fig, axes, ncol: int, title: str, path) -> None:
     plt.close(fig)
 
 
-def epoch_stability(runs, arms, path):
-    """Training entropy per step; ID, OOD and format accuracy, sample entropy and KL per epoch."""
+def panels(records, words) -> list:
+    """(key, title) of every metric of ``words`` that ``records`` hold, then one per OOD set."""
+    have = {k for r in records for k, v in r.items() if v is not None}
+    out = [(k, title) for k, title in words.metrics.items() if k in have]
+    if words.per_set:
+        sets = sorted(k for k in have if k.startswith("ood_") and k not in words.metrics)
+        out += [(k, f"Out-of-domain: {k[4:]}") for k in sets]
+    return out
+
+
+def epoch_stability(runs, arms, words, path):
+    """Training entropy per step, then each of the world's metrics per epoch (``words.metrics``,
+    one panel each, only those with data)."""
     main = [r for r in runs if r["job"].get("group", "main") == "main"]
     records = [x for r in main for x in r["records"]]
     arms = [a for a in arms if any(r["job"]["arm"] == a for r in main)]
-    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
-    ax = axes[0, 0]
+    shown = panels(records, words)
+    ncols = 3
+    nrows = -(-(len(shown) + 1) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(16, 4.25 * nrows), squeeze=False)
+    for ax in axes.flat[len(shown) + 1:]:
+        ax.remove()
+    ax = axes.flat[0]
     for arm in arms:
         hs = [r["history"] for r in main if r["job"]["arm"] == arm]
         xs = [h["epoch_frac"] for h in hs[0]]
         _band(ax, xs, [[h["entropy"] for h in hist] for hist in hs], COLORS[arm], LABELS[arm],
               smooth=max(1, len(xs) // 100))
-    ax.set(title="Token entropy of the training minibatches", xlabel="epoch", ylabel="mean entropy (nats)")
-    panels = [(axes[0, 1], "id_acc", "In-domain accuracy (held-out 8-11 letter reversals)", "accuracy"),
-              (axes[0, 2], "ood_acc", "Out-of-domain accuracy (prior tasks)", "accuracy"),
-              (axes[1, 0], "sample_entropy", "Entropy on the model's own samples (ID prompts)", "mean entropy (nats)"),
-              (axes[1, 1], "ood_format", "Format instructions followed (IFEval analogue)", "accuracy"),
-              (axes[1, 2], "ood_kl", "KL(model || base) on OOD demonstrations", "nats per token")]
-    for ax, key, title, ylabel in panels:
+    ax.set(title="Token entropy of the training minibatches", xlabel="epoch",
+           ylabel="mean entropy (nats)")
+    for ax, (key, title) in zip(axes.flat[1:], shown):
         for arm in arms:
             epochs, ys = _per_epoch(records, arm, key)
             if epochs:
                 _band(ax, epochs, ys, COLORS[arm], LABELS[arm], marker="o", markersize=3)
+        ylabel = "accuracy"
+        if "entropy" in key:
+            ylabel = "mean entropy (nats)"
+        elif key in ("ood_kl", "heldout_nll"):
+            ylabel = "nats per token"
         ax.set(title=title, xlabel="epoch", ylabel=ylabel)
         if ylabel == "accuracy":
             ax.set_ylim(-0.02, 1.02)
     seeds = len({r["job"]["seed"] for r in main})
-    _finish_grid(fig, axes, len(arms), f"SFT vs PSFT across epochs in the toy world (mean over {seeds} seed(s), "
-                 "band = min-max)", path)
+    _finish_grid(fig, axes, len(arms), f"SFT vs PSFT across epochs {words.title} (mean over "
+                 f"{seeds} seed(s), band = min-max)", path)
 
 
-def tradeoff(records, arms, matched, path):
+def tradeoff(records, arms, matched, words, path):
     """OOD against ID accuracy along training: one thin line per seed, a thick one for the mean."""
     fig, ax = plt.subplots(figsize=(7.5, 6))
     for arm in arms:
@@ -97,8 +114,10 @@ def tradeoff(records, arms, matched, path):
         ax.plot(mid, mood, color=COLORS[arm], marker="o", markersize=4, label=LABELS[arm], linewidth=2)
         ax.annotate(str(epochs[-1]), (mid[-1], mood[-1]), fontsize=8, color=COLORS[arm])
     ax.axvline(matched["level"], color="gray", linestyle="--", linewidth=1, label=f"common ID level {matched['level']:.2f}")
-    ax.set(title="Forgetting for the same skill: OOD vs ID along training\n(epoch 0 = base model; numbers = last epoch)",
-           xlabel="in-domain accuracy", ylabel="out-of-domain accuracy")
+    ax.set(title=f"Forgetting for the same skill: OOD vs ID along training {words.title}\n"
+                 "(epoch 0 = base model; numbers = last epoch)",
+           xlabel=f"in-domain accuracy ({words.id_name})",
+           ylabel=f"out-of-domain accuracy ({words.ood_name})")
     ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right", bbox_to_anchor=(1.0, 0.12))
@@ -107,7 +126,7 @@ def tradeoff(records, arms, matched, path):
     plt.close(fig)
 
 
-def ablations(records, path):
+def ablations(records, words, path):
     """Per ablation: ID and OOD accuracy per epoch for each setting."""
     groups = list(dict.fromkeys(r["group"] for r in records if r["group"] != "main"))
     fig, axes = plt.subplots(len(groups), 3, figsize=(16, 4.2 * len(groups)), squeeze=False)
@@ -127,7 +146,7 @@ def ablations(records, path):
                 ax.set_ylim(-0.02, 1.02)
             ax.grid(alpha=0.3)
         row[0].legend(fontsize=8)
-    fig.suptitle("PSFT ablations in the toy world (mean over seeds, band = min-max)")
+    fig.suptitle(f"PSFT ablations {words.title} (mean over seeds, band = min-max)")
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=100)
     plt.close(fig)

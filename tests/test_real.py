@@ -85,6 +85,9 @@ def test_reproduce_gsm8k_runs_the_whole_pipeline_on_a_local_model(tmp_path):
     for r in records:
         assert {"method", "seed", "epoch", "entropy", "id_acc", "ood_acc", "ood_truthfulqa", "ood_arc"} <= set(r)
     assert (out / "epoch_stability.png").exists() and (out / "tradeoff.png").exists()
+    report = (out / "report.md").read_text()  # in GSM8K's words, every cell a number
+    assert report.startswith("# SFT vs PSFT on GSM8K") and "ood_truthfulqa" in report
+    assert "nan" not in report and "toy" not in report.lower()
 
 
 def test_reproduce_gsm8k_needs_a_model(tmp_path):

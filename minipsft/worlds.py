@@ -1,0 +1,282 @@
+"""Worlds: what an experiment fine-tunes and how it scores it.
+
+A world gives the runner (``experiments.py``) and the RL stage (``experiments_rl.py``) five things:
+
+  ``base_model(cache_dir, device)``  the model every arm starts from: ``(path, how it was had)``
+  ``train_rows(seed)``               the demonstrations (rows in TRL's formats) for one data seed
+  ``evaluator(base)``                a callable ``lm -> {"id_acc", "ood_acc", "entropy", ...}``
+  ``reward(row, completion)``        the RL stage's verifiable reward, and ``rl_prompts(n, seed)``
+  ``words``                          what its report and figures call things (``Words``)
+
+Three worlds: ``toy`` (a tiny model pretrained here, ``toy.py``), ``gsm8k`` (a hub model on GSM8K,
+TruthfulQA MC1 and ARC-Challenge, ``real.py``) and ``files`` (the user's own train/test files and
+model, exact match of the answer, optional OOD sets). A new task is one more class here plus its
+entry in ``WORLDS``.
+"""
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from . import real, toy
+from .data import load_rows, read_json_rows
+from .model import DataError
+from .train import heldout_eval
+
+__all__ = ["Words", "WORLDS", "make_world", "answer_extractor", "load_choice_items",
+           "world_words", "ToyWorld", "GSM8KWorld", "FilesWorld"]
+
+
+@dataclass
+class Words:
+    """How a world's report and figures name things. ``metrics``: eval key -> panel title, in the
+    order drawn (a metric with no data in a results folder is not drawn); ``columns``: the report's
+    per-epoch table; with ``per_set``, every OOD set (``ood_<name>``) gets a panel and a column."""
+    title: str  # completes "SFT vs PSFT across epochs ...": "in the toy world", "on GSM8K"
+    id_name: str  # what in-domain means here, for axis labels
+    ood_name: str
+    metrics: dict = field(default_factory=dict)
+    columns: tuple = ("id_acc", "ood_acc", "entropy", "heldout_nll")
+    per_set: bool = True
+
+
+ENTROPY = {"entropy": "Entropy of held-out demonstrations (nats)"}
+
+
+# ------------------------------------------------------------------------------------------- toy
+class ToyWorld:
+    """The synthetic world (``toy.py``): a base pretrained here, letter reversals in domain, its
+    prior tasks out of domain."""
+
+    words = Words(
+        title="in the toy world", id_name="8-11 letter reversals", ood_name="prior tasks",
+        metrics={"id_acc": "In-domain accuracy (held-out 8-11 letter reversals)",
+                 "ood_acc": "Out-of-domain accuracy (prior tasks)",
+                 "sample_entropy": "Entropy on the model's own samples (ID prompts)",
+                 "ood_format": "Format instructions followed (IFEval analogue)",
+                 "ood_kl": "KL(model || base) on OOD demonstrations"},
+        columns=("id_acc", "ood_acc", "ood_format", "entropy", "sample_entropy", "ood_kl", "drift"),
+        per_set=False)
+    dtype = "float32"  # the toy runs in float32 on any device
+
+    def __init__(self, p):
+        self.p = p
+
+    def base_model(self, cache_dir, device) -> tuple:
+        config = self.p.base
+        if self.p.pretrain_seed is not None:  # another draw of the base: its data sample and init
+            config = replace(config, pretrain_seed=self.p.pretrain_seed)
+        base, path, cached = toy.pretrained_base(config, cache_dir, device=device)
+        how = "pretrained now"
+        if cached:
+            how = "shipped with the package" if toy.SHIPPED_BASES in path.parents else "cached"
+        n_params = sum(x.numel() for x in base.model.parameters()) / 1e6
+        return path, f"{how}, {n_params:.2f}M parameters"
+
+    def train_rows(self, seed: int) -> list:
+        return toy.id_rows(self.p.n_train, seed=10_000 + seed)
+
+    def evaluator(self, base):
+        return toy.Evaluator(base, toy.id_rows(self.p.n_id_eval, seed=1),
+                             toy.ood_rows(self.p.ood_per_task, seed=2), n_samples=self.p.n_samples)
+
+    def reward(self, row: dict, completion: str) -> float:
+        """1.0 when the toy checker accepts the answer (the reflection tail is ignored)."""
+        return float(toy.is_correct(row, completion))
+
+    def rl_prompts(self, n: int, seed: int) -> list:
+        return toy.id_rows(n, seed=20_000 + seed)  # ID prompts never used in fine-tuning
+
+
+# ------------------------------------------------------------------------------------------- GSM8K
+class GSM8KWorld:
+    """A hub (or local) model on GSM8K, with TruthfulQA MC1 and ARC-Challenge out of domain
+    (``real.py``); the data from the hub or from ``p.data_dir``."""
+
+    words = Words(title="on GSM8K", id_name="GSM8K", ood_name="TruthfulQA MC1 and ARC-Challenge",
+                  metrics={"id_acc": "In-domain: GSM8K exact match (greedy)",
+                           "ood_acc": "Out-of-domain: mean of TruthfulQA MC1 and ARC-Challenge",
+                           **ENTROPY})
+    dtype = None  # the model's own
+
+    def __init__(self, p):
+        if not p.model:
+            raise ValueError("the gsm8k world fine-tunes a given model: pass --model (hub id or "
+                             "folder)")
+        self.p = p
+        self._data = None
+
+    def data(self) -> dict:
+        if self._data is None:
+            p = self.p
+            self._data = real.world_data(p.n_train, p.n_id_eval, p.ood_per_task, p.data_dir)
+        return self._data
+
+    def base_model(self, cache_dir, device) -> tuple:
+        return self.p.model, "given"
+
+    def train_rows(self, seed: int) -> list:
+        return self.data()["train"]  # the seed changes the data order only
+
+    def evaluator(self, base):
+        d = self.data()
+        return real.Evaluator(base, d["test"], d["ood"], self.p.max_new_tokens, self.p.max_length)
+
+    def reward(self, row: dict, completion: str) -> float:
+        return real.gsm8k_reward(row, completion)
+
+    def rl_prompts(self, n: int, seed: int) -> list:
+        return self.data()["train"][:n]
+
+
+# ------------------------------------------------------------------------------------------- files
+def answer_extractor(answer: str):
+    """``text -> str | None``: what exact match compares. ``whole``: the whole text, stripped;
+    ``gsm8k``: GSM8K's final answer (``real.extract_answer``); anything else: a regular expression
+    whose first group (or whole match) is the answer, None when it does not match."""
+    if answer == "whole":
+        return lambda text: text.strip()
+    if answer == "gsm8k":
+        return real.extract_answer
+    try:
+        pattern = re.compile(answer)
+    except re.error as e:
+        raise ValueError(f"answer={answer!r}: not 'whole', 'gsm8k' or a valid regular "
+                         f"expression ({e})") from None
+
+    def extract(text):
+        match = pattern.search(text)
+        if match is None:
+            return None
+        return (match.group(1) if pattern.groups else match.group(0)).strip()
+    return extract
+
+
+def _prompt_and_reference(row: dict) -> tuple:
+    """A row in TRL's formats -> (prompt, reference completion text)."""
+    if row.get("messages") is not None:
+        return row["messages"][:-1], row["messages"][-1]["content"]
+    completion = row["completion"]
+    if not isinstance(completion, str):  # conversational prompt-completion
+        completion = completion[-1]["content"]
+    return row["prompt"], completion
+
+
+def load_choice_items(path) -> list:
+    """Multiple-choice rows (``prompt``, ``choices``, ``label``) from a JSONL file, checked row by
+    row (the row numbers are the file's line numbers)."""
+    rows, problems = read_json_rows(Path(path)), []
+    for i, r in enumerate(rows, start=1):
+        choices = r.get("choices")
+        if not isinstance(r.get("prompt"), str) or not r["prompt"].strip():
+            problems.append(f"row {i}: field 'prompt' must be a non-empty string")
+        elif not isinstance(choices, list) or len(choices) < 2 or \
+                not all(isinstance(c, str) and c.strip() for c in choices):
+            problems.append(f"row {i}: field 'choices' must be a list of 2 or more non-empty "
+                            f"strings")
+        elif not isinstance(r.get("label"), int) or not 0 <= r["label"] < len(choices):
+            problems.append(f"row {i}: field 'label' must be the index of the right choice "
+                            f"(0..{len(choices) - 1}), found {r.get('label')!r}")
+    if problems:
+        raise DataError.listing(f"{path}: {len(problems)} bad row(s)", problems)
+    return rows
+
+
+def _is_choice_file(path) -> bool:
+    return "choices" in read_json_rows(Path(path))[0]
+
+
+class FilesWorld:
+    """The user's own data: training rows and held-out test rows in TRL's formats (prompt-completion
+    or messages), scored by exact match of the answer (``answer_extractor``); OOD sets given as
+    ``name=path``, each multiple-choice JSONL (``prompt``, ``choices``, ``label``; scored by the
+    summed log-likelihood of each choice, as ``real.mc_accuracy``) or more prompt/answer rows
+    (exact match); any hub id or local folder as the model."""
+
+    dtype = None
+
+    def __init__(self, p):
+        if not p.model or not p.train_file or not p.test_file:
+            raise ValueError("the files world needs a model, a training file and a test file "
+                             "(--model, --train, --test)")
+        self.p = p
+        self.extract = answer_extractor(p.answer)
+        self.train = self._first(load_rows(p.train_file), p.n_train)
+        self.test = self._first(load_rows(p.test_file), p.n_id_eval)
+        self.ood_choice, self.ood_exact = {}, {}
+        for spec in p.ood_files:
+            name, sep, path = spec.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"OOD set {spec!r}: expected NAME=PATH")
+            if _is_choice_file(path):
+                self.ood_choice[name] = self._first(load_choice_items(path), p.ood_per_task)
+            else:
+                self.ood_exact[name] = self._first(load_rows(path), p.ood_per_task)
+        self.words = FilesWorld.words_for(vars(p))
+
+    @staticmethod
+    def words_for(config: dict) -> Words:
+        names = [spec.partition("=")[0] for spec in config.get("ood_files") or ()]
+        test = Path(config.get("test_file") or "test").name
+        train = Path(config.get("train_file") or "train").name
+        return Words(title=f"on {train}", id_name=test,
+                     ood_name=", ".join(names) or "none",
+                     metrics={"id_acc": f"In-domain: exact match on {test} (greedy)",
+                              "ood_acc": f"Out-of-domain: mean of {', '.join(names)}", **ENTROPY})
+
+    @staticmethod
+    def _first(rows: list, n: int) -> list:
+        return rows[:n] if n else rows  # n = 0: every row
+
+    def base_model(self, cache_dir, device) -> tuple:
+        return self.p.model, "given"
+
+    def train_rows(self, seed: int) -> list:
+        return self.train  # the seed changes the data order only
+
+    def exact_match(self, lm, rows: list) -> float:
+        prompts, references = zip(*(_prompt_and_reference(r) for r in rows))
+        outputs = lm.generate(list(prompts), max_new_tokens=self.p.max_new_tokens, batch_size=32)
+        hits = [self.extract(o) is not None and self.extract(o) == self.extract(ref)
+                for o, ref in zip(outputs, references)]
+        return sum(hits) / len(hits)
+
+    def evaluator(self, base):
+        heldout = base.encode(self.test, max_length=self.p.max_length)
+
+        def evaluate(lm) -> dict:
+            out = {"id_acc": self.exact_match(lm, self.test)}
+            for name, items in self.ood_choice.items():
+                out[f"ood_{name}"] = real.mc_accuracy(lm, items)
+            for name, rows in self.ood_exact.items():
+                out[f"ood_{name}"] = self.exact_match(lm, rows)
+            names = [*self.ood_choice, *self.ood_exact]
+            if names:
+                out["ood_acc"] = sum(out[f"ood_{n}"] for n in names) / len(names)
+            held = heldout_eval(lm, heldout)
+            out["heldout_nll"], out["entropy"] = held["heldout_nll"], held["heldout_entropy"]
+            return out
+        return evaluate
+
+    def reward(self, row: dict, completion: str) -> float:
+        """1.0 when the extracted answer equals the reference's exactly, else 0.0."""
+        answer = self.extract(completion)
+        return float(answer is not None and answer == self.extract(_prompt_and_reference(row)[1]))
+
+    def rl_prompts(self, n: int, seed: int) -> list:
+        return self.train[:n]
+
+
+WORLDS = {"toy": ToyWorld, "gsm8k": GSM8KWorld, "files": FilesWorld}
+
+
+def make_world(p):
+    """The world a preset names (``p.world``), set up with the preset's sizes and files."""
+    if p.world not in WORLDS:
+        raise ValueError(f"world {p.world!r}: choose one of {', '.join(WORLDS)}")
+    return WORLDS[p.world](p)
+
+
+def world_words(config: dict) -> Words:
+    """A world's words from a results folder's ``preset_config``, without loading any data."""
+    cls = WORLDS[config.get("world", "toy")]
+    return cls.words_for(config) if cls is FilesWorld else cls.words
