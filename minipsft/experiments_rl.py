@@ -26,10 +26,11 @@ from pathlib import Path
 
 import torch
 
-from . import plots, toy
+from . import plots
 from .experiments import PRESETS, fmt_mean_std, reproduce, run_jobs, same_preset
 from .model import CausalLM
 from .rl import GRPOConfig, grpo
+from .worlds import make_world, world_words
 
 STARTS = ("base", "sft_paper", "sft", "psft")
 
@@ -56,29 +57,29 @@ RL_PRESETS = {
     "cpu": RLPreset(),
     "gpu": RLPreset(steps=200, prompts_per_step=32, group_size=8, minibatch_size=64, lr=5e-5, eval_every=20,
                     n_prompts=4096),
+    # after 'compare' on a user's files and model: the training rows' prompts, exact-match reward
+    "files": RLPreset(steps=20, prompts_per_step=8, group_size=4, minibatch_size=8, lr=1e-6,
+                      eval_every=5, n_prompts=256),
 }
 
 
-def reward(row: dict, completion: str) -> float:
-    """1.0 when the toy checker accepts the answer (the reflection tail is ignored), else 0.0."""
-    return float(toy.is_correct(row, completion))
-
-
 def run_rl_one(job: dict) -> dict:
-    """GRPO from one starting model and seed; eval records (with the mean rollout reward and entropy
-    since the previous evaluation) and the per-step history."""
+    """GRPO from one starting model and seed, with the world's prompts, reward and evaluator; eval
+    records (with the mean rollout reward and entropy since the previous evaluation) and the
+    per-step history."""
     torch.set_num_threads(job["threads"])
     p, rp = job["preset"], job["rl"]
-    base = CausalLM.from_pretrained(job["base_path"], device=job["device"], dtype="float32")
-    lm = CausalLM.from_pretrained(job["start_path"], device=job["device"], dtype="float32")
-    evaluator = toy.Evaluator(base, toy.id_rows(p.n_id_eval, seed=1), toy.ood_rows(p.ood_per_task, seed=2),
-                              n_samples=p.n_samples)
+    world = make_world(p)
+    base = CausalLM.from_pretrained(job["base_path"], device=job["device"], dtype=world.dtype)
+    lm = CausalLM.from_pretrained(job["start_path"], device=job["device"], dtype=world.dtype)
+    evaluator = world.evaluator(base)
     del base
     cfg = GRPOConfig(steps=rp.steps, prompts_per_step=rp.prompts_per_step, group_size=rp.group_size,
                      minibatch_size=rp.minibatch_size, lr=rp.lr, eval_every=rp.eval_every,
-                     max_new_tokens=evaluator.id_tokens, seed=job["seed"], progress=False)
+                     max_new_tokens=world.max_new_tokens(), seed=job["seed"], progress=False)
     t0 = time.perf_counter()
-    result = grpo(lm, toy.id_rows(rp.n_prompts, seed=20_000 + job["seed"]), reward, cfg, eval_fn=evaluator)
+    prompts = world.rl_prompts(rp.n_prompts, job["seed"])
+    result = grpo(lm, prompts, world.reward, cfg, eval_fn=evaluator)
     hist, records, prev = result["history"], [], 0
     for ev in result["evals"]:
         # step 0: the first rollout (sampled before any update); later: the rollouts since the last eval
@@ -91,38 +92,47 @@ def run_rl_one(job: dict) -> dict:
             "seconds": time.perf_counter() - t0}
 
 
-def reproduce_rl(preset_name: str, out_dir, cache_dir=None, seeds=None, workers=None, device: str = "auto",
-                 **overrides) -> dict:
-    """Fine-tune (or reuse an earlier fine-tuning of ``out_dir/finetune`` made with the same settings),
-    then run GRPO from every start; write every results file and the figure into ``out_dir``. The runs
-    from the base model go beside the fine-tuning runs. ``overrides``: any ``RLPreset`` field."""
+def reproduce_rl(preset_name: str, out_dir, cache_dir=None, seeds=None, workers=None,
+                 device: str = "auto", finetune: dict | None = None, **overrides) -> dict:
+    """Fine-tune (or reuse an earlier fine-tuning of ``out_dir/finetune`` made with the same
+    settings), then run GRPO from every start; write every results file and the figure into
+    ``out_dir``. The runs from the base model go beside the fine-tuning runs. ``finetune``: any
+    ``experiments.Preset`` field (e.g. the files world's model and files); ``overrides``: any
+    ``RLPreset`` field."""
     if preset_name not in RL_PRESETS:
-        raise ValueError(f"preset {preset_name!r}: choose one of {', '.join(RL_PRESETS)} (the toy world)")
+        raise ValueError(f"preset {preset_name!r}: choose one of {', '.join(RL_PRESETS)}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     rp = replace(RL_PRESETS[preset_name], **overrides)
     unknown = set(rp.starts) - set(STARTS)
     if unknown:
         raise ValueError(f"starts {sorted(unknown)}: choose from {', '.join(STARTS)}")
-    p = replace(PRESETS[preset_name], **({"seeds": tuple(seeds)} if seeds else {}),
-                **({"workers": workers} if workers else {}))
+    finetune = dict(finetune or {})
+    if seeds:
+        finetune["seeds"] = tuple(seeds)
+    if workers:
+        finetune["workers"] = workers
+    p = replace(PRESETS[preset_name], **finetune)
+    world = make_world(p)  # checks the settings and the user's files first
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cache_dir = Path(cache_dir or os.environ.get("MINIPSFT_CACHE", Path.home() / ".cache" / "minipsft"))
+    cache_dir = Path(cache_dir or os.environ.get("MINIPSFT_CACHE",
+                                                 Path.home() / ".cache" / "minipsft"))
     t0 = time.perf_counter()
     tuned = tuple(s for s in rp.starts if s != "base")
-    base_path = toy.pretrained_base(p.base, cache_dir, device=device)[1]
+    base_path = world.base_model(cache_dir, device)[0]
     t_base = time.perf_counter() - t0
     job0 = dict(preset=p, rl=rp, base_path=str(base_path), device=device, threads=p.threads)
-    base_jobs = [dict(job0, start="base", seed=seed, start_path=str(base_path)) for seed in p.seeds if "base" in rp.starts]
+    base_jobs = [dict(job0, start="base", seed=seed, start_path=str(base_path))
+                 for seed in p.seeds if "base" in rp.starts]
     runs = []
     best = _finetuned(out / "finetune", replace(p, arms=tuned)) if tuned else {}
     if best is None:
-        # RL from the base needs no checkpoint: it runs in one more process beside the fine-tuning runs
+        # RL from the base needs no checkpoint: it runs in one more process beside the fine-tuning
         with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as side:
             pending = [side.submit(run_rl_one, j) for j in base_jobs]
-            ft = reproduce(preset_name, out / "finetune", cache_dir=cache_dir, seeds=p.seeds, workers=p.workers,
-                           device=device, save_best=True, arms=tuned)
+            ft = reproduce(preset_name, out / "finetune", cache_dir=cache_dir, device=device,
+                           save_best=True, **dict(finetune, arms=tuned))
             runs += [f.result() for f in pending]
         best, base_jobs = ft["summary"]["best_checkpoints"], []
     t_ft = time.perf_counter() - t0
@@ -135,17 +145,26 @@ def reproduce_rl(preset_name: str, out_dir, cache_dir=None, seeds=None, workers=
         (out / "histories" / f"{r['start']}-s{r['seed']}.jsonl").write_text(
             "".join(json.dumps(h) + "\n" for h in r["history"]))
     summary = {"preset": preset_name, "rl_config": asdict(rp), "finetune_config": asdict(p),
-               "best_checkpoints": best, "wall_seconds": time.perf_counter() - t0, "pretrain_seconds": t_base,
-               "finetune_seconds": t_ft - t_base,
+               "best_checkpoints": best, "wall_seconds": time.perf_counter() - t0,
+               "pretrain_seconds": t_base, "finetune_seconds": t_ft - t_base,
                "run_seconds": {f"{r['start']}-s{r['seed']}": r["seconds"] for r in runs}}
     records = [x for r in runs for x in r["records"]]
-    (out / "results.json").write_text(json.dumps({"summary": summary, "records": records}, indent=1))
-    plots.rl_after_finetuning(runs, out / "rl_after_finetuning.png")
-    (out / "report.md").write_text(report(summary, records, runs))
+    (out / "results.json").write_text(json.dumps({"summary": summary, "records": records},
+                                                 indent=1))
+    finalize_rl(out)
     print(f"wrote {out / 'results.json'}, {out / 'report.md'}, {out / 'rl_after_finetuning.png'}")
-    print(f"wall time {summary['wall_seconds'] / 60:.1f} min (base model {t_base / 60:.1f} min, fine-tuning "
-          f"with the RL runs from the base beside it {(t_ft - t_base) / 60:.1f} min)")
+    print(f"wall time {summary['wall_seconds'] / 60:.1f} min (base model {t_base / 60:.1f} min, "
+          f"fine-tuning with the RL runs from the base beside it {(t_ft - t_base) / 60:.1f} min)")
     return load_rl_results(out)
+
+
+def finalize_rl(out_dir) -> None:
+    """Rebuild an RL results folder's figure and report from its files (no training)."""
+    out = Path(out_dir)
+    res = load_rl_results(out)
+    words = world_words(res["summary"]["finetune_config"])
+    plots.rl_after_finetuning(res["runs"], words, out / "rl_after_finetuning.png")
+    (out / "report.md").write_text(report(res["summary"], res["records"], res["runs"]))
 
 
 def _finetuned(folder: Path, p) -> dict | None:
@@ -183,7 +202,8 @@ def reproduce_rl_or_load(preset_name: str, out_dir, **kw) -> dict:
         res = load_rl_results(out_dir)
         rp = replace(RL_PRESETS[preset_name], **{k: v for k, v in kw.items() if k in asdict(RL_PRESETS[preset_name])})
         same_rl = res["summary"]["rl_config"] == json.loads(json.dumps(asdict(rp)))
-        same_ft = same_preset(res["summary"]["finetune_config"], PRESETS[preset_name])
+        same_ft = same_preset(res["summary"]["finetune_config"],
+                              replace(PRESETS[preset_name], **kw.get("finetune", {})))
         if res["summary"]["preset"] == preset_name and same_rl and same_ft:
             print(f"loaded results from {path} (made with the same '{preset_name}' settings; delete the folder to run again)")
             return res
@@ -194,7 +214,8 @@ def report(summary: dict, records: list, runs: list = ()) -> str:
     """Markdown: the best-ID checkpoints RL started from, the rollout statistics per start (from the step
     histories of ``runs``), then every evaluation; mean ± std over seeds."""
     rp = summary["rl_config"]
-    lines = [f"# GRPO after fine-tuning, preset `{summary['preset']}`", "",
+    words = world_words(summary["finetune_config"])
+    lines = [f"# GRPO after fine-tuning {words.title}, preset `{summary['preset']}`", "",
              f"Wall time {summary['wall_seconds'] / 60:.1f} min (base model {summary.get('pretrain_seconds', 0) / 60:.1f} min, "
              f"fine-tuning {summary['finetune_seconds'] / 60:.1f} min). "
              f"{rp['steps']} RL steps of {rp['prompts_per_step']} prompts x {rp['group_size']} samples, "
@@ -218,10 +239,13 @@ def report(summary: dict, records: list, runs: list = ()) -> str:
                           for key in ("zero_adv_groups", "clipfrac_high", "clipfrac_low")]
                 lines.append(f"| {start} | " + " | ".join(_fmt(c, 4 if i > 2 else 3) for i, c in enumerate(cells)) + " |")
         lines.append("")
-    keys = ("reward", "id_acc", "ood_acc", "ood_format", "sample_entropy", "rollout_entropy", "ood_kl")
+    keys = ("reward", "id_acc", "ood_acc", "ood_format", "sample_entropy", "rollout_entropy",
+            "ood_kl", "entropy")
+    keys = [k for k in keys if any(r.get(k) is not None for r in records)]  # the world's metrics
     lines += ["## Along RL", "", "| start | step | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     for start in STARTS:
         for step in sorted({r["step"] for r in records if r["start"] == start}):
             rs = [r for r in records if r["start"] == start and r["step"] == step]
-            lines.append(f"| {start} | {step} | " + " | ".join(_fmt([r[k] for r in rs]) for k in keys) + " |")
+            lines.append(f"| {start} | {step} | " + " | ".join(_fmt([r.get(k) for r in rs])
+                                                               for k in keys) + " |")
     return "\n".join(lines) + "\n"

@@ -182,30 +182,36 @@ START_LABELS = {"base": "base model", "sft_paper": "SFT (paper recipe) -> RL", "
                 "psft": "PSFT -> RL"}
 
 
-def rl_after_finetuning(runs, path):
-    """Rollout reward and sample entropy per RL step; ID and OOD accuracy and format at each evaluation;
-    one colour per starting point, mean over seeds with a min-max band."""
+def rl_after_finetuning(runs, words, path):
+    """Rollout reward and sample entropy per RL step, then the world's metrics at each evaluation
+    (only those with data); one colour per starting point, mean over seeds with a min-max band."""
     starts = [s for s in START_COLORS if any(r["start"] == s for r in runs)]
-    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
-    for ax, key, title, ylabel in ((axes[0, 0], "reward", "Reward of the rollouts (share correct)", "reward"),
-                                   (axes[1, 0], "entropy", "Token entropy of the sampled completions", "mean entropy (nats)")):
+    records = [e for r in runs for e in r["records"]]
+    shown = [(k, t) for k, t in panels(records, words) if k != "ood_kl"]
+    ncols = 3
+    nrows = -(-(len(shown) + 2) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(16, 4.25 * nrows), squeeze=False)
+    for ax in axes.flat[len(shown) + 2:]:
+        ax.remove()
+    for ax, key, title, ylabel in (
+            (axes.flat[0], "reward", "Reward of the rollouts (share correct)", "reward"),
+            (axes.flat[1], "entropy", "Token entropy of the sampled completions",
+             "mean entropy (nats)")):
         for s in starts:
             hs = [r["history"] for r in runs if r["start"] == s]
-            _band(ax, [h["step"] for h in hs[0]], [[h[key] for h in hist] for hist in hs], START_COLORS[s],
-                  START_LABELS[s], smooth=max(1, len(hs[0]) // 12))
+            _band(ax, [h["step"] for h in hs[0]], [[h[key] for h in hist] for hist in hs],
+                  START_COLORS[s], START_LABELS[s], smooth=max(1, len(hs[0]) // 12))
         ax.set(title=title, xlabel="RL step", ylabel=ylabel)
-    panels = [(axes[0, 1], "id_acc", "In-domain accuracy (greedy)", "accuracy"),
-              (axes[0, 2], "ood_acc", "Out-of-domain accuracy (prior tasks)", "accuracy"),
-              (axes[1, 1], "ood_format", "Format instructions followed (IFEval analogue)", "accuracy"),
-              (axes[1, 2], "sample_entropy", "Entropy of samples on held-out ID prompts", "mean entropy (nats)")]
-    for ax, key, title, ylabel in panels:
+    for ax, (key, title) in zip(axes.flat[2:], shown):
         for s in starts:
             evs = [r["records"] for r in runs if r["start"] == s]
-            _band(ax, [e["step"] for e in evs[0]], [[e[key] for e in ev] for ev in evs], START_COLORS[s],
-                  START_LABELS[s], marker="o", markersize=3)
-        ax.set(title=title, xlabel="RL step", ylabel=ylabel)
-        if ylabel == "accuracy":
+            _band(ax, [e["step"] for e in evs[0]], [[e[key] for e in ev] for ev in evs],
+                  START_COLORS[s], START_LABELS[s], marker="o", markersize=3)
+        accuracy = "entropy" not in key
+        ax.set(title=title, xlabel="RL step",
+               ylabel="accuracy" if accuracy else "mean entropy (nats)")
+        if accuracy:
             ax.set_ylim(-0.02, 1.02)
     seeds = len({r["seed"] for r in runs})
-    _finish_grid(fig, axes, len(starts), f"GRPO after fine-tuning in the toy world (mean over {seeds} seed(s), "
-                 "band = min-max)", path)
+    _finish_grid(fig, axes, len(starts), f"GRPO after fine-tuning {words.title} (mean over "
+                 f"{seeds} seed(s), band = min-max)", path)

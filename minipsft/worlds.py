@@ -5,7 +5,8 @@ A world gives the runner (``experiments.py``) and the RL stage (``experiments_rl
   ``base_model(cache_dir, device)``  the model every arm starts from: ``(path, how it was had)``
   ``train_rows(seed)``               the demonstrations (rows in TRL's formats) for one data seed
   ``evaluator(base)``                a callable ``lm -> {"id_acc", "ood_acc", "entropy", ...}``
-  ``reward(row, completion)``        the RL stage's verifiable reward, and ``rl_prompts(n, seed)``
+  ``reward(row, completion)``        the RL stage's verifiable reward, its ``rl_prompts(n, seed)``
+                                     and ``max_new_tokens()`` per sample
   ``words``                          what its report and figures call things (``Words``)
 
 Three worlds: ``toy`` (a tiny model pretrained here, ``toy.py``), ``gsm8k`` (a hub model on GSM8K,
@@ -79,6 +80,10 @@ class ToyWorld:
         return toy.Evaluator(base, toy.id_rows(self.p.n_id_eval, seed=1),
                              toy.ood_rows(self.p.ood_per_task, seed=2), n_samples=self.p.n_samples)
 
+    def max_new_tokens(self) -> int:
+        """The longest ID answer plus a margin (as ``toy.Evaluator.id_tokens``)."""
+        return max(len(r["completion"]) for r in toy.id_rows(self.p.n_id_eval, seed=1)) + 4
+
     def reward(self, row: dict, completion: str) -> float:
         """1.0 when the toy checker accepts the answer (the reflection tail is ignored)."""
         return float(toy.is_correct(row, completion))
@@ -120,6 +125,9 @@ class GSM8KWorld:
     def evaluator(self, base):
         d = self.data()
         return real.Evaluator(base, d["test"], d["ood"], self.p.max_new_tokens, self.p.max_length)
+
+    def max_new_tokens(self) -> int:
+        return self.p.max_new_tokens
 
     def reward(self, row: dict, completion: str) -> float:
         return real.gsm8k_reward(row, completion)
@@ -256,6 +264,9 @@ class FilesWorld:
             out["heldout_nll"], out["entropy"] = held["heldout_nll"], held["heldout_entropy"]
             return out
         return evaluate
+
+    def max_new_tokens(self) -> int:
+        return self.p.max_new_tokens
 
     def reward(self, row: dict, completion: str) -> float:
         """1.0 when the extracted answer equals the reference's exactly, else 0.0."""

@@ -119,3 +119,23 @@ def test_a_panel_is_drawn_only_for_a_metric_with_data():
     assert shown == ["id_acc", "ood_acc", "entropy", "ood_arc", "ood_truthfulqa"]
     toy = [key for key, _ in panels(records, worlds.world_words({"world": "toy"}))]
     assert toy == ["id_acc", "ood_acc"]  # the toy's per-task OOD keys are not panels
+
+
+def test_rl_starts_from_a_files_world_checkpoint_with_the_exact_match_reward(files, tmp_path):
+    from minipsft.experiments_rl import reproduce_rl
+
+    finetune = dict(model=files["model"], train_file=files["train"], test_file=files["test"],
+                    ood_files=(f"mc={files['mc']}",), epochs=1, batch_size=8, minibatch_size=2,
+                    lr=1e-2, threads=1, micro_batch_size=0, max_new_tokens=4)
+    res = reproduce_rl("files", tmp_path / "rl", device="cpu", finetune=finetune,
+                       starts=("base", "psft"), steps=2, prompts_per_step=4, group_size=2,
+                       minibatch_size=4, eval_every=1, lr=1e-3)
+    assert {r["start"] for r in res["records"]} == {"base", "psft"}
+    assert set(res["summary"]["best_checkpoints"]) == {"psft-s0"}
+    for run in res["runs"]:
+        assert [h["step"] for h in run["history"]] == [1, 2]
+        assert all(0.0 <= h["reward"] <= 1.0 for h in run["history"])
+        assert {"id_acc", "ood_mc", "entropy", "reward"} <= set(run["records"][-1])
+    report = (tmp_path / "rl" / "report.md").read_text()
+    assert report.startswith("# GRPO after fine-tuning on train.jsonl") and "nan" not in report
+    assert (tmp_path / "rl" / "rl_after_finetuning.png").stat().st_size > 20_000
