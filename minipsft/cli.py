@@ -223,6 +223,24 @@ def _add_compare(sub, common) -> None:
                                           "preset 'files'"))
 
 
+def _add_across_bases(sub, common) -> None:
+    b = sub.add_parser(
+        "across-bases", formatter_class=HelpFormatter, parents=[common],
+        help="the main comparison's verdicts over several independently pretrained bases",
+        description=_wrap(
+            "Read reproduce folders made with the same preset on bases pretrained with different "
+            "seeds (--set pretrain_seed=N) and write OUT/across_bases.json and "
+            "OUT/across_bases.md: OOD at matched ID per base and arm, its spread across bases, "
+            "and PSFT's differences from paper-recipe SFT, SFT and SFT at PSFT's step size on "
+            "each base with the rule that turns them into a verdict."),
+        epilog=_examples("python -m minipsft reproduce --preset cpu --set pretrain_seed=1235 "
+                         "--out runs/base1235",
+                         "python -m minipsft across-bases results/toy_cpu runs/base1235 "
+                         "runs/base1236 --out runs/bases"))
+    b.add_argument("folders", nargs="+", help="results folders of 'reproduce'")
+    b.add_argument("--out", required=True, help="output folder")
+
+
 def _add_reproduce_rl(sub, common) -> None:
     g = sub.add_parser(
         "reproduce-rl", formatter_class=HelpFormatter, parents=[common],
@@ -261,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub, common)
     _add_reproduce(sub, common)
     _add_compare(sub, common)
+    _add_across_bases(sub, common)
     _add_reproduce_rl(sub, common)
     return parser
 
@@ -320,6 +339,16 @@ def run(args) -> None:
         reproduce_rl(args.preset, args.out, cache_dir=args.cache, seeds=args.seeds,
                      workers=args.workers, device=args.device,
                      **_overrides(args.overrides, RLPreset))
+        return
+    if args.command == "across-bases":
+        from .experiments import across_bases, across_bases_report
+
+        summary = across_bases(args.folders)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "across_bases.json").write_text(json.dumps(summary, indent=1))
+        (out / "across_bases.md").write_text(across_bases_report(summary))
+        print(across_bases_report(summary))
         return
     if args.command == "compare":
         from .experiments import reproduce

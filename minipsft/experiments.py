@@ -455,6 +455,101 @@ def matched_id(records: list, arms) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------- across bases
+BASE_COMPARISONS = (("psft", "sft_paper"), ("psft", "sft"), ("psft", "sft_small"))
+
+
+def paired_difference(m: dict, arm: str, other: str) -> dict | None:
+    """OOD at matched ID of ``arm`` minus ``other``'s, paired by seed (a seed fixes the data sample
+    and order for every arm): the mean, its standard error and the sign rule's verdict, ``+`` when
+    the mean exceeds 2 standard errors, ``-`` when it is below -2, else ``=``. None when either
+    arm reached the level in no seed."""
+    a, b = m["arms"].get(arm), m["arms"].get(other)
+    if not a or not b or not _every_seed(a) or not _every_seed(b):
+        return None
+    diffs = [x - y for x, y in zip(a["ood_acc"], b["ood_acc"])]  # both: every seed, in order
+    mean = statistics.fmean(diffs)
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("inf")
+    sign = "="
+    if mean > 2 * se:
+        sign = "+"
+    elif mean < -2 * se:
+        sign = "-"
+    return {"diff": mean, "se": se, "seeds": len(diffs), "sign": sign}
+
+
+def _every_seed(arm: dict) -> bool:
+    reached, seeds = arm["reached"].split("/")
+    return reached == seeds != "0"
+
+
+def across_bases(folders) -> dict:
+    """The main comparison's OOD at matched ID on each base (one results folder per independently
+    pretrained base, ``Preset.pretrain_seed``): per base and arm the seeds' mean, the spread of
+    those means across bases, and each of ``BASE_COMPARISONS`` per base (``paired_difference``)
+    with a verdict over bases: ``holds on every base`` when the sign is the same non-``=`` on
+    each, ``no difference on any base`` when every sign is ``=``, else ``mixed``."""
+    bases = {}
+    for folder in folders:
+        summary = json.loads((Path(folder) / "results.json").read_text())["summary"]
+        seed = summary["preset_config"].get("pretrain_seed") or \
+            summary["preset_config"]["base"]["pretrain_seed"]
+        bases[str(seed)] = {"folder": str(folder), "matched_id": summary["matched_id"]}
+    table = {}
+    for arm in ARMS:
+        per_base = {}
+        for name, b in bases.items():
+            hit = b["matched_id"]["arms"].get(arm)
+            if hit and _every_seed(hit):  # an arm that missed the level on a seed: no mean
+                per_base[name] = statistics.fmean(hit["ood_acc"])
+        if not per_base:
+            continue
+        means = list(per_base.values())
+        table[arm] = {"per_base": per_base, "mean": statistics.fmean(means),
+                      "std_across_bases": statistics.stdev(means) if len(means) > 1 else 0.0}
+    comparisons = {}
+    for arm, other in BASE_COMPARISONS:
+        per_base = {k: paired_difference(b["matched_id"], arm, other) for k, b in bases.items()}
+        signs = {d["sign"] for d in per_base.values() if d}
+        verdict = "mixed"
+        if signs == {"="}:
+            verdict = "no difference on any base"
+        elif len(signs) == 1 and None not in per_base.values():
+            verdict = "holds on every base"
+        comparisons[f"{arm} - {other}"] = {"per_base": per_base, "verdict": verdict}
+    return {"bases": bases, "ood_at_matched_id": table, "comparisons": comparisons,
+            "rule": "per base: + or - when the seed-paired mean difference of OOD at matched ID "
+                    "exceeds 2 standard errors, else =; over bases: holds when every base gives "
+                    "the same + or -"}
+
+
+def across_bases_report(summary: dict) -> str:
+    """Markdown of ``across_bases``."""
+    bases = list(summary["bases"])
+    lines = ["# The main comparison on independently pretrained bases", "",
+             "OOD accuracy at matched ID (each base's own level), mean over data seeds; "
+             "bases named by their pretraining seed; - : the arm missed the level on a seed. "
+             "Mean and std across the bases where it is given.", "",
+             "| arm | " + " | ".join(f"base {b}" for b in bases) + " | mean | std across bases |",
+             "|---|" + "---|" * (len(bases) + 2)]
+    for arm, row in summary["ood_at_matched_id"].items():
+        cells = [f"{row['per_base'][b]:.3f}" if b in row["per_base"] else "-" for b in bases]
+        lines.append(f"| {arm} | " + " | ".join(cells)
+                     + f" | {row['mean']:.3f} | {row['std_across_bases']:.3f} |")
+    lines += ["", "Levels: " + ", ".join(f"base {b} {v['matched_id']['level']:.2f}"
+                                          for b, v in summary["bases"].items()), "",
+              f"Rule: {summary['rule']}.", "",
+              "| difference | " + " | ".join(f"base {b}" for b in bases) + " | verdict |",
+              "|---|" + "---|" * (len(bases) + 1)]
+    for name, c in summary["comparisons"].items():
+        cells = []
+        for b in bases:
+            d = c["per_base"][b]
+            cells.append("-" if d is None else f"{d['diff']:+.3f} ± {d['se']:.3f} ({d['sign']})")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {c['verdict']} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_results(out: Path, p: Preset, preset_name: str, runs: list, base_path, cached, wall, t_base) -> dict:
     records = [r for run in runs for r in run["records"]]
     (out / "histories").mkdir(exist_ok=True)

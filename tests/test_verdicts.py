@@ -1,0 +1,41 @@
+"""Verdicts computed from results files: the paired sign rule and the verdict over bases."""
+import json
+
+import pytest
+
+from minipsft.experiments import across_bases, paired_difference
+
+
+def _matched(ood: dict, level=0.8) -> dict:
+    return {"level": level, "arms": {a: {"reached": f"{len(v)}/3", "ood_acc": v}
+                                     for a, v in ood.items()}}
+
+
+def test_paired_difference_is_the_seed_paired_mean_with_a_two_standard_error_rule():
+    m = _matched({"psft": [0.6, 0.7, 0.8], "sft": [0.5, 0.5, 0.6], "sft_paper": [0.6, 0.7, 0.8]})
+    d = paired_difference(m, "psft", "sft")
+    assert d["diff"] == pytest.approx(0.5 / 3) and d["seeds"] == 3
+    assert d["se"] == pytest.approx(0.057735 / 3 ** 0.5)  # std of [0.1, 0.2, 0.2] / sqrt(3)
+    assert d["sign"] == "+"
+    assert paired_difference(m, "psft", "sft_paper")["sign"] == "="
+    near = _matched({"psft": [0.6, 0.6, 0.6], "sft": [0.5, 0.6, 0.55]})  # mean 0.05 < 2 x 0.029
+    assert paired_difference(near, "psft", "sft")["sign"] == "="
+    short = _matched({"psft": [0.6, 0.7, 0.8], "sft": [0.5, 0.5]})  # sft missed a seed
+    assert paired_difference(short, "psft", "sft") is None
+
+
+def test_verdict_over_bases(tmp_path):
+    folders = []
+    for seed, sft in ((1, [0.5, 0.5, 0.6]), (2, [0.5, 0.55, 0.6]), (3, [0.7, 0.8, 0.9])):
+        folder = tmp_path / f"base{seed}"
+        folder.mkdir()
+        m = _matched({"psft": [0.6, 0.7, 0.8], "sft": sft, "sft_paper": [0.1, 0.15, 0.1]})
+        summary = {"preset_config": {"pretrain_seed": seed, "base": {}}, "matched_id": m}
+        (folder / "results.json").write_text(json.dumps({"summary": summary, "records": []}))
+        folders.append(folder)
+    out = across_bases(folders)
+    assert out["comparisons"]["psft - sft_paper"]["verdict"] == "holds on every base"
+    assert out["comparisons"]["psft - sft"]["verdict"] == "mixed"  # +, +, -
+    assert out["ood_at_matched_id"]["sft"]["per_base"]["3"] == pytest.approx(0.8)
+    two = across_bases(folders[:2])
+    assert two["comparisons"]["psft - sft"]["verdict"] == "holds on every base"
