@@ -1,4 +1,5 @@
-"""Fine-tuning data files: JSONL or Parquet in TRL's formats, read with `datasets`, checked row by row.
+"""Fine-tuning data files: JSONL or Parquet in TRL's formats, read with `datasets`,
+checked row by row.
 
 Formats: prompt-completion (``prompt``, ``completion``: strings, or lists of chat messages) and
 conversational (``messages``: a list of ``{"role", "content"}`` ending with the assistant's turn).
@@ -23,7 +24,8 @@ def load_rows(path) -> list:
         raise DataError(f"{path}: no such file")
     kind = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}.get(path.suffix.lower())
     if kind is None:
-        raise DataError(f"{path}: unknown data format {path.suffix!r} (use .jsonl, .json or .parquet)")
+        raise DataError(f"{path}: unknown data format {path.suffix!r} "
+                        "(use .jsonl, .json or .parquet)")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty (expected one JSON object per row)")
     if kind == "parquet":

@@ -106,7 +106,10 @@ PRESETS = {
     "gpu": Preset(base=toy.BaseConfig(hidden=256, layers=6, heads=8, pretrain_rows=640_000, pretrain_batch=128,
                                       pretrain_lr=1e-3),
                   n_train=4096, n_id_eval=1024, ood_per_task=128, n_samples=512, epochs=8, batch_size=256,
-                  minibatch_size=32, lr=5e-5, sft_paper_lr=1e-3, seeds=(0, 1, 2, 3, 4), workers=1, threads=8),
+                  minibatch_size=32, lr=5e-5, sft_paper_lr=1e-3, seeds=(0, 1, 2, 3, 4),
+                  # 8 runs at once on the one GPU: each 1.86x slower, 4.3x the throughput (H200,
+                  # benchmarks/gpu_preset_probe.py, results/gpu/README.md)
+                  workers=8, threads=2),
     # the user's own files and model (the compare command): every row, the paper's lrs
     "files": Preset(base=None, world="files", arms=("psft", "sft", "sft_paper"), n_train=0,
                     n_id_eval=0, ood_per_task=0, epochs=3, batch_size=64, minibatch_size=8,

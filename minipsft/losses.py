@@ -3,7 +3,8 @@
 Every loss takes the log-probabilities of the *target* tokens (the demonstration, or a sampled
 completion), so it drops into any framework that can produce them:
 
-    logp, logp_old, logp_ref : float [B, T]   log pi(a_t | s_t) under the current / snapshot / base model
+    logp, logp_old, logp_ref : float [B, T]   log pi(a_t | s_t) under the current / snapshot /
+                                              base model
     mask                     : [B, T]         1 on completion tokens, 0 on prompt and padding
 
 and returns ``(loss, metrics)``: a scalar tensor (the token-mean over ``mask``, as in the official
@@ -13,7 +14,8 @@ Why PSFT is a policy gradient (PAPER.md): SFT's gradient ``-mean_t grad log pi(a
 policy gradient with advantage ``A = 1`` on samples from the data set. PSFT keeps ``A = 1`` and
 swaps ``log pi`` for PPO's clipped importance ratio against a frozen snapshot ``pi_old``::
 
-    L = -mean_t min(r_t A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t),   r_t = pi(a_t|s_t) / pi_old(a_t|s_t)
+    L = -mean_t min(r_t A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t),
+    r_t = pi(a_t|s_t) / pi_old(a_t|s_t)
 
 ``clipped_surrogate`` is that one formula; ``psft_loss`` calls it with ``A = 1`` and an RL stage
 calls it with group-normalised advantages.
@@ -41,11 +43,12 @@ def _check(logp: torch.Tensor, mask: torch.Tensor, **others: torch.Tensor) -> to
         raise ValueError(f"logp must be [B, T], got shape {tuple(logp.shape)}")
     for name, t in {"mask": mask, **others}.items():
         if t.shape != logp.shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(logp.shape)} like logp")
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, "
+                             f"expected {tuple(logp.shape)} like logp")
     if not (mask != 0).any():
         # a silent zero loss would "train" on nothing and report success: refuse instead
-        raise ValueError("mask has no completion token: nothing to train on (check prompt/completion "
-                         "lengths and truncation)")
+        raise ValueError("mask has no completion token: nothing to train on "
+                         "(check prompt/completion lengths and truncation)")
     return mask.to(logp.dtype)
 
 
@@ -92,13 +95,16 @@ def kl_terms(logp, logp_ref):
     return torch.exp(delta) - delta - 1.0
 
 
-def clipped_surrogate(logp, logp_old, advantages, mask, eps_low: float = 0.2, eps_high: float = 0.28):
-    """PPO's pessimistic clipped objective, ``-min(r A, clip(r, 1-eps_low, 1+eps_high) A)``, token-mean.
+def clipped_surrogate(logp, logp_old, advantages, mask, eps_low: float = 0.2,
+                      eps_high: float = 0.28):
+    """PPO's pessimistic clipped objective, ``-min(r A, clip(r, 1-eps_low, 1+eps_high) A)``,
+    token-mean.
 
     ``advantages`` is a float, a ``[B]`` tensor (one per sequence, as in GRPO) or ``[B, T]``.
     Metrics: ``clipfrac`` (fraction of tokens whose gradient the clip removed), split into
     ``clipfrac_high`` (A > 0 and r > 1+eps_high) and ``clipfrac_low`` (A < 0 and r < 1-eps_low),
-    ``ratio_mean``, ``ratio_max``, ``approx_kl`` (the "k3" estimate ``(r-1) - log r``), ``num_tokens``.
+    ``ratio_mean``, ``ratio_max``, ``approx_kl`` (the "k3" estimate ``(r-1) - log r``),
+    ``num_tokens``.
     """
     advantages = _per_token(advantages, logp)
     m = _check(logp, mask, logp_old=logp_old)
@@ -132,7 +138,8 @@ def psft_loss(logp, logp_old, mask, eps_low: float = 0.2, eps_high: float = 0.28
     """PSFT: the clipped surrogate with advantage 1 on every demonstration token.
 
     A token whose probability already rose past ``(1 + eps_high)`` times its ``pi_old`` value gets
-    zero gradient; every other token gets ``r_t * grad log pi``. At ``r = 1`` this is SFT's gradient.
+    zero gradient; every other token gets ``r_t * grad log pi``. At ``r = 1`` this is SFT's
+    gradient.
     """
     return clipped_surrogate(logp, logp_old, 1.0, mask, eps_low, eps_high)
 
@@ -154,7 +161,8 @@ def dft_loss(logp, mask):
 
 
 def sft_kl_loss(logp, logp_ref, mask, kl_coef: float = 0.5):
-    """SFT plus ``kl_coef`` times a per-token estimate of KL(pi || pi_ref) on the demonstration tokens.
+    """SFT plus ``kl_coef`` times a per-token estimate of KL(pi || pi_ref) on the demonstration
+    tokens.
 
     Estimator: "k3", ``exp(logp_ref - logp) - (logp_ref - logp) - 1`` (>= 0, the one GRPO/TRL use).
     Its gradient per token is ``(1 - pi_ref/pi) grad log pi``: it pulls a token back only once the

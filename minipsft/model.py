@@ -1,7 +1,8 @@
 """One small wrapper over a Hugging Face causal LM and its tokenizer.
 
 What fine-tuning needs from a model, and nothing else:
-  * load (hub id or local folder) / build from a config / ``save_pretrained`` so plain transformers reloads it;
+  * load (hub id or local folder) / build from a config / ``save_pretrained`` so plain transformers
+    reloads it;
   * ``encode`` rows (prompt-completion or conversational) into token ids and a completion mask;
   * ``token_logprobs``: log pi(x_t | x_<t) of every target token and, optionally, the entropy of
     pi(. | x_<t), computed chunk by chunk from the hidden states so that no full [B, T, V] logits
@@ -25,17 +26,20 @@ __all__ = ["CausalLM", "DataError", "ModelLoadError", "token_logprobs", "fused_h
            "logit_scale", "ScaledHead",
            "char_tokenizer", "resolve_device", "resolve_dtype"]
 
-CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+                   "{{ m['content'] }}<|im_end|>\n{% endfor %}"
                    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 # Elements of one [rows, positions, vocab] float32 logits chunk: 2**25 floats (128 MiB) on CPU;
-# 2**28 (1 GiB) on GPU, where small chunks leave the vocabulary projection's matmuls too thin to be fast.
+# 2**28 (1 GiB) on GPU, where small chunks leave the vocabulary projection's matmuls too thin to be
+# fast.
 CHUNK_ELEMENTS = 2**25
 CHUNK_ELEMENTS_GPU = 2**28
 
 
 class DataError(ValueError):
-    """A row that cannot be trained on: the message names the row (1-based, like a JSONL line) and why."""
+    """A row that cannot be trained on: the message names the row (1-based, like a JSONL line) and
+    why."""
 
     @classmethod
     def listing(cls, header: str, problems: list):
@@ -111,18 +115,21 @@ def char_tokenizer(alphabet: str, chat_template: str | None = None):
     if chat_template is not None:
         alphabet += "systemuserassistant\n"
     chars = sorted(set(alphabet))
-    core = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + chars)}, unk_token="<unk>"))
+    core = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + chars)},
+                                      unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     core.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
-                                  unk_token="<unk>", additional_special_tokens=specials[4:])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<bos>",
+                                  eos_token="<eos>", unk_token="<unk>",
+                                  additional_special_tokens=specials[4:])
     if chat_template is not None:
         tok.chat_template = CHATML_TEMPLATE if chat_template == "chatml" else chat_template
     return tok
 
 
 def _chunk_logprobs(hidden, targets, head, with_entropy: bool):
-    logits = head(hidden).float()  # [B, c, V], float32 so that exp(logp - logp_old) is exact enough to clip
+    # [B, c, V], float32 so that exp(logp - logp_old) is exact enough to clip
+    logits = head(hidden).float()
     logz = torch.logsumexp(logits, dim=-1)
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz
     if not with_entropy:
@@ -134,8 +141,8 @@ def _chunk_logprobs(hidden, targets, head, with_entropy: bool):
 
 @functools.cache
 def _compiled_chunk_logprobs(backend: str):
-    """``_chunk_logprobs`` compiled once per backend: the log-softmax, the gather and the entropy fuse
-    into one pass over the chunk's logits instead of several."""
+    """``_chunk_logprobs`` compiled once per backend: the log-softmax, the gather and the entropy
+    fuse into one pass over the chunk's logits instead of several."""
     return torch.compile(_chunk_logprobs, backend=backend, dynamic=True)
 
 
@@ -231,16 +238,19 @@ def _hidden_and_head(model, input_ids, attention_mask):
 
 
 def _logits_fit(hidden, elements: int) -> bool:
-    """Whether keeping ``elements`` float32 logits for backward takes under half of the free GPU memory."""
+    """Whether keeping ``elements`` float32 logits for backward takes under half of the free GPU
+    memory."""
     if not hidden.is_cuda:
-        return False  # CPU runs are small and their memory is shared with everything else: stay lean
+        # CPU runs are small and their memory is shared with everything else: stay lean
+        return False
     free, _ = torch.cuda.mem_get_info(hidden.device)
     return 4 * elements < free // 2
 
 
-def token_logprobs(model, input_ids, attention_mask, with_entropy: bool = False, chunk_elements: int | None = None,
-                   keep_logits: bool | None = None):
-    """Per-token log-probs (and entropies) aligned with ``input_ids``: shape [B, T], position 0 is 0.
+def token_logprobs(model, input_ids, attention_mask, with_entropy: bool = False,
+                   chunk_elements: int | None = None, keep_logits: bool | None = None):
+    """Per-token log-probs (and entropies) aligned with ``input_ids``: shape [B, T],
+    position 0 is 0.
 
     ``logp[b, t] = log pi(input_ids[b, t] | input_ids[b, :t])``; ``entropy[b, t]`` is the entropy of
     pi(. | input_ids[b, :t]). Padding positions are 0. The vocabulary projection runs in chunks of
@@ -389,9 +399,9 @@ def fused_head_loss(model, input_ids, attention_mask, loss_mask, terms, with_ent
 class CausalLM:
     """A causal LM plus its tokenizer, on one device, with the few operations fine-tuning needs."""
 
-    def __init__(self, model, tokenizer, device=None, dtype=None, gradient_checkpointing: bool = False,
-                 compile: bool | str = False, keep_logits: bool | None = None,
-                 fused_head: bool | None = None):
+    def __init__(self, model, tokenizer, device=None, dtype=None,
+                 gradient_checkpointing: bool = False, compile: bool | str = False,
+                 keep_logits: bool | None = None, fused_head: bool | None = None):
         self.device = resolve_device(device)
         self.keep_logits = keep_logits  # see token_logprobs: None = keep when the GPU has room
         # training steps through fused_head_loss (gradients in the forward pass, chunk by chunk):
@@ -400,20 +410,25 @@ class CausalLM:
         self.fused_head = bool(fused_head)
         self.model = model.to(device=self.device, dtype=resolve_dtype(dtype, self.device))
         self.tokenizer = tokenizer
-        if gradient_checkpointing:  # recompute each layer in backward: activation memory ~ one layer
+        if gradient_checkpointing:
+            # recompute each layer in backward: activation memory ~ one layer
             if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
                 self.model.activation_checkpointing_enable()
             else:
-                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                self.model.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False})
         if compile:
-            # "regional" compilation: torch.compile each decoder layer in place. The layers share one code
-            # object, so one graph is compiled and reused by all of them: seconds, where compiling the whole
-            # model took minutes. True = inductor; a string picks another backend (e.g. "aot_eager").
+            # "regional" compilation: torch.compile each decoder layer in place. The layers share
+            # one code object, so one graph is compiled and reused by all of them: seconds, where
+            # compiling the whole model took minutes. True = inductor; a string picks another
+            # backend (e.g. "aot_eager").
             backend = "inductor" if compile is True else compile
             for layer in self.model.get_decoder().layers:
                 layer.compile(backend=backend, dynamic=True)
-            self.model._minipsft_compile = backend  # token_logprobs then compiles its vocabulary chunks too
-        if tokenizer.pad_token_id is None:  # many chat models ship without one; padding is masked anyway
+            # token_logprobs then compiles its vocabulary chunks too
+            self.model._minipsft_compile = backend
+        if tokenizer.pad_token_id is None:
+            # many chat models ship without one; padding is masked anyway
             tokenizer.pad_token = tokenizer.eos_token
 
     # ---------------------------------------------------------------- loading and saving
@@ -438,12 +453,14 @@ class CausalLM:
                    fused_head)
 
     @classmethod
-    def from_config(cls, config, tokenizer, seed: int = 0, device=None, dtype=None, compile: bool | str = False,
-                    keep_logits: bool | None = None, fused_head: bool | None = None):
-        """A freshly initialised model of any transformers architecture (tiny ones for tests and the toy world)."""
+    def from_config(cls, config, tokenizer, seed: int = 0, device=None, dtype=None,
+                    compile: bool | str = False, keep_logits: bool | None = None,
+                    fused_head: bool | None = None):
+        """A freshly initialised model of any transformers architecture (tiny ones for tests and the
+        toy world)."""
         torch.manual_seed(seed)
-        return cls(AutoModelForCausalLM.from_config(config), tokenizer, device, dtype, compile=compile,
-                   keep_logits=keep_logits, fused_head=fused_head)
+        return cls(AutoModelForCausalLM.from_config(config), tokenizer, device, dtype,
+                   compile=compile, keep_logits=keep_logits, fused_head=fused_head)
 
     def save_pretrained(self, path):
         self.model.save_pretrained(path)
@@ -492,7 +509,8 @@ class CausalLM:
         return logprobs
 
     def frozen_copy(self):
-        """A gradient-free copy of the current weights (pi_ref for SFT+KL, or an anchored pi_old)."""
+        """A gradient-free copy of the current weights (pi_ref for SFT+KL, or an anchored
+        pi_old)."""
         model = copy.deepcopy(self.model).eval()
         model.requires_grad_(False)
         return model
@@ -505,13 +523,15 @@ class CausalLM:
     def _render(self, messages, add_generation_prompt: bool) -> str:
         tok = self.tokenizer
         if getattr(tok, "chat_template", None):
-            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)  # plain fallback, no template
+            return tok.apply_chat_template(messages, tokenize=False,
+                                           add_generation_prompt=add_generation_prompt)
+        # plain fallback, no template
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
         return text + ("assistant: " if add_generation_prompt else "")
 
     def prompt_ids(self, prompt) -> list:
-        """Token ids of a prompt: a string (tokenised with the tokenizer's special tokens, e.g. BOS) or a
-        list of chat messages (rendered with the chat template, generation prompt appended)."""
+        """Token ids of a prompt: a string (tokenised with the tokenizer's special tokens, e.g. BOS)
+        or a list of chat messages (rendered with the chat template, generation prompt appended)."""
         if isinstance(prompt, str):
             return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
         return self.tokenizer(self._render(prompt, True), add_special_tokens=False)["input_ids"]
@@ -618,9 +638,11 @@ class CausalLM:
 
     # ---------------------------------------------------------------- scoring and sampling
     def token_logprobs(self, batch, with_entropy: bool = False, model=None):
-        """``token_logprobs`` of a collated batch under this model (or another one, e.g. a frozen copy)."""
+        """``token_logprobs`` of a collated batch under this model (or another one, e.g. a frozen
+        copy)."""
         return token_logprobs(model if model is not None else self.model,
-                              batch["input_ids"], batch["attention_mask"], with_entropy, keep_logits=self.keep_logits)
+                              batch["input_ids"], batch["attention_mask"], with_entropy,
+                              keep_logits=self.keep_logits)
 
     def fused_loss(self, batch, terms, with_entropy: bool = False, loss_mask=None):
         """``fused_head_loss`` of a collated batch: ``(loss, logp, entropy)``, the loss the

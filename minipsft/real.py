@@ -1,4 +1,5 @@
-"""Real data sets for a hub model on one GPU: GSM8K in domain, multiple-choice benchmarks out of domain.
+"""Real data sets for a hub model on one GPU: GSM8K in domain, multiple-choice benchmarks
+out of domain.
 
 * GSM8K (``openai/gsm8k``, config ``main``): question -> user message, worked answer -> assistant
   message (the calculator notes ``<<48/2=24>>`` removed), trained through the model's chat template.
@@ -18,8 +19,8 @@ import torch
 
 from .train import heldout_eval
 
-__all__ = ["load_split", "gsm8k_rows", "extract_answer", "gsm8k_accuracy", "truthfulqa_items", "arc_items",
-           "choice_logprobs", "mc_accuracy"]
+__all__ = ["load_split", "gsm8k_rows", "extract_answer", "gsm8k_accuracy", "truthfulqa_items",
+           "arc_items", "choice_logprobs", "mc_accuracy"]
 
 
 def load_split(name: str, config: str | None, split: str, path=None, n: int | None = None) -> list:
@@ -55,7 +56,8 @@ def _clean_number(text: str) -> str | None:
 
 def extract_answer(text: str) -> str | None:
     """The final numeric answer of a GSM8K solution or generation, normalised (no commas, no
-    trailing ``.0``): after the last ``####``, else in the last ``\\boxed{}``, else the last number."""
+    trailing ``.0``): after the last ``####``, else in the last ``\\boxed{}``, else the last
+    number."""
     if "####" in text:
         return _clean_number(text.rsplit("####", 1)[1])
     boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)
@@ -71,7 +73,8 @@ def gsm8k_rows(raw: list) -> list:
         if not r.get("question") or not r.get("answer") or "####" not in r["answer"]:
             raise ValueError(f"GSM8K row {i}: needs 'question' and an 'answer' ending in '#### N'")
         solution = _CALC.sub("", r["answer"]).strip()
-        rows.append({"messages": [{"role": "user", "content": f"{r['question'].strip()}\n{INSTRUCTION}"},
+        rows.append({"messages": [{"role": "user",
+                                   "content": f"{r['question'].strip()}\n{INSTRUCTION}"},
                                   {"role": "assistant", "content": solution}],
                      "final": extract_answer(solution)})
     return rows
@@ -79,18 +82,21 @@ def gsm8k_rows(raw: list) -> list:
 
 def gsm8k_accuracy(lm, rows: list, max_new_tokens: int = 320, batch_size: int = 32) -> float:
     """Greedy exact-match accuracy of the final answers."""
-    outputs = lm.generate([r["messages"][:-1] for r in rows], max_new_tokens=max_new_tokens, batch_size=batch_size)
+    outputs = lm.generate([r["messages"][:-1] for r in rows], max_new_tokens=max_new_tokens,
+                          batch_size=batch_size)
     return sum(extract_answer(o) == r["final"] for o, r in zip(outputs, rows)) / len(rows)
 
 
 def gsm8k_reward(row: dict, completion: str) -> float:
-    """Verifiable reward for GRPO on ``gsm8k_rows``: 1.0 when the final answer matches exactly, else 0.0."""
+    """Verifiable reward for GRPO on ``gsm8k_rows``: 1.0 when the final answer matches exactly,
+    else 0.0."""
     return float(extract_answer(completion) == row["final"])
 
 
-# ------------------------------------------------------------------------------------------- multiple choice
+# --------------------------------------------------------------------------------- multiple choice
 def truthfulqa_items(raw: list) -> list:
-    """TruthfulQA ``multiple_choice`` rows -> items ``{"prompt", "choices", "label"}`` (MC1: one true answer)."""
+    """TruthfulQA ``multiple_choice`` rows -> items ``{"prompt", "choices", "label"}`` (MC1: one
+    true answer)."""
     items = []
     for r in raw:
         targets = r["mc1_targets"]
@@ -114,7 +120,8 @@ def choice_logprobs(lm, items: list, batch_size: int = 16) -> list:
         prompt = lm.prompt_ids(item["prompt"])
         for choice in item["choices"]:
             ids = tok(" " + choice, add_special_tokens=False)["input_ids"]
-            examples.append({"input_ids": prompt + ids, "completion_mask": [0] * len(prompt) + [1] * len(ids)})
+            examples.append({"input_ids": prompt + ids,
+                             "completion_mask": [0] * len(prompt) + [1] * len(ids)})
             owner.append(k)
     scores = [[] for _ in items]
     was_training = lm.model.training
@@ -130,10 +137,11 @@ def choice_logprobs(lm, items: list, batch_size: int = 16) -> list:
 
 def mc_accuracy(lm, items: list, batch_size: int = 16) -> float:
     scores = choice_logprobs(lm, items, batch_size)
-    return sum(max(range(len(s)), key=s.__getitem__) == item["label"] for s, item in zip(scores, items)) / len(items)
+    return sum(max(range(len(s)), key=s.__getitem__) == item["label"]
+               for s, item in zip(scores, items)) / len(items)
 
 
-# ------------------------------------------------------------------------------------------- the experiment's world
+# -------------------------------------------------------------------------- the experiment's world
 LOCAL_FILES = {"gsm8k_train": "gsm8k_train.jsonl", "gsm8k_test": "gsm8k_test.jsonl",
                "truthfulqa": "truthfulqa_mc.jsonl", "arc": "arc_challenge.jsonl"}
 
@@ -143,20 +151,25 @@ def _path(data_dir, key):
 
 
 def world_data(n_train: int, n_eval: int, n_ood: int, data_dir=None) -> dict:
-    """The GSM8K experiment's data: training rows, held-out test rows and the OOD items, from the hub
-    or from ``data_dir`` (files named as in ``LOCAL_FILES``, in the hub schemas)."""
+    """The GSM8K experiment's data: training rows, held-out test rows and the OOD items, from the
+    hub or from ``data_dir`` (files named as in ``LOCAL_FILES``, in the hub schemas)."""
     return {
-        "train": gsm8k_rows(load_split("openai/gsm8k", "main", "train", _path(data_dir, "gsm8k_train"), n_train)),
-        "test": gsm8k_rows(load_split("openai/gsm8k", "main", "test", _path(data_dir, "gsm8k_test"), n_eval)),
-        "ood": {"truthfulqa": truthfulqa_items(load_split("truthfulqa/truthful_qa", "multiple_choice", "validation",
+        "train": gsm8k_rows(load_split("openai/gsm8k", "main", "train",
+                                       _path(data_dir, "gsm8k_train"), n_train)),
+        "test": gsm8k_rows(load_split("openai/gsm8k", "main", "test",
+                                      _path(data_dir, "gsm8k_test"), n_eval)),
+        "ood": {"truthfulqa": truthfulqa_items(load_split("truthfulqa/truthful_qa",
+                                                          "multiple_choice", "validation",
                                                           _path(data_dir, "truthfulqa"), n_ood)),
-                "arc": arc_items(load_split("allenai/ai2_arc", "ARC-Challenge", "test", _path(data_dir, "arc"), n_ood))},
+                "arc": arc_items(load_split("allenai/ai2_arc", "ARC-Challenge", "test",
+                                            _path(data_dir, "arc"), n_ood))},
     }
 
 
 class Evaluator:
-    """GSM8K exact match (``id_acc``), multiple-choice accuracy per OOD benchmark (``ood_truthfulqa``,
-    ``ood_arc``; their mean is ``ood_acc``), NLL and entropy on held-out GSM8K solutions."""
+    """GSM8K exact match (``id_acc``), multiple-choice accuracy per OOD benchmark
+    (``ood_truthfulqa``, ``ood_arc``; their mean is ``ood_acc``), NLL and entropy on held-out
+    GSM8K solutions."""
 
     def __init__(self, lm, test_rows: list, ood: dict, max_new_tokens: int = 320, max_length=None):
         self.test_rows, self.ood, self.max_new_tokens = test_rows, ood, max_new_tokens

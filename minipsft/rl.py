@@ -1,9 +1,9 @@
 """GRPO: the RL stage after fine-tuning, with the same clipped surrogate as PSFT.
 
-SFT is the policy gradient on demonstrations with advantage ``A = 1``; PSFT clips its ratio against a
-snapshot ``pi_old``. GRPO keeps that very loss (``losses.clipped_surrogate``) and changes two things:
-the tokens come from the policy's *own samples*, and the advantage is a *signed* score of each sample
-against the other samples of its prompt ("group")::
+SFT is the policy gradient on demonstrations with advantage ``A = 1``; PSFT clips its ratio against
+a snapshot ``pi_old``. GRPO keeps that very loss (``losses.clipped_surrogate``) and changes two
+things: the tokens come from the policy's *own samples*, and the advantage is a *signed* score
+of each sample against the other samples of its prompt ("group")::
 
     A_i = (R_i - mean(R_group)) / (std(R_group) + 1e-4)          (Shao et al., 2024)
 
@@ -70,22 +70,25 @@ class GRPOConfig:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
         if self.group_size < 2:
             raise ValueError(f"group_size={self.group_size}: a group needs >= 2 samples to compare")
-        if self.lr <= 0 or self.eps_low < 0 or self.eps_low >= 1 or self.eps_high < 0 or self.kl_coef < 0:
-            raise ValueError(f"need lr > 0, 0 <= eps_low < 1, eps_high >= 0, kl_coef >= 0 (got lr={self.lr}, "
-                             f"eps_low={self.eps_low}, eps_high={self.eps_high}, kl_coef={self.kl_coef})")
+        if (self.lr <= 0 or self.eps_low < 0 or self.eps_low >= 1 or self.eps_high < 0
+                or self.kl_coef < 0):
+            raise ValueError(f"need lr > 0, 0 <= eps_low < 1, eps_high >= 0, kl_coef >= 0 "
+                             f"(got lr={self.lr}, eps_low={self.eps_low}, "
+                             f"eps_high={self.eps_high}, kl_coef={self.kl_coef})")
         if self.temperature <= 0 or self.eval_every < 0 or self.grad_clip < 0:
             raise ValueError("need temperature > 0, eval_every >= 0, grad_clip >= 0")
 
 
 def group_advantages(rewards: torch.Tensor, scale: bool = True) -> torch.Tensor:
-    """``[groups, group_size]`` rewards -> advantages of the same shape: reward minus its group's mean,
-    divided by the group's std (+1e-4) when ``scale``. Equal rewards give exactly 0."""
+    """``[groups, group_size]`` rewards -> advantages of the same shape: reward minus its group's
+    mean, divided by the group's std (+1e-4) when ``scale``. Equal rewards give exactly 0."""
     centred = rewards - rewards.mean(dim=1, keepdim=True)
     return centred / (rewards.std(dim=1, keepdim=True) + 1e-4) if scale else centred
 
 
 def _prompt(row: dict):
-    """The prompt of a row: ``prompt`` (text or messages), or a conversation's turns before the last."""
+    """The prompt of a row: ``prompt`` (text or messages), or a conversation's turns before the
+    last."""
     if row.get("prompt") is not None:
         return row["prompt"]
     if row.get("messages"):
@@ -98,17 +101,18 @@ def _kl_k3(logp, logp_ref, mask):
     return masked_mean(torch.exp(delta) - delta - 1.0, mask)
 
 
-def grpo(lm, prompts: list, reward_fn, cfg: GRPOConfig, eval_fn=None, out_dir=None, on_step=None) -> dict:
+def grpo(lm, prompts: list, reward_fn, cfg: GRPOConfig, eval_fn=None, out_dir=None,
+         on_step=None) -> dict:
     """Train ``lm`` in place with GRPO; return ``{"history": [...], "evals": [...]}``.
 
-    ``prompts``: rows with a ``"prompt"`` (a string or chat messages) or ``"messages"`` (the turns before
-    the last are the prompt, e.g. ``real.gsm8k_rows``) and whatever ``reward_fn`` needs.
+    ``prompts``: rows with a ``"prompt"`` (a string or chat messages) or ``"messages"`` (the turns
+    before the last are the prompt, e.g. ``real.gsm8k_rows``) and whatever ``reward_fn`` needs.
     ``reward_fn(row, completion_text) -> float`` (here 1.0 for a right answer, else 0.0).
     ``history``: one record per rollout step with ``reward``, ``accuracy`` (share of samples with a
     positive reward), ``entropy`` (mean token entropy of the sampler on its samples), ``clipfrac``,
     ``clipfrac_high``, ``clipfrac_low``, ``ratio_mean``, ``approx_kl``, ``completion_length``,
-    ``zero_adv_groups`` (share of groups with equal rewards), ``grad_norm``, ``tokens_per_s`` (sampled
-    tokens per second of the whole step: sampling, scoring and updates).
+    ``zero_adv_groups`` (share of groups with equal rewards), ``grad_norm``, ``tokens_per_s``
+    (sampled tokens per second of the whole step: sampling, scoring and updates).
     ``eval_fn(lm) -> dict`` runs at step 0, every ``eval_every`` steps and at the end. With
     ``out_dir``: ``history.jsonl``, ``evals.jsonl``, ``config.json`` and ``final/``.
     """
@@ -135,28 +139,35 @@ def grpo(lm, prompts: list, reward_fn, cfg: GRPOConfig, eval_fn=None, out_dir=No
     order = []
     evaluate(0)
     model.train()
-    for step in tqdm(range(1, cfg.steps + 1), disable=not cfg.progress, desc="grpo", dynamic_ncols=True):
+    for step in tqdm(range(1, cfg.steps + 1), disable=not cfg.progress, desc="grpo",
+                     dynamic_ncols=True):
         t0 = time.perf_counter()
         while len(order) < cfg.prompts_per_step:  # a fresh shuffle of the pool whenever it runs out
             order += torch.randperm(len(prompts), generator=gen).tolist()
-        rows, order = [prompts[i] for i in order[:cfg.prompts_per_step]], order[cfg.prompts_per_step:]
+        rows, order = ([prompts[i] for i in order[:cfg.prompts_per_step]],
+                       order[cfg.prompts_per_step:])
 
         # 1. rollout: G samples per prompt from the current policy, scored by the verifiable reward
-        pairs = lm.sample_ids([_prompt(r) for r in rows for _ in range(cfg.group_size)], cfg.max_new_tokens,
-                              do_sample=True, temperature=cfg.temperature, batch_size=256)
+        pairs = lm.sample_ids([_prompt(r) for r in rows for _ in range(cfg.group_size)],
+                              cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature,
+                              batch_size=256)
         texts = tok.batch_decode([c for _, c in pairs], skip_special_tokens=True)
-        rewards = torch.tensor([float(reward_fn(rows[i // cfg.group_size], t)) for i, t in enumerate(texts)])
+        rewards = torch.tensor([float(reward_fn(rows[i // cfg.group_size], t))
+                                for i, t in enumerate(texts)])
         bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
         if bad:  # a NaN reward would silently turn its whole group's advantages into NaN
             i = bad[0]
-            raise ValueError(f"rollout step {step}: reward_fn returned {rewards[i].item()} for {len(bad)} sample(s), "
-                             f"first for prompt {_prompt(rows[i // cfg.group_size])!r} and completion {texts[i]!r}")
+            raise ValueError(f"rollout step {step}: reward_fn returned {rewards[i].item()} for "
+                             f"{len(bad)} sample(s), first for prompt "
+                             f"{_prompt(rows[i // cfg.group_size])!r} and completion {texts[i]!r}")
         adv = group_advantages(rewards.view(-1, cfg.group_size), cfg.scale_rewards)
         zero_groups = (adv.abs() < 1e-8).all(dim=1)
         adv = adv.flatten()
-        examples = [{"input_ids": p + c, "completion_mask": [0] * len(p) + [1] * len(c)} for p, c in pairs]
+        examples = [{"input_ids": p + c, "completion_mask": [0] * len(p) + [1] * len(c)}
+                    for p, c in pairs]
         empty = [i for i, (_, c) in enumerate(pairs) if not c]
-        if empty:  # only a model that can never end its text gets here (max_new_tokens >= 1, EOS kept)
+        # only a model that can never end its text gets here (max_new_tokens >= 1, EOS kept)
+        if empty:
             raise ValueError(f"rollout step {step}: samples {empty[:5]} have no completion token")
 
         # 2. freeze the sampler as pi_old: its log-probs (and entropy) under no grad
@@ -164,7 +175,8 @@ def grpo(lm, prompts: list, reward_fn, cfg: GRPOConfig, eval_fn=None, out_dir=No
         minibatches = [lm.collate([examples[i] for i in idx]) for idx in mb_idx]
         with torch.no_grad():
             old = [lm.token_logprobs(mb, with_entropy=True) for mb in minibatches]
-            ref_lp = [lm.token_logprobs(mb, model=ref)[0] for mb in minibatches] if ref is not None else None
+            ref_lp = ([lm.token_logprobs(mb, model=ref)[0] for mb in minibatches]
+                      if ref is not None else None)
 
         # 3. several optimizer steps on the same rollout, each one the clipped surrogate
         parts, grad_norms, updates = [], [], 0
@@ -175,14 +187,17 @@ def grpo(lm, prompts: list, reward_fn, cfg: GRPOConfig, eval_fn=None, out_dir=No
                     continue  # no gradient here; an AdamW step would still move the weights
                 mask = mb["completion_mask"]
                 logp = lm.token_logprobs(mb)[0]
-                loss, metrics = clipped_surrogate(logp, old[j][0], a, mask, cfg.eps_low, cfg.eps_high)
+                loss, metrics = clipped_surrogate(logp, old[j][0], a, mask, cfg.eps_low,
+                                                  cfg.eps_high)
                 if ref is not None:
                     kl = _kl_k3(logp, ref_lp[j], mask.to(logp.dtype))
                     loss = loss + cfg.kl_coef * kl
                     metrics["kl"] = kl.item()
                 loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-                if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):  # stop before the step spoils the weights
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                           cfg.grad_clip or float("inf"))
+                # stop before the step spoils the weights
+                if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
                     raise FloatingPointError(f"non-finite loss or gradient at rollout step {step}")
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -191,15 +206,19 @@ def grpo(lm, prompts: list, reward_fn, cfg: GRPOConfig, eval_fn=None, out_dir=No
                 updates += 1
 
         n_completion = sum(len(c) for _, c in pairs)
-        entropy = sum((e * mb["completion_mask"]).sum().item() for (_, e), mb in zip(old, minibatches)) / n_completion
-        rec = {"step": step, "reward": rewards.mean().item(), "accuracy": (rewards > 0).float().mean().item(),
+        entropy = sum((e * mb["completion_mask"]).sum().item()
+                      for (_, e), mb in zip(old, minibatches)) / n_completion
+        rec = {"step": step, "reward": rewards.mean().item(),
+               "accuracy": (rewards > 0).float().mean().item(),
                "entropy": entropy, "completion_length": n_completion / len(pairs),
                "zero_adv_groups": zero_groups.float().mean().item(), "updates": updates,
                # a rollout whose groups all tied took no step: nothing clipped, no ratio to report
-               "clipfrac": 0.0, "clipfrac_high": 0.0, "clipfrac_low": 0.0, "ratio_mean": None, "ratio_max": None,
-               "approx_kl": None, "loss": None, **(merge_metrics(parts) if parts else {}),
+               "clipfrac": 0.0, "clipfrac_high": 0.0, "clipfrac_low": 0.0, "ratio_mean": None,
+               "ratio_max": None, "approx_kl": None, "loss": None,
+               **(merge_metrics(parts) if parts else {}),
                "grad_norm": max(grad_norms) if grad_norms else None,
-               "tokens_per_s": n_completion / (time.perf_counter() - t0)}  # sampled tokens per second of the whole step
+               # sampled tokens per second of the whole step
+               "tokens_per_s": n_completion / (time.perf_counter() - t0)}
         history.append(rec)
         if on_step is not None:
             on_step(rec)

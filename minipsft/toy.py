@@ -4,9 +4,9 @@ Design (each piece is there because the paper's effects depend on it):
 
 * **Prior capabilities.** A tiny Llama-style model is pretrained from scratch on six small tasks
   (``add``/``sub``/``max`` of 1- and 2-digit numbers, ``rev``erse a 3-6 letter word, ``sort`` a
-  string, ``pick`` any letter of a word) plus some 7-9 letter reversals answered directly. The six tasks
-  are the model's prior capabilities; their held-out accuracy is the OOD score (the analogue of the
-  paper's general benchmarks).
+  string, ``pick`` any letter of a word) plus some 7-9 letter reversals answered directly. The six
+  tasks are the model's prior capabilities; their held-out accuracy is the OOD score (the analogue
+  of the paper's general benchmarks).
 * **Instructions and format.** 30% of pretraining prompts end in ``()``, asking for the answer in
   parentheses: the toy analogue of IFEval's format instructions, scored separately (``ood_format``).
 * **A stochastic teacher.** Answers come in two styles (``82`` or ``it is 82``) and ``pick`` has
@@ -19,7 +19,8 @@ Design (each piece is there because the paper's effects depend on it):
   style tokens are shared by every demonstration and rise fast; they can bleed into the prior tasks
   (a ``()`` prompt answered ``(ab);hmm 2 letters ok`` breaks the format) - the way fine-tuning
   erodes prior skills in the paper. (A preamble *before* the answer was tried first: it moved the
-  answer away from the prompt, broke the base's position-based reversal, and no arm learned the task.)
+  answer away from the prompt, broke the base's position-based reversal, and no arm learned the
+  task.)
 * **Finite data revisited.** A fixed set of demonstrations is trained on for several epochs, so
   memorising it (and its random style choices) is possible, as in multi-epoch SFT.
 
@@ -43,7 +44,8 @@ ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz +=;:()"
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 PRIOR_TASKS = ("add", "sub", "max", "rev", "sort", "pick")
 ID_TASK = "rev_long"
-OPENERS = ("wait", "check", "hmm")  # the ID teacher's random reflection words: entropy above zero there
+# the ID teacher's random reflection words: entropy above zero there
+OPENERS = ("wait", "check", "hmm")
 CONNECTIVES = ("ok", "good")
 
 
@@ -57,8 +59,10 @@ def _task(name: str, rng: random.Random):
     if name == "add":
         a, b = _small(rng), _small(rng)
         return f"add {a} {b}", {str(a + b)}
-    if name in ("rev_long", "rev_pretrain"):  # fine-tuning: 8-11 letters; pretraining has 7-9 (a partial skill)
-        w = "".join(rng.choice(LETTERS) for _ in range(rng.randint(8, 11) if name == "rev_long" else rng.randint(7, 9)))
+    if name in ("rev_long", "rev_pretrain"):
+        # fine-tuning: 8-11 letters; pretraining has 7-9 (a partial skill)
+        w = "".join(rng.choice(LETTERS)
+                    for _ in range(rng.randint(8, 11) if name == "rev_long" else rng.randint(7, 9)))
         return f"rev {w}", {w[::-1]}
     if name == "sub":
         a, b = sorted((_small(rng), _small(rng)), reverse=True)
@@ -87,12 +91,14 @@ def prior_row(name: str, rng: random.Random, paren_rate: float = 0.3) -> dict:
     """One pretraining demonstration of a prior task, in the teacher's (stochastic) style."""
     body, answers = _task(name, rng)
     paren = rng.random() < paren_rate
-    return {"prompt": body + (" ()" if paren else "") + ":", "completion": _styled(rng.choice(sorted(answers)), paren, rng),
+    return {"prompt": body + (" ()" if paren else "") + ":",
+            "completion": _styled(rng.choice(sorted(answers)), paren, rng),
             "task": name, "answers": sorted(answers), "paren": paren}
 
 
 def chain_of_thought(word: str, rng: random.Random) -> str:
-    """The ID teacher's style: the answer, then a "reflection" that checks it (``qpdicyzs;wait 8 letters ok``)."""
+    """The ID teacher's style: the answer, then a "reflection" that checks it
+    (``qpdicyzs;wait 8 letters ok``)."""
     return f"{word[::-1]};{rng.choice(OPENERS)} {len(word)} letters {rng.choice(CONNECTIVES)}"
 
 
@@ -100,27 +106,28 @@ def completion_roles(text: str) -> list:
     """Role of each character of an ID demonstration: ``content`` (the answer and the letter count)
     or ``format`` (``;``, the reflection words, spaces)."""
     answer, tail = text.split(";", 1)
-    return ["content"] * len(answer) + ["format"] + ["content" if c.isdigit() else "format" for c in tail]
+    return (["content"] * len(answer) + ["format"]
+            + ["content" if c.isdigit() else "format" for c in tail])
 
 
 def id_row(rng: random.Random) -> dict:
     body, answers = _task(ID_TASK, rng)
-    return {"prompt": body + ":", "completion": chain_of_thought(body.split()[1], rng), "task": ID_TASK,
-            "answers": sorted(answers), "paren": False}
+    return {"prompt": body + ":", "completion": chain_of_thought(body.split()[1], rng),
+            "task": ID_TASK, "answers": sorted(answers), "paren": False}
 
 
 def id_direct_row(rng: random.Random) -> dict:
     """A 7-9 letter reversal answered directly (5% of pretraining): the base can do the shorter half
     of the ID task (8-11 letters) and fails the longer half, so it starts with some ID skill."""
     body, answers = _task("rev_pretrain", rng)
-    return {"prompt": body + ":", "completion": _styled(next(iter(answers)), False, rng), "task": ID_TASK,
-            "answers": sorted(answers), "paren": False}
+    return {"prompt": body + ":", "completion": _styled(next(iter(answers)), False, rng),
+            "task": ID_TASK, "answers": sorted(answers), "paren": False}
 
 
 def pretrain_rows(n: int, seed: int, id_direct_rate: float = 0.05) -> list:
     rng = random.Random(seed)
-    return [id_direct_row(rng) if rng.random() < id_direct_rate else prior_row(rng.choice(PRIOR_TASKS), rng)
-            for _ in range(n)]
+    return [id_direct_row(rng) if rng.random() < id_direct_rate
+            else prior_row(rng.choice(PRIOR_TASKS), rng) for _ in range(n)]
 
 
 def id_rows(n: int, seed: int) -> list:
@@ -143,8 +150,8 @@ _NUMBER = re.compile(r"\d+")
 
 def is_correct(row: dict, output: str) -> bool:
     """Check a generated answer. A reflection tail (``;wait ...``) is ignored, so a change of style
-    alone is not an error (but it breaks a ``()`` answer). Numeric tasks: the last number.
-    Others: the answer itself, with an optional ``it is``. ``()`` prompts also need the parentheses."""
+    alone is not an error (but it breaks a ``()`` answer). Numeric tasks: the last number. Others:
+    the answer itself, with an optional ``it is``. ``()`` prompts also need the parentheses."""
     text = output.strip()
     if row["paren"]:
         if not (text.startswith("(") and text.endswith(")")):
@@ -173,7 +180,8 @@ class BaseConfig:
     def key(self) -> str:
         """Hash of the settings, the alphabet and a sample of the pretraining data, so that a change
         to the tasks or the teacher also invalidates the cache."""
-        world = {"config": asdict(self), "alphabet": ALPHABET, "sample": pretrain_rows(500, self.pretrain_seed)}
+        world = {"config": asdict(self), "alphabet": ALPHABET,
+                 "sample": pretrain_rows(500, self.pretrain_seed)}
         return hashlib.sha1(json.dumps(world, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -181,10 +189,12 @@ def new_model(cfg: BaseConfig, device="cpu") -> CausalLM:
     from transformers import LlamaConfig
 
     tok = char_tokenizer(ALPHABET)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=cfg.hidden, intermediate_size=3 * cfg.hidden,
-                         num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=cfg.hidden,
+                         intermediate_size=3 * cfg.hidden, num_hidden_layers=cfg.layers,
+                         num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
                          max_position_embeddings=cfg.max_position, tie_word_embeddings=True,
-                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id)
     return CausalLM.from_config(config, tok, seed=cfg.pretrain_seed, device=device, dtype="float32")
 
 
@@ -205,18 +215,20 @@ def pretrained_base(cfg: BaseConfig, cache_dir, progress: bool = True, device="c
     lm = new_model(cfg, device)
     examples = lm.encode(pretrain_rows(cfg.pretrain_rows, cfg.pretrain_seed))
     steps = len(examples) // cfg.pretrain_batch
-    train(lm, examples, TrainConfig(method="sft", epochs=1, lr=cfg.pretrain_lr, batch_size=cfg.pretrain_batch,
-                                    minibatch_size=cfg.pretrain_batch, lr_warmup_steps=max(1, steps // 20),
-                                    lr_schedule="cosine", weight_decay=0.1, seed=cfg.pretrain_seed,
-                                    progress=progress))
+    train(lm, examples,
+          TrainConfig(method="sft", epochs=1, lr=cfg.pretrain_lr, batch_size=cfg.pretrain_batch,
+                      minibatch_size=cfg.pretrain_batch, lr_warmup_steps=max(1, steps // 20),
+                      lr_schedule="cosine", weight_decay=0.1, seed=cfg.pretrain_seed,
+                      progress=progress))
     lm.save_pretrained(path)
     (path / "base_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     return lm, path, False
 
 
-# ------------------------------------------------------------------------------------------- evaluation
+# -------------------------------------------------------------------------------------- evaluation
 def generate_accuracy(lm, rows, max_new_tokens: int) -> list:
-    outputs = lm.generate([r["prompt"] for r in rows], max_new_tokens=max_new_tokens, batch_size=256)
+    outputs = lm.generate([r["prompt"] for r in rows], max_new_tokens=max_new_tokens,
+                          batch_size=256)
     return [is_correct(r, o) for r, o in zip(rows, outputs)]
 
 
@@ -249,7 +261,8 @@ class Evaluator:
     NLL/entropy, entropy of the model's own samples, KL from the base on OOD demonstrations and the
     relative weight distance from the base (``drift``)."""
 
-    def __init__(self, base: CausalLM, id_eval: list, ood_eval: list, n_samples: int = 128, seed: int = 0):
+    def __init__(self, base: CausalLM, id_eval: list, ood_eval: list, n_samples: int = 128,
+                 seed: int = 0):
         self.id_eval, self.ood_eval, self.seed = id_eval, ood_eval, seed
         self.base_model = base.frozen_copy()
         self.id_examples = base.encode(id_eval)
@@ -270,9 +283,11 @@ class Evaluator:
         out["heldout_nll"], out["entropy"] = held["heldout_nll"], held["heldout_entropy"]
         state = torch.get_rng_state()
         torch.manual_seed(self.seed)  # the same sampling noise at every evaluation, restored after
-        samples = lm.generate(self.sample_prompts, max_new_tokens=self.id_tokens, do_sample=True, batch_size=256)
+        samples = lm.generate(self.sample_prompts, max_new_tokens=self.id_tokens, do_sample=True,
+                              batch_size=256)
         torch.set_rng_state(state)
-        sampled = lm.encode([{"prompt": p, "completion": c} for p, c in zip(self.sample_prompts, samples)])
+        sampled = lm.encode([{"prompt": p, "completion": c}
+                             for p, c in zip(self.sample_prompts, samples)])
         out["sample_entropy"] = heldout_eval(lm, sampled)["heldout_entropy"]
         out["ood_kl"] = mean_kl(lm, self.base_model, self.ood_examples)
         out["drift"] = param_distance(lm.model, self.base_model)

@@ -47,7 +47,8 @@ def setting(default, help: str):
 
 @dataclass
 class TrainConfig:
-    """Every setting of a fine-tuning run. The help text of each field is also its ``--help`` line."""
+    """Every setting of a fine-tuning run. The help text of each field is also its ``--help``
+    line."""
     method: str = setting("psft", f"loss: {' | '.join(LOSSES)} (losses.LOSSES; one loop, one data "
                                   "order: only the loss differs)")
     epochs: int = setting(4, "passes over the data set")
@@ -71,8 +72,8 @@ class TrainConfig:
                                     "(the paper's 'no update' ablation)")
     sft_warmup_steps: int = setting(0, "plain-SFT optimizer steps before PSFT starts")
     length_bucketing: bool = setting(False, "within each batch, group demonstrations of similar "
-                                            "length into the same "
-                                       "minibatch (less padding; same batches and snapshots for every method)")
+                                            "length into the same minibatch (less padding; same "
+                                            "batches and snapshots for every method)")
     kl_coef: float = setting(0.5, "weight of the KL(pi || pi_ref) penalty of sft_kl (paper: 0.5)")
     weight_decay: float = setting(0.1, "AdamW weight decay")
     grad_clip: float = setting(1.0, "clip the global gradient norm to this (0 = off)")
@@ -102,7 +103,8 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
         if self.minibatch_size > self.batch_size:
-            raise ValueError(f"minibatch_size={self.minibatch_size} is larger than batch_size={self.batch_size}")
+            raise ValueError(f"minibatch_size={self.minibatch_size} is larger than "
+                             f"batch_size={self.batch_size}")
         if self.lr <= 0 or self.eps_low < 0 or self.eps_high < 0 or self.eps_low >= 1:
             raise ValueError(f"need lr > 0, 0 <= eps_low < 1, eps_high >= 0 (got lr={self.lr}, "
                              f"eps_low={self.eps_low}, eps_high={self.eps_high})")
@@ -124,7 +126,8 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def _epoch_batches(n: int, cfg: TrainConfig, epoch: int) -> list:
-    """Example indices of each batch of ``epoch``: a permutation that depends on (seed, epoch) only."""
+    """Example indices of each batch of ``epoch``: a permutation that depends on (seed, epoch)
+    only."""
     g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
     order = torch.randperm(n, generator=g).tolist()
     return [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
@@ -138,7 +141,8 @@ def chunks(seq, size) -> list:
 def _micro_batches(mb: dict, cfg) -> list:
     """Row slices of a minibatch that are run through forward/backward one at a time."""
     size = cfg.micro_batch_size or len(mb["input_ids"])
-    return [(s, {k: v[s:s + size] for k, v in mb.items()}) for s in range(0, len(mb["input_ids"]), size)]
+    return [(s, {k: v[s:s + size] for k, v in mb.items()})
+            for s in range(0, len(mb["input_ids"]), size)]
 
 
 def _partly_frozen(model) -> bool:
@@ -209,7 +213,8 @@ def heldout_eval(lm, examples, batch_size: int = 32) -> dict:
         batch = lm.collate(chunk)
         logp, entropy = lm.token_logprobs(batch, with_entropy=True)
         m = batch["completion_mask"].float()
-        nll, ent, n = nll - (logp * m).sum().item(), ent + (entropy * m).sum().item(), n + m.sum().item()
+        nll, ent, n = (nll - (logp * m).sum().item(), ent + (entropy * m).sum().item(),
+                       n + m.sum().item())
     lm.model.train(was_training)
     return {"heldout_nll": nll / n, "heldout_entropy": ent / n}
 
@@ -242,23 +247,26 @@ def _set_rng_state(s):
 
 
 def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW; on a GPU its fused kernel (one launch updates every tensor; the same math, a few ms less per step)."""
+    """AdamW; on a GPU its fused kernel (one launch updates every tensor; the same math, a few ms
+    less per step)."""
     params = list(params)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=all(p.is_cuda for p in params) or None)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay,
+                             fused=all(p.is_cuda for p in params) or None)
 
 
 def train(lm, examples: list, cfg: TrainConfig, out_dir=None, eval_fn=None, resume: bool = False,
           on_step=None, token_hook=None, overwrite: bool = False) -> dict:
-    """Fine-tune ``lm`` in place on encoded ``examples``; return ``{"history": [...], "evals": [...]}``.
+    """Fine-tune ``lm`` in place on encoded ``examples``; return
+    ``{"history": [...], "evals": [...]}``.
 
-    ``history`` has one record per optimizer step (``step``, ``epoch``, ``loss``, ``nll``, ``entropy``,
-    ``clipfrac``, ratio stats, ``approx_kl``, ``grad_norm``, ``lr``, ``tokens_per_s``, ...); ``evals``
-    one per evaluation. With ``out_dir``: ``history.jsonl``, ``evals.jsonl``, ``config.json``,
-    ``checkpoint.pt`` (model, optimizer, scheduler, RNG states, data position) and ``final/``
-    (``save_pretrained``). ``resume=True`` continues from ``out_dir/checkpoint.pt`` and gives the
-    same result as an uninterrupted run (resuming with another ``lr`` or ``grad_clip``, e.g. lower
-    after a NaN stop, is allowed with a warning). An ``out_dir`` that already holds a run is refused
-    unless ``resume`` or ``overwrite``. ``on_step(record)`` is called after every step;
+    ``history`` has one record per optimizer step (``step``, ``epoch``, ``loss``, ``nll``,
+    ``entropy``, ``clipfrac``, ratio stats, ``approx_kl``, ``grad_norm``, ``lr``, ``tokens_per_s``,
+    ...); ``evals`` one per evaluation. With ``out_dir``: ``history.jsonl``, ``evals.jsonl``,
+    ``config.json``, ``checkpoint.pt`` (model, optimizer, scheduler, RNG states, data position) and
+    ``final/`` (``save_pretrained``). ``resume=True`` continues from ``out_dir/checkpoint.pt`` and
+    gives the same result as an uninterrupted run (resuming with another ``lr`` or ``grad_clip``,
+    e.g. lower after a NaN stop, is allowed with a warning). An ``out_dir`` that already holds a run
+    is refused unless ``resume`` or ``overwrite``. ``on_step(record)`` is called after every step;
     ``token_hook(micro_batch, logp, logp_old)`` on every PSFT forward (per-token diagnostics, e.g.
     which tokens the clip stops).
     """
@@ -268,7 +276,8 @@ def train(lm, examples: list, cfg: TrainConfig, out_dir=None, eval_fn=None, resu
     model = lm.model
     out = Path(out_dir) if out_dir is not None else None
     torch.manual_seed(cfg.seed)
-    # a frozen copy of the *starting* weights: pi_ref for sft_kl, or pi_old when it is never refreshed
+    # a frozen copy of the *starting* weights: pi_ref for sft_kl, or pi_old when it is never
+    # refreshed
     loss = LOSSES[cfg.method]
     anchored = loss.reference or (loss.snapshot and not cfg.refresh_pi_old)
     starting = lm.frozen_logprobs() if anchored else None
@@ -345,15 +354,15 @@ def train(lm, examples: list, cfg: TrainConfig, out_dir=None, eval_fn=None, resu
         if ckpt_path is not None:
             tmp = ckpt_path.with_suffix(".tmp")
             torch.save({"model": _model_state(model), "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(),
-                        "rng": _rng_state(), "position": dict(pos), "history": history, "evals": evals,
-                        "config": asdict(cfg)}, tmp)
+                        "scheduler": sched.state_dict(), "rng": _rng_state(), "position": dict(pos),
+                        "history": history, "evals": evals, "config": asdict(cfg)}, tmp)
             os.replace(tmp, ckpt_path)  # atomic: a crash mid-save never leaves a broken checkpoint
 
     if not resume:
         evaluate(0)
     model.train()
-    bar = tqdm(total=total_steps, initial=pos["step"], disable=not cfg.progress, desc=cfg.method, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=pos["step"], disable=not cfg.progress, desc=cfg.method,
+               dynamic_ncols=True)
     try:
         for epoch in range(pos["epoch"], cfg.epochs):
             batches = _epoch_batches(len(examples), cfg, epoch)
@@ -363,13 +372,15 @@ def train(lm, examples: list, cfg: TrainConfig, out_dir=None, eval_fn=None, resu
                     order = sorted(order, key=lambda i: len(examples[i]["input_ids"]))
                 minibatches = [lm.collate([examples[i] for i in idx])
                                for idx in chunks(order, cfg.minibatch_size)]
-                # log pi_old per minibatch; filled at the batch's first PSFT step ("take the snapshot")
+                # log pi_old per minibatch; filled at the batch's first PSFT step
+                # ("take the snapshot")
                 old = [None] * len(minibatches)
                 for j in range(len(minibatches)):
                     rec = _step(lm, cfg, opt, sched, starting, minibatches, old, j, pos["step"],
                                 token_hook)
                     pos["step"] += 1
-                    rec.update(step=pos["step"], epoch=epoch + 1, epoch_frac=pos["step"] / steps_per_epoch)
+                    rec.update(step=pos["step"], epoch=epoch + 1,
+                               epoch_frac=pos["step"] / steps_per_epoch)
                     history.append(rec)
                     if log is not None:
                         log.write(json.dumps(rec) + "\n")
@@ -389,7 +400,8 @@ def train(lm, examples: list, cfg: TrainConfig, out_dir=None, eval_fn=None, resu
                 if end_of_epoch or (cfg.checkpoint_every and (b + 1) % cfg.checkpoint_every == 0):
                     save_checkpoint()
     except NonFiniteLossError as e:
-        kept = f"; the last good checkpoint is {ckpt_path}" if ckpt_path is not None and ckpt_path.exists() else ""
+        kept = (f"; the last good checkpoint is {ckpt_path}"
+                if ckpt_path is not None and ckpt_path.exists() else "")
         raise NonFiniteLossError(f"{e}. Training stopped{kept}.") from None
     finally:
         bar.close()
@@ -488,7 +500,8 @@ def _step(lm, cfg, opt, sched, starting, minibatches, old, j, step, token_hook=N
         (loss * (mask.sum() / total_weight)).backward()
         parts.append({**metrics, "loss": loss_value, "nll": nll, "entropy": mean_entropy,
                       "tokens": int(tokens)})
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                               cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
     grad_norm = grad_norm.item()
     if not math.isfinite(grad_norm):
         opt.zero_grad(set_to_none=True)

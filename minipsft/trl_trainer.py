@@ -3,8 +3,9 @@
 ``pip install "minipsft[trl]"``; importing ``minipsft`` itself never imports TRL.
 
     from minipsft.trl_trainer import PSFTConfig, PSFTTrainer
-    args = PSFTConfig(output_dir="out", per_device_train_batch_size=4, gradient_accumulation_steps=8,
-                      learning_rate=1e-6, eps_low=0.2, eps_high=0.28, refresh_steps=8)
+    args = PSFTConfig(output_dir="out", per_device_train_batch_size=4,
+                      gradient_accumulation_steps=8, learning_rate=1e-6, eps_low=0.2, eps_high=0.28,
+                      refresh_steps=8)
     PSFTTrainer(model="Qwen/Qwen2.5-0.5B-Instruct", args=args, train_dataset=dataset).train()
 
 Everything TRL does is kept (data formats, chat templates, completion-only masks, packing off,
@@ -49,12 +50,16 @@ __all__ = ["PSFTConfig", "PSFTTrainer"]
 @dataclass
 class PSFTConfig(SFTConfig):
     """``SFTConfig`` plus PSFT's settings."""
-    eps_low: float = field(default=0.2, metadata={"help": "lower clip of the ratio (never acts with PSFT's A = 1)"})
-    eps_high: float = field(default=0.28, metadata={"help": "upper clip: tokens whose ratio passed 1 + eps_high get "
-                                                            "no gradient (official 0.28)"})
-    refresh_steps: int = field(default=8, metadata={"help": "optimizer steps per pi_old snapshot (official batch "
-                                                            "256 / minibatch 32 = 8); 1 is exactly SFT"})
-    sft_warmup_steps: int = field(default=0, metadata={"help": "plain-SFT optimizer steps before PSFT starts"})
+    eps_low: float = field(default=0.2, metadata={"help": "lower clip of the ratio (never acts "
+                                                          "with PSFT's A = 1)"})
+    eps_high: float = field(default=0.28, metadata={"help": "upper clip: tokens whose ratio "
+                                                            "passed 1 + eps_high get no gradient "
+                                                            "(official 0.28)"})
+    refresh_steps: int = field(default=8, metadata={"help": "optimizer steps per pi_old "
+                                                            "snapshot (official batch 256 / "
+                                                            "minibatch 32 = 8); 1 is exactly SFT"})
+    sft_warmup_steps: int = field(default=0, metadata={"help": "plain-SFT optimizer steps "
+                                                               "before PSFT starts"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -64,7 +69,8 @@ class PSFTConfig(SFTConfig):
             raise ValueError(f"need sft_warmup_steps >= 0, 0 <= eps_low < 1, eps_high >= 0 (got "
                              f"{self.sft_warmup_steps}, {self.eps_low}, {self.eps_high})")
         if self.loss_type != "nll":
-            raise ValueError(f"loss_type={self.loss_type!r}: PSFTTrainer replaces the loss; leave loss_type='nll'")
+            raise ValueError(f"loss_type={self.loss_type!r}: PSFTTrainer replaces the loss; "
+                             "leave loss_type='nll'")
         if self.padding_free or self.packing:
             raise ValueError("PSFTTrainer needs padded batches (packing=False, padding_free=False)")
 
@@ -77,7 +83,8 @@ class PSFTTrainer(SFTTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, PSFTConfig):
-            raise TypeError(f"PSFTTrainer needs a PSFTConfig as args, got {type(self.args).__name__}")
+            raise TypeError("PSFTTrainer needs a PSFTConfig as args, "
+                            f"got {type(self.args).__name__}")
         self._snapshot_step = None  # the global_step at which pi_old was last taken
         self._window = []  # (micro-batches, num_items_in_batch) of the coming steps of this window
         self._cut = False  # whether an epoch's end cut the last window short
@@ -146,26 +153,33 @@ class PSFTTrainer(SFTTrainer):
         if logp_old is None:  # the snapshot's own step: its forward is log pi_old (ratio 1)
             logp_old = logp.detach()
         loss, metrics = psft_loss(logp, logp_old, mask, args.eps_low, args.eps_high)
-        # TRL's normalisation: token sum over the micro-batch / tokens of the whole optimizer step (all ranks)
+        # TRL's normalisation: token sum over the micro-batch / tokens of the whole optimizer step
+        # (all ranks)
         n_local = mask.sum()
         num_tokens = n_local if num_items_in_batch is None else num_items_in_batch
         loss = loss * n_local / torch.as_tensor(num_tokens).clamp(min=1)
         if args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
 
-        # diagnostics, token-weighted over the micro-batches and ranks of each logging window (as minipsft's loop)
+        # diagnostics, token-weighted over the micro-batches and ranks of each logging window
+        # (as minipsft's loop)
         gather = self.accelerator.gather_for_metrics
-        sums = {"clipfrac": metrics["clipfrac"], "ratio_mean": metrics["ratio_mean"], "approx_kl": metrics["approx_kl"]}
-        sums = {k: torch.as_tensor(v * metrics["num_tokens"], device=n_local.device) for k, v in sums.items()}
+        sums = {"clipfrac": metrics["clipfrac"], "ratio_mean": metrics["ratio_mean"],
+                "approx_kl": metrics["approx_kl"]}
+        sums = {k: torch.as_tensor(v * metrics["num_tokens"], device=n_local.device)
+                for k, v in sums.items()}
         if outputs.entropy is not None:
             sums["entropy"] = (outputs.entropy.detach().float() * mask).sum()
         if outputs.is_top1 is not None:
             sums["mean_token_accuracy"] = (outputs.is_top1.float() * mask).sum()
         for k, v in sums.items():
             self._psft_sums[k] = self._psft_sums.get(k, 0.0) + gather(v).sum().item()
-        self._psft_sums["_tokens"] = self._psft_sums.get("_tokens", 0.0) + gather(n_local.detach()).sum().item()
-        ratio_max = gather(torch.as_tensor(metrics["ratio_max"], device=n_local.device)).max().item()
+        self._psft_sums["_tokens"] = (self._psft_sums.get("_tokens", 0.0)
+                                      + gather(n_local.detach()).sum().item())
+        ratio_max = gather(torch.as_tensor(metrics["ratio_max"],
+                                           device=n_local.device)).max().item()
         self._psft_sums["ratio_max"] = max(self._psft_sums.get("ratio_max", 0.0), ratio_max)
-        self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item() // self._tp_size
+        self._total_train_tokens += (gather(inputs["attention_mask"].sum()).sum().item()
+                                     // self._tp_size)
         self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
         return (loss, outputs) if return_outputs else loss

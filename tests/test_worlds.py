@@ -139,3 +139,39 @@ def test_rl_starts_from_a_files_world_checkpoint_with_the_exact_match_reward(fil
     report = (tmp_path / "rl" / "report.md").read_text()
     assert report.startswith("# GRPO after fine-tuning on train.jsonl") and "nan" not in report
     assert (tmp_path / "rl" / "rl_after_finetuning.png").stat().st_size > 20_000
+
+
+def test_the_base_the_fine_tuning_and_the_evaluator_get_the_requested_device(tmp_path,
+                                                                              monkeypatch):
+    """A spy stands in for a GPU: it records the device asked for and loads on the CPU."""
+    from minipsft import experiments, toy
+    from minipsft.model import CausalLM
+
+    asked = []
+    pretrained_base, from_pretrained = toy.pretrained_base, CausalLM.from_pretrained.__func__
+
+    def spy_base(cfg, cache_dir, progress=True, device="cpu", shipped=True):
+        asked.append(("base", device))
+        return pretrained_base(cfg, cache_dir, progress, "cpu", shipped)
+
+    def spy_load(cls, path, device="auto", **kw):
+        asked.append(("fine-tuning", device))
+        return from_pretrained(cls, path, device="cpu", **kw)
+
+    evaluated = []
+    make_world = experiments.make_world
+
+    def spy_world(p):
+        world = make_world(p)
+        evaluator = world.evaluator
+        world.evaluator = lambda base: evaluated.append(base) or evaluator(base)
+        return world
+
+    monkeypatch.setattr(toy, "pretrained_base", spy_base)
+    monkeypatch.setattr(CausalLM, "from_pretrained", classmethod(spy_load))
+    monkeypatch.setattr(experiments, "make_world", spy_world)
+    experiments.reproduce("smoke", tmp_path / "out", cache_dir=tmp_path / "cache", device="cuda:7",
+                          arms=("psft",), epochs=1, workers=1)
+    assert ("base", "cuda:7") in asked and ("fine-tuning", "cuda:7") in asked
+    assert {device for _, device in asked} == {"cuda:7"}
+    assert len(evaluated) == 1  # the run's evaluator is built on the model it fine-tunes
