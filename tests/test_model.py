@@ -183,6 +183,18 @@ def test_sampling_follows_the_models_softmax_whatever_the_generation_config(host
     assert (counts > 0).sum() > 10 and total_variation < 0.1  # top_k 2 or temperature 0.1: ~0.9
     top2 = lm.sample_ids(["1+1="] * 200, max_new_tokens=1, do_sample=True, top_k=2)
     assert len({c[0] for _, c in top2}) <= 2  # asked-for truncation still works
+    with torch.no_grad():
+        logits = lm.model(input_ids=ids).logits[0, -1].float()
+    hot = lm.sample_ids(["1+1="] * n, max_new_tokens=1, do_sample=True, temperature=0.2,
+                        batch_size=1000)  # exactly the asked-for temperature: softmax(logits / 0.2)
+    counts = torch.bincount(torch.tensor([c[0] for _, c in hot]), minlength=len(lm.tokenizer))
+    sharp = (logits / 0.2).softmax(-1)
+    assert 0.5 * (sharp - probs).abs().sum() > 0.2  # the two distributions are far apart
+    assert 0.5 * (counts / n - sharp[:len(counts)]).abs().sum() < 0.1
+    ranked, order = probs.sort(descending=True)
+    nucleus = set(order[:int((ranked.cumsum(0) < 0.5).sum()) + 1].tolist())  # smallest set >= 0.5
+    top_p = lm.sample_ids(["1+1="] * 400, max_new_tokens=1, do_sample=True, top_p=0.5)
+    assert {c[0] for _, c in top_p} <= nucleus and len(nucleus) > 1
 
 
 # A ChatML-like template with a default system prompt (as Qwen2.5's) and TRL's generation markers
