@@ -241,6 +241,19 @@ def _add_across_bases(sub, common) -> None:
     b.add_argument("--out", required=True, help="output folder")
 
 
+def _add_claims(sub, common) -> None:
+    c = sub.add_parser(
+        "claims", formatter_class=HelpFormatter, parents=[common],
+        help="the paper's claims table, computed from the results folders",
+        description=_wrap(
+            "Compute every number and verdict of the claims table from the committed results "
+            "folders (toy_cpu, toy_cpu_ablations, toy_cpu_rl under --results), by the rule "
+            "written beside each (claims.py), and write it as markdown."),
+        epilog=_examples("python -m minipsft claims --results results --out results/claims.md"))
+    c.add_argument("--results", default="results", help="the folder holding the results folders")
+    c.add_argument("--out", default=None, help="markdown file to write (default: print it)")
+
+
 def _add_reproduce_rl(sub, common) -> None:
     g = sub.add_parser(
         "reproduce-rl", formatter_class=HelpFormatter, parents=[common],
@@ -280,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reproduce(sub, common)
     _add_compare(sub, common)
     _add_across_bases(sub, common)
+    _add_claims(sub, common)
     _add_reproduce_rl(sub, common)
     return parser
 
@@ -339,6 +353,14 @@ def run(args) -> None:
         reproduce_rl(args.preset, args.out, cache_dir=args.cache, seeds=args.seeds,
                      workers=args.workers, device=args.device,
                      **_overrides(args.overrides, RLPreset))
+        return
+    if args.command == "claims":
+        from .claims import claims, claims_markdown
+
+        table = claims_markdown(claims(args.results))
+        if args.out:
+            Path(args.out).write_text(table)
+        print(table)
         return
     if args.command == "across-bases":
         from .experiments import across_bases, across_bases_report

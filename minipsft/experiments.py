@@ -10,9 +10,10 @@ and the figures. Two regimes, because the paper's comparison changed two things 
                 ``sft_paper`` one update per batch at a higher lr (the paper's SFT baseline)
   controlled    ``sft``       PSFT's schedule and lr, only the loss differs
                 ``sft_kl``, ``dft``  the baselines, same schedule and lr
-                ``sft_small`` SFT at PSFT's *effective* step size: its lr is ``lr`` times the ratio of
-                              PSFT's to SFT's weight drift after epoch 1 (same seed), since Adam makes
-                              step size a matter of how far the weights move, not of loss scale.
+                ``sft_small`` SFT at PSFT's *effective* step size: its lr is ``lr`` times the
+                              ratio of PSFT's to SFT's weight drift after epoch 1 (same seed), since
+                              Adam makes step size a matter of how far the weights move, not of loss
+                              scale.
 
 Ablations (``--ablations refresh eps warmup``): refresh period, eps_high and no clip, SFT warm-up.
 ``--preset gsm8k --model ID`` runs ``psft``, ``sft`` and ``sft_paper`` on a given model instead
@@ -58,8 +59,8 @@ class Preset:
     """Sizes of one reproduction. ``lr`` is PSFT's (and the controlled arms'); ``sft_paper_lr`` the
     paper-recipe SFT's (20x, as the official 2e-5 vs 1e-6). Batch/minibatch mirror the official
     256/32 (8 steps per snapshot). The cpu preset's lr was chosen on SFT alone (seed 0), before any
-    PSFT run of this world: at 3e-4 SFT reached its ID plateau at epoch 2, at 1e-4 around epoch 4 (as
-    the paper's SFT did), so 1e-4."""
+    PSFT run of this world: at 3e-4 SFT reached its ID plateau at epoch 2, at 1e-4 around epoch 4
+    (as the paper's SFT did), so 1e-4."""
     base: toy.BaseConfig | None
     n_train: int = 1024
     n_id_eval: int = 256
@@ -78,9 +79,12 @@ class Preset:
     arms: tuple = ARMS
     max_new_tokens: int = 320
     max_length: int | None = None
-    micro_batch_size: int = 0  # demonstrations per forward/backward (0: whole minibatch); same result, less memory
-    length_bucketing: bool = False  # minibatches of similar lengths (less padding); same batches for every arm
-    compile: bool = False  # torch.compile the decoder layers and vocabulary chunks (CausalLM(compile=True))
+    # demonstrations per forward/backward (0: whole minibatch); same result, less memory
+    micro_batch_size: int = 0
+    # minibatches of similar lengths (less padding); same batches for every arm
+    length_bucketing: bool = False
+    # torch.compile the decoder layers and vocabulary chunks (CausalLM(compile=True))
+    compile: bool = False
     gradient_checkpointing: bool = False  # recompute each layer in backward (less GPU memory)
     loss_aggregation: str = "token_mean"  # or seq_mean_token_mean (train.TrainConfig)
     lr_warmup_batches: int = 0  # the official lr warm-up, counted in batches (train.TrainConfig)
@@ -103,10 +107,11 @@ PRESETS = {
                     n_train=64, n_id_eval=32, ood_per_task=4, n_samples=16, epochs=4, batch_size=32,
                     minibatch_size=8, lr=1e-3, sft_paper_lr=4e-3, seeds=(0,), workers=1, threads=2),
     "cpu": Preset(base=toy.BaseConfig()),
-    "gpu": Preset(base=toy.BaseConfig(hidden=256, layers=6, heads=8, pretrain_rows=640_000, pretrain_batch=128,
-                                      pretrain_lr=1e-3),
-                  n_train=4096, n_id_eval=1024, ood_per_task=128, n_samples=512, epochs=8, batch_size=256,
-                  minibatch_size=32, lr=5e-5, sft_paper_lr=1e-3, seeds=(0, 1, 2, 3, 4),
+    "gpu": Preset(base=toy.BaseConfig(hidden=256, layers=6, heads=8, pretrain_rows=640_000,
+                                      pretrain_batch=128, pretrain_lr=1e-3),
+                  n_train=4096, n_id_eval=1024, ood_per_task=128, n_samples=512, epochs=8,
+                  batch_size=256, minibatch_size=32, lr=5e-5, sft_paper_lr=1e-3,
+                  seeds=(0, 1, 2, 3, 4),
                   # 8 runs at once on the one GPU: each 1.86x slower, 4.3x the throughput (H200,
                   # benchmarks/gpu_preset_probe.py, results/gpu/README.md)
                   workers=8, threads=2),
@@ -116,9 +121,10 @@ PRESETS = {
                     lr=1e-6, sft_paper_lr=2e-5, seeds=(0,), workers=1, threads=8,
                     max_length=1024, micro_batch_size=8, length_bucketing=True),
     # a hub model (--model) on GSM8K, OOD = TruthfulQA MC1 and ARC-Challenge; one GPU
-    "gsm8k": Preset(base=None, world="gsm8k", arms=("psft", "sft", "sft_paper"), n_train=2048, n_id_eval=250,
-                    ood_per_task=250, epochs=4, batch_size=256, minibatch_size=32, lr=1e-6, sft_paper_lr=2e-5,
-                    seeds=(0,), workers=1, threads=8, max_length=1024, micro_batch_size=8, length_bucketing=True),
+    "gsm8k": Preset(base=None, world="gsm8k", arms=("psft", "sft", "sft_paper"), n_train=2048,
+                    n_id_eval=250, ood_per_task=250, epochs=4, batch_size=256, minibatch_size=32,
+                    lr=1e-6, sft_paper_lr=2e-5, seeds=(0,), workers=1, threads=8, max_length=1024,
+                    micro_batch_size=8, length_bucketing=True),
 }
 
 
@@ -142,10 +148,10 @@ def preset_from_env() -> str:
 
 
 def arm_config(p: Preset, arm: str, **overrides) -> TrainConfig:
-    common = dict(epochs=p.epochs, batch_size=p.batch_size, minibatch_size=p.minibatch_size, lr=p.lr,
-                  kl_coef=p.kl_coef, micro_batch_size=p.micro_batch_size, length_bucketing=p.length_bucketing,
-                  loss_aggregation=p.loss_aggregation, lr_warmup_batches=p.lr_warmup_batches,
-                  progress=False)
+    common = dict(epochs=p.epochs, batch_size=p.batch_size, minibatch_size=p.minibatch_size,
+                  lr=p.lr, kl_coef=p.kl_coef, micro_batch_size=p.micro_batch_size,
+                  length_bucketing=p.length_bucketing, loss_aggregation=p.loss_aggregation,
+                  lr_warmup_batches=p.lr_warmup_batches, progress=False)
     method = arm if arm in LOSSES else "sft"  # sft_paper and sft_small are SFT
     cfg = TrainConfig(method=method, **common)
     if arm == "sft_paper":
@@ -153,7 +159,7 @@ def arm_config(p: Preset, arm: str, **overrides) -> TrainConfig:
     return replace(cfg, **overrides)
 
 
-# ------------------------------------------------------------------------------------------- one run
+# ------------------------------------------------------------------------------------------ one run
 def run_one(job: dict) -> dict:
     """Fine-tune the base with one arm and seed; return its eval records and step history."""
     torch.set_num_threads(job["threads"])
@@ -167,8 +173,10 @@ def run_one(job: dict) -> dict:
     cfg = replace(TrainConfig(**job["config"]), seed=job["seed"])
     clipped = ClippedTokens(lm.tokenizer, cfg.eps_high) if job.get("clip_analysis") else None
     best = {"epoch": None, "id_acc": -1.0}
-    if job.get("save_best"):  # keep the best-ID fine-tuned epoch (the paper's choice of RL starting point)
-        evaluator = _keep_best(evaluator, Path(job["save_best"]) / f"{job['arm']}-s{job['seed']}", best)
+    # keep the best-ID fine-tuned epoch (the paper's choice of RL starting point)
+    if job.get("save_best"):
+        evaluator = _keep_best(evaluator,
+                               Path(job["save_best"]) / f"{job['arm']}-s{job['seed']}", best)
     t0 = time.perf_counter()
     result = train(lm, examples, cfg, eval_fn=evaluator, token_hook=clipped)
     by_epoch = defaultdict(list)
@@ -177,13 +185,16 @@ def run_one(job: dict) -> dict:
     records = []
     for ev in result["evals"]:
         steps = by_epoch.get(ev["epoch"], [])
+        entropy = statistics.fmean(r["entropy"] for r in steps) if steps else None
+        clipfrac = statistics.fmean(r["clipfrac"] for r in steps) if steps else None
         records.append({"method": job["arm"], "loss": cfg.method, "seed": job["seed"], **ev,
-                        "train_entropy": statistics.fmean(r["entropy"] for r in steps) if steps else None,
-                        "clipfrac": statistics.fmean(r["clipfrac"] for r in steps) if steps else None,
-                        "group": job.get("group", "main"), "setting": job.get("setting", job["arm"])})
+                        "train_entropy": entropy, "clipfrac": clipfrac,
+                        "group": job.get("group", "main"),
+                        "setting": job.get("setting", job["arm"])})
     return {"job": {k: v for k, v in job.items() if k != "preset"}, "records": records,
             "history": result["history"], "seconds": time.perf_counter() - t0,
-            "clipped_tokens": clipped.summary() if clipped else None, "best": best if job.get("save_best") else None}
+            "clipped_tokens": clipped.summary() if clipped else None,
+            "best": best if job.get("save_best") else None}
 
 
 def _keep_best(evaluator, path: Path, best: dict):
@@ -216,7 +227,8 @@ class ClippedTokens:
         for ids, mask, row in zip(micro["input_ids"], micro["completion_mask"].bool(), hit):
             pieces = self.tokenizer.convert_ids_to_tokens(ids[mask].tolist())
             eos = pieces[-1] == self.tokenizer.eos_token
-            roles = toy.completion_roles("".join(pieces[:-1] if eos else pieces)) + (["format"] if eos else [])
+            roles = (toy.completion_roles("".join(pieces[:-1] if eos else pieces))
+                     + (["format"] if eos else []))
             for piece, role, h in zip(pieces, roles, row[mask].tolist()):
                 self.seen[role] += 1
                 self.clipped[role] += h
@@ -228,11 +240,12 @@ class ClippedTokens:
         return {"seen": dict(self.seen), "clipped": dict(self.clipped),
                 "clip_rate": {r: self.clipped[r] / max(1, self.seen[r]) for r in self.seen},
                 "share_of_clipped": {r: self.clipped[r] / total for r in self.seen},
-                "share_of_tokens": {r: self.seen[r] / max(1, sum(self.seen.values())) for r in self.seen},
+                "share_of_tokens": {r: self.seen[r] / max(1, sum(self.seen.values()))
+                                    for r in self.seen},
                 "top_tokens": self.by_token.most_common(12)}
 
 
-# ------------------------------------------------------------------------------------------- orchestration
+# ------------------------------------------------------------------------------------ orchestration
 def run_jobs(jobs: list, workers: int, desc: str, fn=run_one) -> list:
     if workers <= 1:
         return [fn(j) for j in tqdm(jobs, desc=desc)]
@@ -244,13 +257,15 @@ def _drift_at_epoch1(run: dict) -> float:
     return next(r["drift"] for r in run["records"] if r["epoch"] == 1)
 
 
-def reproduce(preset_name: str, out_dir, cache_dir=None, seeds=None, workers=None, ablations=(), main=True,
-              device: str = "auto", model=None, data_dir=None, save_best: bool = False, **overrides) -> dict:
+def reproduce(preset_name: str, out_dir, cache_dir=None, seeds=None, workers=None, ablations=(),
+              main=True, device: str = "auto", model=None, data_dir=None, save_best: bool = False,
+              **overrides) -> dict:
     """Run the comparison (and ablations) and write every results file and figure into ``out_dir``.
-    ``device="auto"``: the GPU when there is one, else the CPU. ``model``: the hub id or folder of the
-    model to fine-tune (``gsm8k`` preset; the toy presets pretrain their own). ``data_dir``: local
-    files instead of the hub (``real.LOCAL_FILES``). ``save_best``: keep each main run's best-ID epoch in
-    ``out_dir/checkpoints/ARM-sSEED/`` (the RL stage starts there). ``overrides``: any ``Preset`` field."""
+    ``device="auto"``: the GPU when there is one, else the CPU. ``model``: the hub id or folder of
+    the model to fine-tune (``gsm8k`` preset; the toy presets pretrain their own). ``data_dir``:
+    local files instead of the hub (``real.LOCAL_FILES``). ``save_best``: keep each main run's
+    best-ID epoch in ``out_dir/checkpoints/ARM-sSEED/`` (the RL stage starts there).
+    ``overrides``: any ``Preset`` field."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if model is not None:
@@ -265,7 +280,8 @@ def reproduce(preset_name: str, out_dir, cache_dir=None, seeds=None, workers=Non
     world = make_world(p)  # checks the settings and reads the user's files before anything runs
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cache_dir = Path(cache_dir or os.environ.get("MINIPSFT_CACHE", Path.home() / ".cache" / "minipsft"))
+    cache_dir = Path(cache_dir or os.environ.get("MINIPSFT_CACHE",
+                                                 Path.home() / ".cache" / "minipsft"))
     t0 = time.perf_counter()
     torch.set_num_threads(max(1, p.threads * p.workers))
     base_path, how = world.base_model(cache_dir, device)
@@ -276,12 +292,14 @@ def reproduce(preset_name: str, out_dir, cache_dir=None, seeds=None, workers=Non
     main_job = dict(job0, save_best=str(out / "checkpoints") if save_best else None)
     runs = []
     if main:
-        jobs = [dict(main_job, arm=arm, seed=s, config=asdict(arm_config(p, arm)), clip_analysis=(arm == "psft" and s == p.seeds[0] and p.world == "toy"))
+        jobs = [dict(main_job, arm=arm, seed=s, config=asdict(arm_config(p, arm)),
+                     clip_analysis=(arm == "psft" and s == p.seeds[0] and p.world == "toy"))
                 for s in p.seeds for arm in p.arms if arm != "sft_small"]
         runs += run_jobs(jobs, p.workers, "main runs")
         small = []
         for s in (p.seeds if "sft_small" in p.arms else ()):
-            psft, sft = (next(r for r in runs if r["job"]["arm"] == a and r["job"]["seed"] == s) for a in ("psft", "sft"))
+            psft, sft = (next(r for r in runs if r["job"]["arm"] == a and r["job"]["seed"] == s)
+                         for a in ("psft", "sft"))
             ratio = _drift_at_epoch1(psft) / _drift_at_epoch1(sft)
             small.append(dict(main_job, arm="sft_small", seed=s, step_ratio=ratio,
                               config=asdict(arm_config(p, "sft_small", lr=p.lr * ratio))))
@@ -294,32 +312,49 @@ def reproduce(preset_name: str, out_dir, cache_dir=None, seeds=None, workers=Non
 
 
 def same_preset(saved: dict, p: Preset) -> bool:
-    """Whether a results folder's ``preset_config`` holds ``p``'s settings. Settings added to Preset after the
-    folder was written count as their defaults there; ``workers`` and ``threads`` never change a result."""
-    defaults = json.loads(json.dumps({f.name: f.default for f in fields(Preset) if f.default is not MISSING}))
+    """Whether a results folder's ``preset_config`` holds ``p``'s settings. Settings added to Preset
+    after the folder was written count as their defaults there; ``workers`` and ``threads`` never
+    change a result."""
+    defaults = json.loads(json.dumps({f.name: f.default for f in fields(Preset)
+                                      if f.default is not MISSING}))
     current = json.loads(json.dumps(asdict(p)))
-    return all(saved.get(k, defaults.get(k)) == v for k, v in current.items() if k not in ("workers", "threads"))
+    return all(saved.get(k, defaults.get(k)) == v for k, v in current.items()
+               if k not in ("workers", "threads"))
 
 
 def reproduce_or_load(preset_name: str, out_dir, ablations=(), main=True, **kw) -> dict:
-    """Load ``out_dir``'s results when they were made with this preset's exact settings (and hold the
-    asked-for ablations), else run ``reproduce``. Says which it did."""
+    """Load ``out_dir``'s results when they were made with this preset's exact settings (and hold
+    the asked-for ablations), else run ``reproduce``. Says which it did."""
     path = Path(out_dir) / "results.json"
+    for key in ("model", "data_dir"):  # folders are settings as text (as results.json holds them)
+        if kw.get(key) is not None:
+            kw[key] = str(kw[key])
     if path.exists():
         res = load_results(out_dir)
-        current = replace(preset_of(preset_name), **{k: v for k, v in kw.items() if k in {f.name for f in fields(Preset)}})
+        current = replace(preset_of(preset_name),
+                          **{k: v for k, v in kw.items() if k in {f.name for f in fields(Preset)}})
         same = same_preset(res["summary"]["preset_config"], current)
         groups = {r["group"] for r in res["records"]}
         if same and set(ablations) <= groups and (not main or "main" in groups):
             print(f"loaded results from {path} (made with the same '{preset_name}' settings; "
                   f"delete the folder to run again)")
             return res
+    minutes = MAIN_MINUTES.get(preset_name)
+    print(f"no results made with the '{preset_name}' settings in {out_dir}: running them now"
+          + (f" (the main comparison took ~{minutes} when measured)" if minutes else ""))
     reproduce(preset_name, out_dir, ablations=ablations, main=main, **kw)
     return load_results(out_dir)
 
 
+# what the main comparison took when measured (README, results/gpu/README.md): said before a run
+MAIN_MINUTES = {"quick": "1.3 min on 2 CPU cores", "smoke": "1 min on 2 CPU cores",
+                "cpu": "9 min on 2 CPU cores", "gpu": "11 min on one H200 (estimated from "
+                "benchmarks/gpu_preset_probe.py; no gpu results are committed yet)"}
+
+
 def ablation_jobs(p: Preset, name: str, job0: dict) -> list:
-    """Settings of one ablation, each a PSFT run (refresh 1 is SFT's schedule: the clip never acts)."""
+    """Settings of one ablation, each a PSFT run (refresh 1 is SFT's schedule: the clip never
+    acts)."""
     mb = p.minibatch_size
     if name == "refresh":
         settings = {f"refresh {k}": dict(batch_size=mb * k) for k in (1, 4, 8, 16)}
@@ -343,7 +378,8 @@ def ablation_jobs(p: Preset, name: str, job0: dict) -> list:
                 for s in p.seeds]
     else:
         raise ValueError(f"unknown ablation {name!r}: choose from {', '.join(ABLATIONS)}")
-    return [dict(job0, arm="psft", group=name, setting=label, seed=s, config=asdict(arm_config(p, "psft", **kw)))
+    return [dict(job0, arm="psft", group=name, setting=label, seed=s,
+                 config=asdict(arm_config(p, "psft", **kw)))
             for label, kw in settings.items() for s in p.seeds]
 
 
@@ -408,7 +444,7 @@ def frontier_summary(records, resamples: int = 1000, seed: int = 0) -> dict:
     return out
 
 
-# ------------------------------------------------------------------------------------------- results
+# ------------------------------------------------------------------------------------------ results
 def _mean_std(xs):
     xs = [x for x in xs if x is not None]
     if not xs:
@@ -428,10 +464,10 @@ _fmt = fmt_mean_std  # the reports' shorthand
 
 
 def matched_id(records: list, arms) -> dict:
-    """OOD accuracy at the first epoch each arm reaches a common ID level: the highest level (rounded
-    down to 0.05) that every *learning* arm reaches on average, i.e. the lowest of their best mean
-    ID accuracies. An arm whose mean ID never rises above the base model's is not learning the task:
-    it is listed, but does not set the level."""
+    """OOD accuracy at the first epoch each arm reaches a common ID level: the highest level
+    (rounded down to 0.05) that every *learning* arm reaches on average, i.e. the lowest of their
+    best mean ID accuracies. An arm whose mean ID never rises above the base model's is not
+    learning the task: it is listed, but does not set the level."""
     curves = {a: defaultdict(list) for a in arms}
     for r in records:
         if r["method"] in curves:
@@ -449,12 +485,15 @@ def matched_id(records: list, arms) -> dict:
         seeds = sorted({x["seed"] for rs in c.values() for x in rs})
         hits = []
         for s in seeds:
-            rs = sorted((x for rs in c.values() for x in rs if x["seed"] == s), key=lambda x: x["epoch"])
+            rs = sorted((x for rs in c.values() for x in rs if x["seed"] == s),
+                        key=lambda x: x["epoch"])
             first = next((x for x in rs if x["id_acc"] >= level and x["epoch"] > 0), None)
             if first:
                 hits.append(first)
-        out["arms"][a] = {"reached": f"{len(hits)}/{len(seeds)}", "epoch": [h["epoch"] for h in hits],
-                          "id_acc": [h["id_acc"] for h in hits], "ood_acc": [h["ood_acc"] for h in hits]}
+        out["arms"][a] = {"reached": f"{len(hits)}/{len(seeds)}",
+                          "epoch": [h["epoch"] for h in hits],
+                          "id_acc": [h["id_acc"] for h in hits],
+                          "ood_acc": [h["ood_acc"] for h in hits]}
     return out
 
 
@@ -462,23 +501,29 @@ def matched_id(records: list, arms) -> dict:
 BASE_COMPARISONS = (("psft", "sft_paper"), ("psft", "sft"), ("psft", "sft_small"))
 
 
+def sign(diffs) -> dict:
+    """The sign rule every verdict uses: the seed-paired mean difference, its standard error and
+    ``+``/``-`` when the mean is more than 2 standard errors above/below zero, else ``=`` (one
+    seed: no standard error, so ``=``)."""
+    diffs = list(diffs)
+    mean = statistics.fmean(diffs)
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.inf
+    verdict = "="
+    if mean > 2 * se:
+        verdict = "+"
+    elif mean < -2 * se:
+        verdict = "-"
+    return {"diff": mean, "se": se, "seeds": len(diffs), "sign": verdict}
+
+
 def paired_difference(m: dict, arm: str, other: str) -> dict | None:
     """OOD at matched ID of ``arm`` minus ``other``'s, paired by seed (a seed fixes the data sample
-    and order for every arm): the mean, its standard error and the sign rule's verdict, ``+`` when
-    the mean exceeds 2 standard errors, ``-`` when it is below -2, else ``=``. None when either
-    arm reached the level in no seed."""
+    and order for every arm), by the sign rule (``sign``). None when either arm missed the level
+    on a seed."""
     a, b = m["arms"].get(arm), m["arms"].get(other)
     if not a or not b or not _every_seed(a) or not _every_seed(b):
         return None
-    diffs = [x - y for x, y in zip(a["ood_acc"], b["ood_acc"])]  # both: every seed, in order
-    mean = statistics.fmean(diffs)
-    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("inf")
-    sign = "="
-    if mean > 2 * se:
-        sign = "+"
-    elif mean < -2 * se:
-        sign = "-"
-    return {"diff": mean, "se": se, "seeds": len(diffs), "sign": sign}
+    return sign(x - y for x, y in zip(a["ood_acc"], b["ood_acc"]))  # both: every seed, in order
 
 
 def _every_seed(arm: dict) -> bool:
@@ -553,22 +598,30 @@ def across_bases_report(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(out: Path, p: Preset, preset_name: str, runs: list, base_path, cached, wall, t_base) -> dict:
+def write_results(out: Path, p: Preset, preset_name: str, runs: list, base_path, cached, wall,
+                  t_base) -> dict:
     records = [r for run in runs for r in run["records"]]
     (out / "histories").mkdir(exist_ok=True)
     for run in runs:
         j = run["job"]
-        with open(_history_path(out, j.get("group", "main"), j.get("setting", j["arm"]), j["seed"]), "w") as f:
+        with open(_history_path(out, j.get("group", "main"), j.get("setting", j["arm"]),
+                                j["seed"]), "w") as f:
             f.writelines(json.dumps(h) + "\n" for h in run["history"])
     summary = {"preset": preset_name, "preset_config": asdict(p), "base_model": str(base_path),
                "base_loaded_from_cache": cached, "wall_seconds": wall, "pretrain_seconds": t_base,
-               "run_seconds": {f"{r['job'].get('setting', r['job']['arm'])}-s{r['job']['seed']}": r["seconds"] for r in runs},
-               "sft_small_step_ratio": {r["job"]["seed"]: r["job"]["step_ratio"] for r in runs if r["job"]["arm"] == "sft_small"},
-               "clipped_tokens": next((r["clipped_tokens"] for r in runs if r["clipped_tokens"]), None),
-               "best_checkpoints": {f"{r['job']['arm']}-s{r['job']['seed']}": r["best"] for r in runs if r.get("best")}}
-    (out / "results.json").write_text(json.dumps({"summary": summary, "records": records}, indent=1))
+               "run_seconds": {f"{r['job'].get('setting', r['job']['arm'])}-s{r['job']['seed']}":
+                               r["seconds"] for r in runs},
+               "sft_small_step_ratio": {r["job"]["seed"]: r["job"]["step_ratio"] for r in runs
+                                        if r["job"]["arm"] == "sft_small"},
+               "clipped_tokens": next((r["clipped_tokens"] for r in runs if r["clipped_tokens"]),
+                                      None),
+               "best_checkpoints": {f"{r['job']['arm']}-s{r['job']['seed']}": r["best"]
+                                    for r in runs if r.get("best")}}
+    (out / "results.json").write_text(json.dumps({"summary": summary, "records": records},
+                                                 indent=1))
     figures = finalize(out)
-    print(f"wrote {out / 'results.json'}, {out / 'report.md'}, " + ", ".join(str(out / f) for f in figures))
+    print(f"wrote {out / 'results.json'}, {out / 'report.md'}, "
+          + ", ".join(str(out / f) for f in figures))
     print(f"wall time {wall / 60:.1f} min (base model {t_base / 60:.1f} min)")
     return json.loads((out / "results.json").read_text())
 
@@ -587,8 +640,10 @@ def load_results(out_dir) -> dict:
         key = (r["group"], r["setting"], r["seed"])
         if key not in runs:
             path = _history_path(out, *key)
-            history = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-            runs[key] = {"job": {"arm": r["method"], "seed": r["seed"], "group": r["group"], "setting": r["setting"]},
+            history = ([json.loads(line) for line in path.read_text().splitlines()]
+                       if path.exists() else [])
+            runs[key] = {"job": {"arm": r["method"], "seed": r["seed"], "group": r["group"],
+                                 "setting": r["setting"]},
                          "records": [], "history": history}
         runs[key]["records"].append(r)
     return {**data, "runs": list(runs.values())}
@@ -616,7 +671,8 @@ def finalize(out_dir) -> list:
             for label in AGGREGATION_VARIANTS}
         (out / "results.json").write_text(json.dumps(data, indent=1))
     figures = make_figures(out)
-    grad_max = {(r["job"]["group"], r["job"]["setting"], r["job"]["seed"]): max((h["grad_norm"] for h in r["history"]), default=None)
+    grad_max = {(r["job"]["group"], r["job"]["setting"], r["job"]["seed"]):
+                max((h["grad_norm"] for h in r["history"]), default=None)
                 for r in load_results(out)["runs"]}
     (out / "report.md").write_text(report(data["summary"], data["records"], grad_max))
     return figures
@@ -652,7 +708,8 @@ def report(summary: dict, records: list, grad_max: dict | None = None) -> str:
     """Markdown tables of the numbers (mean ± std over seeds), written from the records."""
     words = world_words(summary["preset_config"])
     lines = [f"# SFT vs PSFT {words.title}: results of preset `{summary['preset']}`", "",
-             f"Wall time {summary['wall_seconds'] / 60:.1f} min (base model {summary['pretrain_seconds'] / 60:.1f} min, "
+             f"Wall time {summary['wall_seconds'] / 60:.1f} min "
+             f"(base model {summary['pretrain_seconds'] / 60:.1f} min, "
              f"{'loaded' if summary['base_loaded_from_cache'] else 'pretrained in this run'}). "
              "Values are mean ± std over seeds.", ""]
     main = [r for r in records if r["group"] == "main"]
@@ -670,44 +727,56 @@ def report(summary: dict, records: list, grad_max: dict | None = None) -> str:
                 rs = [r for r in main if r["method"] == arm and r["epoch"] == e]
                 if rs:
                     cells = [_fmt([r.get(k) for r in rs]) for k in keys]
-                    extra = [_fmt([r["train_entropy"] for r in rs]) if e else "", _fmt([r["clipfrac"] for r in rs]) if e else ""]
+                    extra = [_fmt([r["train_entropy"] for r in rs]) if e else "",
+                             _fmt([r["clipfrac"] for r in rs]) if e else ""]
                     lines.append(f"| {arm} | {e} | " + " | ".join(cells + extra) + " |")
         m = summary["matched_id"]
         lines += ["", f"## OOD at matched ID (first epoch with id_acc >= {m['level']:.2f})", "",
                   "The level is the highest that every arm learning the task reaches on average"
-                  + (f"; not learning (mean ID never above the base's): {', '.join(m['not_learning'])}"
+                  + (f"; not learning (mean ID never above the base's): "
+                     f"{', '.join(m['not_learning'])}"
                      if m.get("not_learning") else "") + ".", "",
                   "| arm | seeds reaching | epoch | id_acc | ood_acc |", "|---|---|---|---|---|"]
         for arm, v in m["arms"].items():
-            lines.append(f"| {arm} | {v['reached']} | {v['epoch']} | {_fmt(v['id_acc'])} | {_fmt(v['ood_acc'])} |")
+            lines.append(f"| {arm} | {v['reached']} | {v['epoch']} | {_fmt(v['id_acc'])} | "
+                         f"{_fmt(v['ood_acc'])} |")
         if summary["sft_small_step_ratio"]:
-            lines += ["", "sft_small lr = lr x (PSFT drift / SFT drift after epoch 1): ratio per seed "
-                      + ", ".join(f"{k}: {v:.3f}" for k, v in summary["sft_small_step_ratio"].items())]
+            lines += ["",
+                      "sft_small lr = lr x (PSFT drift / SFT drift after epoch 1): ratio per seed "
+                      + ", ".join(f"{k}: {v:.3f}"
+                                  for k, v in summary["sft_small_step_ratio"].items())]
     ct = summary.get("clipped_tokens")
     if ct:
         lines += ["", "## Which tokens PSFT clips (psft, first seed, all steps)", "",
-                  "| role | tokens seen | share of tokens | clipped | clip rate | share of clipped |",
+                  "| role | tokens seen | share of tokens | clipped | clip rate "
+                  "| share of clipped |",
                   "|---|---|---|---|---|---|"]
         for role in ct["seen"]:
             lines.append(f"| {role} | {ct['seen'][role]} | {ct['share_of_tokens'][role]:.3f} | "
-                         f"{ct['clipped'].get(role, 0)} | {ct['clip_rate'][role]:.4f} | {ct['share_of_clipped'][role]:.3f} |")
-        lines += ["", "Most clipped tokens: " + ", ".join(f"`{t}` {n}" for t, n in ct["top_tokens"])]
+                         f"{ct['clipped'].get(role, 0)} | {ct['clip_rate'][role]:.4f} | "
+                         f"{ct['share_of_clipped'][role]:.3f} |")
+        lines += ["", "Most clipped tokens: "
+                  + ", ".join(f"`{t}` {n}" for t, n in ct["top_tokens"])]
     abl = [r for r in records if r["group"] != "main"]
     if abl:
         lines += ["", "## Ablations (PSFT; at the last epoch and at the best-ID epoch)", "",
-                  "| ablation | setting | id_acc (last) | ood_acc (last) | entropy (last) | best id_acc | ood at best id "
-                  "| max grad norm |", "|---|---|---|---|---|---|---|---|"]
+                  "| ablation | setting | id_acc (last) | ood_acc (last) | entropy (last) "
+                  "| best id_acc | ood at best id | max grad norm |",
+                  "|---|---|---|---|---|---|---|---|"]
         last = max(r["epoch"] for r in abl)
         for group in dict.fromkeys(r["group"] for r in abl):
             for setting in dict.fromkeys(r["setting"] for r in abl if r["group"] == group):
                 rs = [r for r in abl if r["group"] == group and r["setting"] == setting]
                 end = [r for r in rs if r["epoch"] == last]
-                best = [max((r for r in rs if r["seed"] == s and r["epoch"] > 0), key=lambda r: r["id_acc"])
+                best = [max((r for r in rs if r["seed"] == s and r["epoch"] > 0),
+                            key=lambda r: r["id_acc"])
                         for s in sorted({r["seed"] for r in rs})]
+                grads = [(grad_max or {}).get((group, setting, r["seed"])) for r in end]
                 lines.append(f"| {group} | {setting} | {_fmt([r['id_acc'] for r in end])} | "
-                             f"{_fmt([r['ood_acc'] for r in end])} | {_fmt([r['entropy'] for r in end])} | "
-                             f"{_fmt([r['id_acc'] for r in best])} | {_fmt([r['ood_acc'] for r in best])} | "
-                             f"{_fmt([(grad_max or {}).get((group, setting, r['seed'])) for r in end], 1)} |")
+                             f"{_fmt([r['ood_acc'] for r in end])} | "
+                             f"{_fmt([r['entropy'] for r in end])} | "
+                             f"{_fmt([r['id_acc'] for r in best])} | "
+                             f"{_fmt([r['ood_acc'] for r in best])} | {_fmt(grads, 1)} |")
     if summary.get("frontier"):
         lines += ["", "## The lr frontier: OOD vs ID over every lr and epoch", "",
                   "Frontier of an arm at ID level x: the best OOD among its (lr, epoch) points "

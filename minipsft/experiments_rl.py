@@ -1,4 +1,5 @@
-"""The RL experiment: GRPO from the base model and from the SFT and PSFT checkpoints (paper claim 6).
+"""The RL experiment: GRPO from the base model and from the SFT and PSFT checkpoints
+(paper claim 6).
 
 ``python -m minipsft reproduce-rl --preset cpu --out DIR``
 
@@ -39,9 +40,10 @@ _fmt = fmt_mean_std  # the report's shorthand
 
 @dataclass
 class RLPreset:
-    """Sizes of the RL stage. The fine-tuning before it uses ``experiments.PRESETS`` of the same name.
-    The cpu lr (1e-4, the fine-tuning lr) was tried on the base model alone before any run from a
-    checkpoint: GRPO took the base's ID accuracy from 0.43 to 0.74 in 60 steps with OOD unchanged."""
+    """Sizes of the RL stage. The fine-tuning before it uses ``experiments.PRESETS`` of the same
+    name. The cpu lr (1e-4, the fine-tuning lr) was tried on the base model alone before any run
+    from a checkpoint: GRPO took the base's ID accuracy from 0.43 to 0.74 in 60 steps with OOD
+    unchanged."""
     steps: int = 60
     prompts_per_step: int = 16
     group_size: int = 8
@@ -53,10 +55,11 @@ class RLPreset:
 
 
 RL_PRESETS = {
-    "smoke": RLPreset(steps=8, prompts_per_step=8, group_size=4, minibatch_size=8, lr=1e-3, eval_every=4, n_prompts=64),
+    "smoke": RLPreset(steps=8, prompts_per_step=8, group_size=4, minibatch_size=8, lr=1e-3,
+                      eval_every=4, n_prompts=64),
     "cpu": RLPreset(),
-    "gpu": RLPreset(steps=200, prompts_per_step=32, group_size=8, minibatch_size=64, lr=5e-5, eval_every=20,
-                    n_prompts=4096),
+    "gpu": RLPreset(steps=200, prompts_per_step=32, group_size=8, minibatch_size=64, lr=5e-5,
+                    eval_every=20, n_prompts=4096),
     # after 'compare' on a user's files and model: the training rows' prompts, exact-match reward
     "files": RLPreset(steps=20, prompts_per_step=8, group_size=4, minibatch_size=8, lr=1e-6,
                       eval_every=5, n_prompts=256),
@@ -82,8 +85,10 @@ def run_rl_one(job: dict) -> dict:
     result = grpo(lm, prompts, world.reward, cfg, eval_fn=evaluator)
     hist, records, prev = result["history"], [], 0
     for ev in result["evals"]:
-        # step 0: the first rollout (sampled before any update); later: the rollouts since the last eval
-        window = hist[:1] if ev["step"] == 0 else [h for h in hist if prev < h["step"] <= ev["step"]]
+        # step 0: the first rollout (sampled before any update); later: the rollouts since the
+        # last eval
+        window = (hist[:1] if ev["step"] == 0
+                  else [h for h in hist if prev < h["step"] <= ev["step"]])
         records.append({"start": job["start"], "seed": job["seed"], **ev,
                         "reward": statistics.fmean(h["reward"] for h in window),
                         "rollout_entropy": statistics.fmean(h["entropy"] for h in window)})
@@ -168,8 +173,9 @@ def finalize_rl(out_dir) -> None:
 
 
 def _finetuned(folder: Path, p) -> dict | None:
-    """The best-ID checkpoints of an earlier fine-tuning stage in ``folder`` when it was made with the same
-    settings and every checkpoint is still there (so RL settings can change without fine-tuning again)."""
+    """The best-ID checkpoints of an earlier fine-tuning stage in ``folder`` when it was made with
+    the same settings and every checkpoint is still there (so RL settings can change without
+    fine-tuning again)."""
     path = folder / "results.json"
     if not path.exists():
         return None
@@ -177,21 +183,25 @@ def _finetuned(folder: Path, p) -> dict | None:
     same = same_preset(summary["preset_config"], p)
     best = summary.get("best_checkpoints") or {}
     wanted = {f"{a}-s{s}" for a in p.arms for s in p.seeds}
-    if same and set(best) == wanted and all((Path(v["path"]) / "config.json").exists() for v in best.values()):
+    if same and set(best) == wanted and all((Path(v["path"]) / "config.json").exists()
+                                            for v in best.values()):
         print(f"reusing the fine-tuned checkpoints of {folder} (same settings)")
         return best
     return None
 
 
 def load_rl_results(out_dir) -> dict:
-    """``{"summary", "records", "runs"}``; each run: ``start``, ``seed``, eval ``records``, step ``history``."""
+    """``{"summary", "records", "runs"}``; each run: ``start``, ``seed``, eval ``records``, step
+    ``history``."""
     out = Path(out_dir)
     data = json.loads((out / "results.json").read_text())
     runs = []
     for start, seed in dict.fromkeys((r["start"], r["seed"]) for r in data["records"]):
         path = out / "histories" / f"{start}-s{seed}.jsonl"
-        runs.append({"start": start, "seed": seed, "history": [json.loads(x) for x in path.read_text().splitlines()],
-                     "records": [r for r in data["records"] if r["start"] == start and r["seed"] == seed]})
+        runs.append({"start": start, "seed": seed,
+                     "history": [json.loads(x) for x in path.read_text().splitlines()],
+                     "records": [r for r in data["records"]
+                                 if r["start"] == start and r["seed"] == seed]})
     return {**data, "runs": runs}
 
 
@@ -200,36 +210,42 @@ def reproduce_rl_or_load(preset_name: str, out_dir, **kw) -> dict:
     path = Path(out_dir) / "results.json"
     if path.exists():
         res = load_rl_results(out_dir)
-        rp = replace(RL_PRESETS[preset_name], **{k: v for k, v in kw.items() if k in asdict(RL_PRESETS[preset_name])})
+        rp = replace(RL_PRESETS[preset_name],
+                     **{k: v for k, v in kw.items() if k in asdict(RL_PRESETS[preset_name])})
         same_rl = res["summary"]["rl_config"] == json.loads(json.dumps(asdict(rp)))
         same_ft = same_preset(res["summary"]["finetune_config"],
                               replace(PRESETS[preset_name], **kw.get("finetune", {})))
         if res["summary"]["preset"] == preset_name and same_rl and same_ft:
-            print(f"loaded results from {path} (made with the same '{preset_name}' settings; delete the folder to run again)")
+            print(f"loaded results from {path} (made with the same '{preset_name}' settings; "
+                  f"delete the folder to run again)")
             return res
     return reproduce_rl(preset_name, out_dir, **kw)
 
 
 def report(summary: dict, records: list, runs: list = ()) -> str:
-    """Markdown: the best-ID checkpoints RL started from, the rollout statistics per start (from the step
-    histories of ``runs``), then every evaluation; mean ± std over seeds."""
+    """Markdown: the best-ID checkpoints RL started from, the rollout statistics per start (from the
+    step histories of ``runs``), then every evaluation; mean ± std over seeds."""
     rp = summary["rl_config"]
     words = world_words(summary["finetune_config"])
     lines = [f"# GRPO after fine-tuning {words.title}, preset `{summary['preset']}`", "",
-             f"Wall time {summary['wall_seconds'] / 60:.1f} min (base model {summary.get('pretrain_seconds', 0) / 60:.1f} min, "
+             f"Wall time {summary['wall_seconds'] / 60:.1f} min "
+             f"(base model {summary.get('pretrain_seconds', 0) / 60:.1f} min, "
              f"fine-tuning {summary['finetune_seconds'] / 60:.1f} min). "
-             f"{rp['steps']} RL steps of {rp['prompts_per_step']} prompts x {rp['group_size']} samples, "
-             f"minibatch {rp['minibatch_size']}, lr {rp['lr']}. Values are mean ± std over seeds.", ""]
+             f"{rp['steps']} RL steps of {rp['prompts_per_step']} prompts x {rp['group_size']} "
+             f"samples, minibatch {rp['minibatch_size']}, lr {rp['lr']}. "
+             f"Values are mean ± std over seeds.", ""]
     if summary["best_checkpoints"]:
         lines += ["## Starting checkpoints (best-ID epoch of each fine-tuning run)", "",
                   "| run | epoch | id_acc |", "|---|---|---|"]
-        lines += [f"| {k} | {v['epoch']} | {v['id_acc']:.3f} |" for k, v in summary["best_checkpoints"].items()]
+        lines += [f"| {k} | {v['epoch']} | {v['id_acc']:.3f} |"
+                  for k, v in summary["best_checkpoints"].items()]
         lines.append("")
     if runs:
         k = max(1, rp["eval_every"])
-        lines += [f"## Rollouts (per seed, then mean ± std): reward over the first and last {k} steps, and per step",
-                  "", "| start | reward first | reward last | groups with equal rewards | clipfrac_high | clipfrac_low |",
-                  "|---|---|---|---|---|---|"]
+        lines += [f"## Rollouts (per seed, then mean ± std): reward over the first and last {k} "
+                  f"steps, and per step", "",
+                  "| start | reward first | reward last | groups with equal rewards "
+                  "| clipfrac_high | clipfrac_low |", "|---|---|---|---|---|---|"]
         for start in STARTS:
             hs = [r["history"] for r in runs if r["start"] == start]
             if hs:
@@ -237,12 +253,14 @@ def report(summary: dict, records: list, runs: list = ()) -> str:
                          [statistics.fmean(x["reward"] for x in h[-k:]) for h in hs]]
                 cells += [[statistics.fmean(x[key] for x in h) for h in hs]
                           for key in ("zero_adv_groups", "clipfrac_high", "clipfrac_low")]
-                lines.append(f"| {start} | " + " | ".join(_fmt(c, 4 if i > 2 else 3) for i, c in enumerate(cells)) + " |")
+                lines.append(f"| {start} | " + " | ".join(_fmt(c, 4 if i > 2 else 3)
+                                                          for i, c in enumerate(cells)) + " |")
         lines.append("")
     keys = ("reward", "id_acc", "ood_acc", "ood_format", "sample_entropy", "rollout_entropy",
             "ood_kl", "entropy")
     keys = [k for k in keys if any(r.get(k) is not None for r in records)]  # the world's metrics
-    lines += ["## Along RL", "", "| start | step | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    lines += ["## Along RL", "", "| start | step | " + " | ".join(keys) + " |",
+              "|---|---|" + "---|" * len(keys)]
     for start in STARTS:
         for step in sorted({r["step"] for r in records if r["start"] == start}):
             rs = [r for r in records if r["start"] == start and r["step"] == step]

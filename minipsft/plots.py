@@ -22,7 +22,8 @@ def _band(ax, xs, ys_by_seed, color, label, smooth=1, **kw):
     lo, hi = [min(c) for c in cols], [max(c) for c in cols]
     if smooth > 1:
         k = smooth
-        mean, lo, hi = ([statistics.fmean(s[max(0, i - k + 1):i + 1]) for i in range(n)] for s in (mean, lo, hi))
+        mean, lo, hi = ([statistics.fmean(s[max(0, i - k + 1):i + 1]) for i in range(n)]
+                        for s in (mean, lo, hi))
     ax.plot(xs[:n], mean, color=color, label=label, **kw)
     if len(ys_by_seed) > 1:
         ax.fill_between(xs[:n], lo, hi, color=color, alpha=0.18, linewidth=0)
@@ -111,9 +112,11 @@ def tradeoff(records, arms, matched, words, path):
             ax.plot(a, b, color=COLORS[arm], alpha=0.25, linewidth=0.8)
         mid = [statistics.fmean(c) for c in zip(*ys_id)]
         mood = [statistics.fmean(c) for c in zip(*ys_ood)]
-        ax.plot(mid, mood, color=COLORS[arm], marker="o", markersize=4, label=LABELS[arm], linewidth=2)
+        ax.plot(mid, mood, color=COLORS[arm], marker="o", markersize=4, label=LABELS[arm],
+                linewidth=2)
         ax.annotate(str(epochs[-1]), (mid[-1], mood[-1]), fontsize=8, color=COLORS[arm])
-    ax.axvline(matched["level"], color="gray", linestyle="--", linewidth=1, label=f"common ID level {matched['level']:.2f}")
+    ax.axvline(matched["level"], color="gray", linestyle="--", linewidth=1,
+               label=f"common ID level {matched['level']:.2f}")
     ax.set(title=f"Forgetting for the same skill: OOD vs ID along training {words.title}\n"
                  "(epoch 0 = base model; numbers = last epoch)",
            xlabel=f"in-domain accuracy ({words.id_name})",
@@ -134,7 +137,8 @@ def ablations(records, words, path):
     for row, group in zip(axes, groups):
         settings = list(dict.fromkeys(r["setting"] for r in records if r["group"] == group))
         for i, setting in enumerate(settings):
-            rs = [dict(r, method=setting) for r in records if r["group"] == group and r["setting"] == setting]
+            rs = [dict(r, method=setting) for r in records
+                  if r["group"] == group and r["setting"] == setting]
             color = cmap(i / max(1, len(settings) - 1) * 0.9)
             for ax, key in zip(row, ("id_acc", "ood_acc", "entropy")):
                 epochs, ys = _per_epoch(rs, setting, key)
@@ -178,8 +182,8 @@ def frontier(points: dict, gaps: dict, path):
 
 
 START_COLORS = {"base": "tab:gray", "sft_paper": "tab:orange", "sft": "tab:red", "psft": "tab:blue"}
-START_LABELS = {"base": "base model", "sft_paper": "SFT (paper recipe) -> RL", "sft": "SFT (PSFT's lr) -> RL",
-                "psft": "PSFT -> RL"}
+START_LABELS = {"base": "base model", "sft_paper": "SFT (paper recipe) -> RL",
+                "sft": "SFT (PSFT's lr) -> RL", "psft": "PSFT -> RL"}
 
 
 def rl_after_finetuning(runs, words, path):

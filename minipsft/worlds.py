@@ -99,7 +99,7 @@ class GSM8KWorld:
 
     words = Words(title="on GSM8K", id_name="GSM8K", ood_name="TruthfulQA MC1 and ARC-Challenge",
                   metrics={"id_acc": "In-domain: GSM8K exact match (greedy)",
-                           "ood_acc": "Out-of-domain: mean of TruthfulQA MC1 and ARC-Challenge",
+                           "ood_acc": "Out-of-domain: mean of TruthfulQA and ARC",
                            **ENTROPY})
     dtype = None  # the model's own
 

@@ -120,3 +120,18 @@ def test_same_preset_reads_settings_missing_from_an_old_results_folder_as_their_
     assert same_preset({**saved, "workers": 7, "threads": 3}, PRESETS["cpu"])  # never change a result
     assert not same_preset(saved, replace(PRESETS["cpu"], micro_batch_size=4))
     assert not same_preset({**saved, "lr": 1.0}, PRESETS["cpu"])
+
+
+def test_reproduce_or_load_takes_folders_as_paths_and_loads_the_second_time(tmp_path, capsys):
+    from minipsft.experiments import reproduce_or_load
+
+    model_dir = tmp_path / "model"
+    tiny_lm(max_positions=512).save_pretrained(model_dir)
+    kw = dict(model=model_dir, data_dir=FIXTURES, device="cpu", arms=("psft",), n_train=2,
+              n_id_eval=2, ood_per_task=2, epochs=1, batch_size=2, minibatch_size=1,
+              micro_batch_size=1, max_new_tokens=4, max_length=480)
+    first = reproduce_or_load("gsm8k", tmp_path / "out", **kw)
+    capsys.readouterr()
+    second = reproduce_or_load("gsm8k", tmp_path / "out", **kw)
+    assert "loaded results" in capsys.readouterr().out
+    assert second["records"] == first["records"]

@@ -39,3 +39,21 @@ def test_verdict_over_bases(tmp_path):
     assert out["ood_at_matched_id"]["sft"]["per_base"]["3"] == pytest.approx(0.8)
     two = across_bases(folders[:2])
     assert two["comparisons"]["psft - sft"]["verdict"] == "holds on every base"
+
+
+def test_the_committed_claims_table_is_what_the_code_computes_from_the_results():
+    from pathlib import Path
+
+    from minipsft.claims import claims, claims_markdown
+
+    root = Path(__file__).parents[1] / "results"
+    assert (root / "claims.md").read_text() == claims_markdown(claims(root)), \
+        "results/claims.md is stale: python -m minipsft claims --out results/claims.md"
+
+
+def test_sign_rule_known_values():
+    from minipsft.experiments import sign
+
+    assert sign([0.1, 0.2, 0.3])["sign"] == "+" and sign([-0.1, -0.2, -0.3])["sign"] == "-"
+    assert sign([0.1, -0.1, 0.05])["sign"] == "="
+    assert sign([0.4])["sign"] == "="  # one seed: no standard error, nothing counts
