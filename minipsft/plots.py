@@ -101,8 +101,10 @@ def epoch_stability(runs, arms, words, path):
 
 
 def tradeoff(records, arms, matched, words, path):
-    """OOD against ID accuracy along training: one thin line per seed, a thick one for the mean."""
-    fig, ax = plt.subplots(figsize=(7.5, 6))
+    """Left: OOD against ID accuracy along training, a thin line per seed and a thick one for the
+    mean. Right: OOD at the common ID level (``matched``), a bar per arm (mean, std over seeds,
+    one dot per seed). The title says the finding: each arm's OOD at that level."""
+    fig, (ax, bars) = plt.subplots(1, 2, figsize=(13, 6), width_ratios=(1.35, 1))
     for arm in arms:
         epochs, ys_id = _per_epoch(records, arm, "id_acc")
         if not epochs:
@@ -115,15 +117,31 @@ def tradeoff(records, arms, matched, words, path):
         ax.plot(mid, mood, color=COLORS[arm], marker="o", markersize=4, label=LABELS[arm],
                 linewidth=2)
         ax.annotate(str(epochs[-1]), (mid[-1], mood[-1]), fontsize=8, color=COLORS[arm])
-    ax.axvline(matched["level"], color="gray", linestyle="--", linewidth=1,
-               label=f"common ID level {matched['level']:.2f}")
-    ax.set(title=f"Forgetting for the same skill: OOD vs ID along training {words.title}\n"
-                 "(epoch 0 = base model; numbers = last epoch)",
+    level = matched["level"]
+    ax.axvline(level, color="gray", linestyle="--", linewidth=1,
+               label=f"common ID level {level:.2f}")
+    ax.set(title="OOD vs ID along training (epoch 0 = base model; numbers = last epoch)",
            xlabel=f"in-domain accuracy ({words.id_name})",
-           ylabel=f"out-of-domain accuracy ({words.ood_name})")
-    ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
+           ylabel=f"out-of-domain accuracy ({words.ood_name})",
+           xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right", bbox_to_anchor=(1.0, 0.12))
+    ax.legend(fontsize=8, loc="lower left")
+    reached = [(a, v["ood_acc"]) for a, v in matched["arms"].items() if v["ood_acc"]]
+    for k, (arm, ood) in enumerate(reached):
+        std = statistics.stdev(ood) if len(ood) > 1 else 0.0
+        bars.bar(k, statistics.fmean(ood), yerr=std, color=COLORS[arm], alpha=0.8, capsize=4)
+        bars.scatter([k] * len(ood), ood, color="black", s=10, zorder=3)
+    missed = [a for a, v in matched["arms"].items() if not v["ood_acc"]]
+    bars.set_xticks(range(len(reached)), [a for a, _ in reached], rotation=20)
+    never = f"; never reached: {', '.join(missed)}" if missed else ""
+    bars.set(title=f"OOD at the first epoch with ID >= {level:.2f}\n(bar: mean, line: std, "
+                   f"dots: seeds{never})",
+             ylabel="out-of-domain accuracy", ylim=(0, 1.02))
+    bars.grid(alpha=0.3, axis="y")
+    finding = ", ".join(f"{a} {statistics.fmean(ood):.2f}" for a, ood in
+                        sorted(reached, key=lambda x: -statistics.fmean(x[1])))
+    fig.suptitle(f"Forgetting for the same skill {words.title}: OOD at ID >= {level:.2f}: "
+                 f"{finding}", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
