@@ -103,8 +103,9 @@ def clipped_surrogate(logp, logp_old, advantages, mask, eps_low: float = 0.2,
     ``advantages`` is a float, a ``[B]`` tensor (one per sequence, as in GRPO) or ``[B, T]``.
     Metrics: ``clipfrac`` (fraction of tokens whose gradient the clip removed), split into
     ``clipfrac_high`` (A > 0 and r > 1+eps_high) and ``clipfrac_low`` (A < 0 and r < 1-eps_low),
-    ``ratio_mean``, ``ratio_max``, ``approx_kl`` (the "k3" estimate ``(r-1) - log r``),
-    ``num_tokens``.
+    ``ratio_mean``, ``ratio_max``, ``approx_kl`` (the "k3" term ``(r-1) - log r``: on tokens
+    sampled from pi_old, as in GRPO, it estimates KL(pi_old || pi); on PSFT's demonstration tokens
+    it is a drift measure, not that estimate), ``num_tokens``.
     """
     advantages = _per_token(advantages, logp)
     m = _check(logp, mask, logp_old=logp_old)
@@ -127,7 +128,7 @@ def clipped_surrogate(logp, logp_old, advantages, mask, eps_low: float = 0.2,
             "clipfrac_low": low.sum() / n,
             "ratio_mean": masked_mean(ratio, m),
             "ratio_max": ratio.masked_fill(~on, 0.0).max(),
-            # k3 estimator of KL(pi_old || pi), >= 0, low variance (Schulman's note; TRL, verl)
+            # k3, >= 0 (Schulman's note; TRL, verl): KL(pi_old || pi) when tokens ~ pi_old
             "approx_kl": masked_mean(ratio - 1.0 - log_ratio, m),
             "num_tokens": n,
         }
@@ -161,10 +162,11 @@ def dft_loss(logp, mask):
 
 
 def sft_kl_loss(logp, logp_ref, mask, kl_coef: float = 0.5):
-    """SFT plus ``kl_coef`` times a per-token estimate of KL(pi || pi_ref) on the demonstration
-    tokens.
+    """SFT plus ``kl_coef`` times the per-token k3 penalty on the demonstration tokens.
 
-    Estimator: "k3", ``exp(logp_ref - logp) - (logp_ref - logp) - 1`` (>= 0, the one GRPO/TRL use).
+    ``exp(logp_ref - logp) - (logp_ref - logp) - 1`` (>= 0) is GRPO/TRL's "k3" term. On tokens
+    sampled from pi it estimates KL(pi || pi_ref); here the tokens come from the data set D, not
+    from pi, so it is a penalty on the demonstrations, not an estimate of that KL.
     Its gradient per token is ``(1 - pi_ref/pi) grad log pi``: it pulls a token back only once the
     model puts more mass on it than the reference does. Metrics: ``nll``, ``kl``.
     """

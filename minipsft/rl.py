@@ -81,7 +81,8 @@ class GRPOConfig:
 
 def group_advantages(rewards: torch.Tensor, scale: bool = True) -> torch.Tensor:
     """``[groups, group_size]`` rewards -> advantages of the same shape: reward minus its group's
-    mean, divided by the group's std (+1e-4) when ``scale``. Equal rewards give exactly 0."""
+    mean, divided by the group's unbiased std (over G - 1, ``torch.std``'s default; +1e-4) when
+    ``scale``: rewards [1, 0, 0, 1] give +-0.866. Equal rewards give exactly 0."""
     centred = rewards - rewards.mean(dim=1, keepdim=True)
     return centred / (rewards.std(dim=1, keepdim=True) + 1e-4) if scale else centred
 
