@@ -22,6 +22,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from transformers import HfArgumentParser
 
 from minipsft.trl_trainer import PSFTConfig, PSFTTrainer
@@ -79,6 +80,12 @@ def main():
         (out / "run_info.json").write_text(json.dumps({"num_processes": trainer.accelerator.num_processes,
                                                        "global_step": trainer.state.global_step,
                                                        "refresh_steps": args.refresh_steps}, indent=2))
+    # tear the process group down before exit: left to the interpreter's shutdown, gloo's threads
+    # can abort a rank ("terminate called without an active exception") after training is done
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

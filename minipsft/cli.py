@@ -299,8 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _number(value: str, kind):
-    if kind is str:
+    if kind in (str, str | None):
         return value
+    if kind is tuple:  # e.g. ood_files=arc=a.jsonl,trivia=t.jsonl
+        return tuple(part for part in value.split(",") if part)
     return int(value) if kind in (int, int | None) else float(value)
 
 
@@ -375,11 +377,13 @@ def run(args) -> None:
     if args.command == "compare":
         from .experiments import reproduce
 
+        settings = dict(train_file=args.train, test_file=args.test, ood_files=tuple(args.ood),
+                        answer=args.answer, arms=tuple(args.arms), epochs=args.epochs,
+                        lr=args.lr, sft_paper_lr=args.sft_paper_lr)
+        settings.update(_overrides(args.overrides))  # --set wins over the flags
+        model = settings.pop("model", args.model)
         reproduce("files", args.out, cache_dir=args.cache, seeds=args.seeds,
-                  workers=args.workers, device=args.device, model=args.model,
-                  train_file=args.train, test_file=args.test, ood_files=tuple(args.ood),
-                  answer=args.answer, arms=tuple(args.arms), epochs=args.epochs, lr=args.lr,
-                  sft_paper_lr=args.sft_paper_lr, **_overrides(args.overrides))
+                  workers=args.workers, device=args.device, model=model, **settings)
         return
     if args.command == "reproduce":
         from .experiments import reproduce

@@ -128,6 +128,20 @@ PRESETS = {
 }
 
 
+PATH_FIELDS = ("model", "data_dir", "train_file", "test_file")
+
+
+def as_text(settings: dict) -> dict:
+    """Paths in Preset settings as text, as results.json holds them (``ood_files`` as a tuple)."""
+    out = dict(settings)
+    for key in PATH_FIELDS:
+        if out.get(key) is not None:
+            out[key] = str(out[key])
+    if "ood_files" in out:
+        out["ood_files"] = tuple(str(spec) for spec in out["ood_files"])
+    return out
+
+
 def preset_of(preset) -> Preset:
     """A preset by name (``PRESETS``), or a ``Preset`` itself."""
     if isinstance(preset, Preset):
@@ -269,10 +283,10 @@ def reproduce(preset_name: str, out_dir, cache_dir=None, seeds=None, workers=Non
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if model is not None:
-        overrides["model"] = str(model)
+        overrides["model"] = model
     if data_dir is not None:
-        overrides["data_dir"] = str(data_dir)
-    p = replace(preset_of(preset_name), **overrides)
+        overrides["data_dir"] = data_dir
+    p = replace(preset_of(preset_name), **as_text(overrides))
     if seeds is not None:
         p = replace(p, seeds=tuple(seeds))
     if workers is not None:
@@ -284,8 +298,8 @@ def reproduce(preset_name: str, out_dir, cache_dir=None, seeds=None, workers=Non
                                                  Path.home() / ".cache" / "minipsft"))
     t0 = time.perf_counter()
     torch.set_num_threads(max(1, p.threads * p.workers))
-    base_path, how = world.base_model(cache_dir, device)
-    cached = how != "pretrained now"
+    base_path, how, pretrained = world.base_model(cache_dir, device)
+    cached = not pretrained
     print(f"base model: {base_path} ({how})")
     t_base = time.perf_counter() - t0
     job0 = dict(preset=p, base_path=str(base_path), threads=p.threads, device=device)
@@ -326,9 +340,7 @@ def reproduce_or_load(preset_name: str, out_dir, ablations=(), main=True, **kw) 
     """Load ``out_dir``'s results when they were made with this preset's exact settings (and hold
     the asked-for ablations), else run ``reproduce``. Says which it did."""
     path = Path(out_dir) / "results.json"
-    for key in ("model", "data_dir"):  # folders are settings as text (as results.json holds them)
-        if kw.get(key) is not None:
-            kw[key] = str(kw[key])
+    kw = as_text(kw)
     if path.exists():
         res = load_results(out_dir)
         current = replace(preset_of(preset_name),
@@ -339,7 +351,7 @@ def reproduce_or_load(preset_name: str, out_dir, ablations=(), main=True, **kw) 
             print(f"loaded results from {path} (made with the same '{preset_name}' settings; "
                   f"delete the folder to run again)")
             return res
-    minutes = MAIN_MINUTES.get(preset_name)
+    minutes = MAIN_MINUTES.get(preset_name) if isinstance(preset_name, str) else None
     print(f"no results made with the '{preset_name}' settings in {out_dir}: running them now"
           + (f" (the main comparison took ~{minutes} when measured)" if minutes else ""))
     reproduce(preset_name, out_dir, ablations=ablations, main=main, **kw)
@@ -491,9 +503,10 @@ def matched_id(records: list, arms) -> dict:
             if first:
                 hits.append(first)
         out["arms"][a] = {"reached": f"{len(hits)}/{len(seeds)}",
+                          "seeds": [h["seed"] for h in hits],
                           "epoch": [h["epoch"] for h in hits],
                           "id_acc": [h["id_acc"] for h in hits],
-                          "ood_acc": [h["ood_acc"] for h in hits]}
+                          "ood_acc": [h.get("ood_acc") for h in hits]}  # a world may have no OOD
     return out
 
 
@@ -519,11 +532,14 @@ def sign(diffs) -> dict:
 def paired_difference(m: dict, arm: str, other: str) -> dict | None:
     """OOD at matched ID of ``arm`` minus ``other``'s, paired by seed (a seed fixes the data sample
     and order for every arm), by the sign rule (``sign``). None when either arm missed the level
-    on a seed."""
+    on a seed, or the two ran different seeds."""
     a, b = m["arms"].get(arm), m["arms"].get(other)
     if not a or not b or not _every_seed(a) or not _every_seed(b):
         return None
-    return sign(x - y for x, y in zip(a["ood_acc"], b["ood_acc"]))  # both: every seed, in order
+    ood_a, ood_b = (dict(zip(x["seeds"], x["ood_acc"])) for x in (a, b))
+    if set(ood_a) != set(ood_b) or None in ood_a.values() or None in ood_b.values():
+        return None
+    return sign(ood_a[s] - ood_b[s] for s in sorted(ood_a))
 
 
 def _every_seed(arm: dict) -> bool:
@@ -535,13 +551,18 @@ def across_bases(folders) -> dict:
     """The main comparison's OOD at matched ID on each base (one results folder per independently
     pretrained base, ``Preset.pretrain_seed``): per base and arm the seeds' mean, the spread of
     those means across bases, and each of ``BASE_COMPARISONS`` per base (``paired_difference``)
-    with a verdict over bases: ``holds on every base`` when the sign is the same non-``=`` on
-    each, ``no difference on any base`` when every sign is ``=``, else ``mixed``."""
+    with a verdict over bases: ``+ on every base`` (or ``-``, ``=``) when every base gives that
+    sign, else ``mixed``."""
     bases = {}
     for folder in folders:
         summary = json.loads((Path(folder) / "results.json").read_text())["summary"]
-        seed = summary["preset_config"].get("pretrain_seed") or \
-            summary["preset_config"]["base"]["pretrain_seed"]
+        config = summary["preset_config"]
+        seed = config.get("pretrain_seed")
+        if seed is None:
+            seed = (config.get("base") or {}).get("pretrain_seed", Path(folder).name)
+        if str(seed) in bases:
+            raise ValueError(f"{folder} and {bases[str(seed)]['folder']} have the same base "
+                             f"({seed}): give each base once")
         bases[str(seed)] = {"folder": str(folder), "matched_id": summary["matched_id"]}
     table = {}
     for arm in ARMS:
@@ -558,17 +579,15 @@ def across_bases(folders) -> dict:
     comparisons = {}
     for arm, other in BASE_COMPARISONS:
         per_base = {k: paired_difference(b["matched_id"], arm, other) for k, b in bases.items()}
-        signs = {d["sign"] for d in per_base.values() if d}
+        signs = {d["sign"] if d else None for d in per_base.values()}
         verdict = "mixed"
-        if signs == {"="}:
-            verdict = "no difference on any base"
-        elif len(signs) == 1 and None not in per_base.values():
-            verdict = "holds on every base"
+        if len(signs) == 1 and None not in signs:  # the same sign on every base
+            verdict = f"{signs.pop()} on every base"
         comparisons[f"{arm} - {other}"] = {"per_base": per_base, "verdict": verdict}
     return {"bases": bases, "ood_at_matched_id": table, "comparisons": comparisons,
             "rule": "per base: + or - when the seed-paired mean difference of OOD at matched ID "
-                    "exceeds 2 standard errors, else =; over bases: holds when every base gives "
-                    "the same + or -"}
+                    "exceeds 2 standard errors, else =; over bases: the sign when every base "
+                    "gives the same one, else mixed"}
 
 
 def across_bases_report(summary: dict) -> str:
@@ -576,12 +595,12 @@ def across_bases_report(summary: dict) -> str:
     bases = list(summary["bases"])
     lines = ["# The main comparison on independently pretrained bases", "",
              "OOD accuracy at matched ID (each base's own level), mean over data seeds; "
-             "bases named by their pretraining seed; - : the arm missed the level on a seed. "
+             "bases named by their pretraining seed; n/a: the arm missed the level on a seed. "
              "Mean and std across the bases where it is given.", "",
              "| arm | " + " | ".join(f"base {b}" for b in bases) + " | mean | std across bases |",
              "|---|" + "---|" * (len(bases) + 2)]
     for arm, row in summary["ood_at_matched_id"].items():
-        cells = [f"{row['per_base'][b]:.3f}" if b in row["per_base"] else "-" for b in bases]
+        cells = [f"{row['per_base'][b]:.3f}" if b in row["per_base"] else "n/a" for b in bases]
         lines.append(f"| {arm} | " + " | ".join(cells)
                      + f" | {row['mean']:.3f} | {row['std_across_bases']:.3f} |")
     lines += ["", "Levels: " + ", ".join(f"base {b} {v['matched_id']['level']:.2f}"
@@ -593,7 +612,7 @@ def across_bases_report(summary: dict) -> str:
         cells = []
         for b in bases:
             d = c["per_base"][b]
-            cells.append("-" if d is None else f"{d['diff']:+.3f} ± {d['se']:.3f} ({d['sign']})")
+            cells.append("n/a" if d is None else f"{d['diff']:+.3f} ± {d['se']:.3f} ({d['sign']})")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {c['verdict']} |")
     return "\n".join(lines) + "\n"
 
@@ -731,6 +750,8 @@ def report(summary: dict, records: list, grad_max: dict | None = None) -> str:
                              _fmt([r["clipfrac"] for r in rs]) if e else ""]
                     lines.append(f"| {arm} | {e} | " + " | ".join(cells + extra) + " |")
         m = summary["matched_id"]
+        has_ood = any(r.get("ood_acc") is not None for r in main)
+    if main and has_ood:  # a world without OOD sets has no trade-off to report
         lines += ["", f"## OOD at matched ID (first epoch with id_acc >= {m['level']:.2f})", "",
                   "The level is the highest that every arm learning the task reaches on average"
                   + (f"; not learning (mean ID never above the base's): "
@@ -740,11 +761,9 @@ def report(summary: dict, records: list, grad_max: dict | None = None) -> str:
         for arm, v in m["arms"].items():
             lines.append(f"| {arm} | {v['reached']} | {v['epoch']} | {_fmt(v['id_acc'])} | "
                          f"{_fmt(v['ood_acc'])} |")
-        if summary["sft_small_step_ratio"]:
-            lines += ["",
-                      "sft_small lr = lr x (PSFT drift / SFT drift after epoch 1): ratio per seed "
-                      + ", ".join(f"{k}: {v:.3f}"
-                                  for k, v in summary["sft_small_step_ratio"].items())]
+    if main and summary["sft_small_step_ratio"]:
+        lines += ["", "sft_small lr = lr x (PSFT drift / SFT drift after epoch 1): ratio per seed "
+                  + ", ".join(f"{k}: {v:.3f}" for k, v in summary["sft_small_step_ratio"].items())]
     ct = summary.get("clipped_tokens")
     if ct:
         lines += ["", "## Which tokens PSFT clips (psft, first seed, all steps)", "",

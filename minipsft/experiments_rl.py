@@ -125,7 +125,7 @@ def reproduce_rl(preset_name: str, out_dir, cache_dir=None, seeds=None, workers=
                                                  Path.home() / ".cache" / "minipsft"))
     t0 = time.perf_counter()
     tuned = tuple(s for s in rp.starts if s != "base")
-    base_path = world.base_model(cache_dir, device)[0]
+    base_path = world.base_model(cache_dir, device)[0]  # (path, how, pretrained now)
     t_base = time.perf_counter() - t0
     job0 = dict(preset=p, rl=rp, base_path=str(base_path), device=device, threads=p.threads)
     base_jobs = [dict(job0, start="base", seed=seed, start_path=str(base_path))
@@ -214,7 +214,7 @@ def reproduce_rl_or_load(preset_name: str, out_dir, **kw) -> dict:
                      **{k: v for k, v in kw.items() if k in asdict(RL_PRESETS[preset_name])})
         same_rl = res["summary"]["rl_config"] == json.loads(json.dumps(asdict(rp)))
         same_ft = same_preset(res["summary"]["finetune_config"],
-                              replace(PRESETS[preset_name], **kw.get("finetune", {})))
+                              replace(PRESETS[preset_name], **(kw.get("finetune") or {})))
         if res["summary"]["preset"] == preset_name and same_rl and same_ft:
             print(f"loaded results from {path} (made with the same '{preset_name}' settings; "
                   f"delete the folder to run again)")

@@ -2,7 +2,7 @@
 
 A world gives the runner (``experiments.py``) and the RL stage (``experiments_rl.py``) five things:
 
-  ``base_model(cache_dir, device)``  the model every arm starts from: ``(path, how it was had)``
+  ``base_model(cache_dir, device)``  the model every arm starts from: ``(path, how, pretrained)``
   ``train_rows(seed)``               the demonstrations (rows in TRL's formats) for one data seed
   ``evaluator(base)``                a callable ``lm -> {"id_acc", "ood_acc", "entropy", ...}``
   ``reward(row, completion)``        the RL stage's verifiable reward, its ``rl_prompts(n, seed)``
@@ -71,7 +71,7 @@ class ToyWorld:
         if cached:
             how = "shipped with the package" if toy.SHIPPED_BASES in path.parents else "cached"
         n_params = sum(x.numel() for x in base.model.parameters()) / 1e6
-        return path, f"{how}, {n_params:.2f}M parameters"
+        return path, f"{how}, {n_params:.2f}M parameters", not cached
 
     def train_rows(self, seed: int) -> list:
         return toy.id_rows(self.p.n_train, seed=10_000 + seed)
@@ -117,7 +117,7 @@ class GSM8KWorld:
         return self._data
 
     def base_model(self, cache_dir, device) -> tuple:
-        return self.p.model, "given"
+        return self.p.model, "given", False
 
     def train_rows(self, seed: int) -> list:
         return self.data()["train"]  # the seed changes the data order only
@@ -153,9 +153,8 @@ def answer_extractor(answer: str):
 
     def extract(text):
         match = pattern.search(text)
-        if match is None:
-            return None
-        return (match.group(1) if pattern.groups else match.group(0)).strip()
+        found = None if match is None else match.group(1 if pattern.groups else 0)
+        return None if found is None else found.strip()  # an optional group may match nothing
     return extract
 
 
@@ -190,6 +189,10 @@ def load_choice_items(path) -> list:
 
 
 def _is_choice_file(path) -> bool:
+    """Whether a JSONL OOD set is multiple choice (its first row has ``choices``); other formats
+    are read as prompt/answer rows by ``load_rows``."""
+    if Path(path).suffix.lower() != ".jsonl" or not Path(path).is_file():
+        return False
     return "choices" in read_json_rows(Path(path))[0]
 
 
@@ -210,11 +213,18 @@ class FilesWorld:
         self.extract = answer_extractor(p.answer)
         self.train = self._first(load_rows(p.train_file), p.n_train)
         self.test = self._first(load_rows(p.test_file), p.n_id_eval)
+        for i, row in enumerate(self.test, start=1):  # a regex that misses scores 0 silently
+            if self.extract(_prompt_and_reference(row)[1]) is None:
+                raise DataError(f"{p.test_file}: row {i}: answer={p.answer!r} finds no answer in "
+                                "the reference completion")
         self.ood_choice, self.ood_exact = {}, {}
         for spec in p.ood_files:
             name, sep, path = spec.partition("=")
             if not sep or not name or not path:
                 raise ValueError(f"OOD set {spec!r}: expected NAME=PATH")
+            if name == "acc" or name in self.ood_choice or name in self.ood_exact:
+                raise ValueError(f"OOD set {spec!r}: the name {name!r} is taken (names must differ"
+                                 " from each other and from 'acc')")
             if _is_choice_file(path):
                 self.ood_choice[name] = self._first(load_choice_items(path), p.ood_per_task)
             else:
@@ -236,7 +246,7 @@ class FilesWorld:
         return rows[:n] if n else rows  # n = 0: every row
 
     def base_model(self, cache_dir, device) -> tuple:
-        return self.p.model, "given"
+        return self.p.model, "given", False
 
     def train_rows(self, seed: int) -> list:
         return self.train  # the seed changes the data order only

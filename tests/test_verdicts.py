@@ -7,8 +7,8 @@ from minipsft.experiments import across_bases, paired_difference
 
 
 def _matched(ood: dict, level=0.8) -> dict:
-    return {"level": level, "arms": {a: {"reached": f"{len(v)}/3", "ood_acc": v}
-                                     for a, v in ood.items()}}
+    return {"level": level, "arms": {a: {"reached": f"{len(v)}/3", "seeds": list(range(len(v))),
+                                         "ood_acc": v} for a, v in ood.items()}}
 
 
 def test_paired_difference_is_the_seed_paired_mean_with_a_two_standard_error_rule():
@@ -34,11 +34,21 @@ def test_verdict_over_bases(tmp_path):
         (folder / "results.json").write_text(json.dumps({"summary": summary, "records": []}))
         folders.append(folder)
     out = across_bases(folders)
-    assert out["comparisons"]["psft - sft_paper"]["verdict"] == "holds on every base"
+    assert out["comparisons"]["psft - sft_paper"]["verdict"] == "+ on every base"
     assert out["comparisons"]["psft - sft"]["verdict"] == "mixed"  # +, +, -
     assert out["ood_at_matched_id"]["sft"]["per_base"]["3"] == pytest.approx(0.8)
     two = across_bases(folders[:2])
-    assert two["comparisons"]["psft - sft"]["verdict"] == "holds on every base"
+    assert two["comparisons"]["psft - sft"]["verdict"] == "+ on every base"
+    one = across_bases(folders[2:])  # PSFT below SFT: the verdict carries the sign
+    assert one["comparisons"]["psft - sft"]["verdict"] == "- on every base"
+    with pytest.raises(ValueError, match="same base"):
+        across_bases([folders[0], folders[0]])
+
+
+def test_pairs_are_made_by_seed_not_by_position():
+    m = _matched({"psft": [0.6, 0.7, 0.8], "sft": [0.8, 0.7, 0.6]})
+    m["arms"]["sft"]["seeds"] = [2, 1, 0]  # the same values, listed in another seed order
+    assert paired_difference(m, "psft", "sft")["diff"] == pytest.approx(0.0)
 
 
 def test_the_committed_claims_table_is_what_the_code_computes_from_the_results():

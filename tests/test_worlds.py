@@ -82,7 +82,7 @@ def test_compare_names_the_bad_row_before_loading_the_model(files, tmp_path):
 @pytest.mark.parametrize("answer, text, expected", [
     ("whole", "  42 \n", "42"), ("gsm8k", "so 6*7 = 42.\n#### 42", "42"),
     (r"Answer: (\S+)", "think... Answer: 17 done", "17"), (r"\d+", "x 5 y 6", "5"),
-    (r"Answer: (\S+)", "no answer here", None)])
+    (r"Answer: (\S+)", "no answer here", None), (r"=(\d+)|done", "all done", None)])
 def test_answer_extractors(answer, text, expected):
     assert worlds.answer_extractor(answer)(text) == expected
 
@@ -91,10 +91,10 @@ def test_files_world_reward_is_exact_match_of_the_extracted_answer(files):
     from dataclasses import replace
 
     p = replace(PRESETS["files"], model=files["model"], train_file=files["train"],
-                test_file=files["test"], answer=r"=(\d+)")
+                test_file=files["test"], answer=r"(\d+)")
     world = worlds.make_world(p)
     row = {"prompt": "1+2", "completion": "=3"}
-    assert world.reward(row, "=3 and more") == 1.0
+    assert world.reward(row, "=3 and more") == 1.0  # the first number is the answer
     assert world.reward(row, "=4") == 0.0 and world.reward(row, "nothing") == 0.0
     messages = {"messages": [{"role": "user", "content": "1+2"},
                              {"role": "assistant", "content": "=3"}]}
@@ -175,3 +175,35 @@ def test_the_base_the_fine_tuning_and_the_evaluator_get_the_requested_device(tmp
     assert ("base", "cuda:7") in asked and ("fine-tuning", "cuda:7") in asked
     assert {device for _, device in asked} == {"cuda:7"}
     assert len(evaluated) == 1  # the run's evaluator is built on the model it fine-tunes
+
+
+def test_compare_without_ood_sets_and_a_messages_test_file_with_set_overriding_a_flag(files,
+                                                                                      tmp_path):
+    test = [{"messages": [{"role": "user", "content": r["prompt"]},
+                          {"role": "assistant", "content": r["completion"]}]}
+            for r in addition_rows(3, seed=2)]
+    cmd = [sys.executable, "-m", "minipsft", "compare", "--model", files["model"],
+           "--train", files["train"], "--test", _write(tmp_path / "test.jsonl", test),
+           "--arms", "psft", "--epochs", "3", "--out", str(tmp_path / "out"), "--device", "cpu",
+           *[a for kv in ("epochs=1", "batch_size=8", "minibatch_size=2", "threads=1",
+                          "max_new_tokens=4") for a in ("--set", kv)]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert sorted(r["epoch"] for r in results["records"]) == [0, 1]  # --set epochs=1 won
+    assert all("ood_acc" not in r for r in results["records"])
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "nan" not in report and "ood_acc" not in report
+    assert not (tmp_path / "out" / "tradeoff.png").exists()  # no OOD, no trade-off to draw
+
+
+def test_a_regex_that_finds_no_answer_in_a_reference_is_an_error_naming_the_row(files):
+    from dataclasses import replace
+
+    p = replace(PRESETS["files"], model=files["model"], train_file=files["train"],
+                test_file=files["test"], answer=r"Answer: (\d+)")
+    with pytest.raises(worlds.DataError, match="row 1: answer="):
+        worlds.make_world(p)
+    taken = replace(p, answer="whole", ood_files=(f"acc={files['mc']}",))
+    with pytest.raises(ValueError, match="is taken"):
+        worlds.make_world(taken)
