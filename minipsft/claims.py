@@ -11,7 +11,7 @@ import json
 import statistics
 from pathlib import Path
 
-from .experiments import load_results, sign
+from .experiments import SAWTOOTH_ROWS, SAWTOOTH_STEPS, load_results, sign
 
 __all__ = ["claims", "claims_markdown"]
 
@@ -107,13 +107,7 @@ def _main_claims(folder: Path) -> list:
 
     effects = {a: _boundary_effects(res["runs"], a) for a in ("psft", "sft", "sft_paper")}
     tests = {a: sign(v) for a, v in effects.items()}
-    verdict = "not detectable at this noise"
-    if tests["psft"]["sign"] == "+":
-        verdict = "not reproduced (PSFT's entropy drops at the boundaries too)"
-    elif tests["sft_paper"]["sign"] == "+" and tests["sft"]["sign"] == "+":
-        verdict = "reproduced"
-    elif tests["sft_paper"]["sign"] == "+":
-        verdict = "partly: in the paper-recipe SFT, not in SFT at PSFT's lr and schedule"
+    verdict = _sawtooth_verdict(tests)
     rows.append({
         "claim": "3b. SFT's entropy drops at each epoch boundary (saw-tooth)",
         "numbers": "entropy drop from the last step of an epoch to the first of the next, minus "
@@ -142,20 +136,47 @@ def _main_claims(folder: Path) -> list:
     return rows
 
 
-def _boundary_effects(runs, arm) -> list:
-    """Per epoch boundary of each run of ``arm``: (entropy of the epoch's last step minus that of
-    the next epoch's first) minus the run's mean such drop between two steps inside an epoch."""
+def _boundary_effects(runs, arm, key: str = "entropy", group: str = "main") -> list:
+    """Per epoch boundary of each run of ``arm``: (``key`` at the epoch's last step minus at the
+    next epoch's first) minus the run's mean such drop between two consecutive steps inside an
+    epoch; only steps that measured ``key`` count."""
     effects = []
     for run in runs:
-        if run["job"]["arm"] != arm or run["job"].get("group", "main") != "main":
+        if run["job"]["arm"] != arm or run["job"].get("group", "main") != group:
             continue
         hist = run["history"]
-        pairs = list(zip(hist, hist[1:]))
-        within = [a["entropy"] - b["entropy"] for a, b in pairs if a["epoch"] == b["epoch"]]
+        pairs = [(a, b) for a, b in zip(hist, hist[1:]) if key in a and key in b]
+        within = [a[key] - b[key] for a, b in pairs if a["epoch"] == b["epoch"]]
         baseline = statistics.fmean(within)
-        effects += [a["entropy"] - b["entropy"] - baseline for a, b in pairs
-                    if a["epoch"] != b["epoch"]]
+        effects += [a[key] - b[key] - baseline for a, b in pairs if a["epoch"] != b["epoch"]]
     return effects
+
+
+def _sawtooth_verdict(tests: dict) -> str:
+    if tests["psft"]["sign"] == "+":
+        return "not reproduced (PSFT's entropy drops at the boundaries too)"
+    if tests["sft_paper"]["sign"] == "+" and tests["sft"]["sign"] == "+":
+        return "reproduced"
+    if tests["sft_paper"]["sign"] == "+":
+        return "partly: in the paper-recipe SFT, not in SFT at PSFT's lr and schedule"
+    return "not detectable at this noise"
+
+
+def _heldout_sawtooth_claims(folder: Path) -> list:
+    runs = load_results(folder)["runs"]
+    arms = ("psft", "sft", "sft_paper")
+    effects = {a: _boundary_effects(runs, a, "heldout_entropy", "sawtooth") for a in arms}
+    tests = {a: sign(v) for a, v in effects.items()}
+    return [{
+        "claim": "3c. the saw-tooth on held-out demonstrations",
+        "numbers": f"entropy of {SAWTOOTH_ROWS} held-out ID demonstrations (never trained on), "
+                   f"measured at every step within {SAWTOOTH_STEPS} steps of each epoch boundary: "
+                   "the drop across a boundary minus the run's mean drop between two such steps "
+                   "inside an epoch "
+                   f"({len(effects['psft'])} boundaries over seeds): "
+                   + ", ".join(f"{a} {_fmt(t)}" for a, t in tests.items()),
+        "rule": "as 3b, on the held-out set",
+        "verdict": _sawtooth_verdict(tests)}]
 
 
 def _two_way(paper: dict, control: dict) -> str:
@@ -286,9 +307,10 @@ def _bases_claims(path: Path) -> list:
 
 
 def claims(results_dir="results", main="toy_cpu", ablations="toy_cpu_ablations",
-           rl="toy_cpu_rl", bases="toy_cpu_bases") -> list:
+           rl="toy_cpu_rl", bases="toy_cpu_bases", sawtooth="toy_cpu_sawtooth") -> list:
     """Rows ``{"claim", "numbers", "rule", "verdict"}`` from the results folders that exist
-    (``bases``: the ``across-bases`` summary of the main comparison on several bases)."""
+    (``bases``: the ``across-bases`` summary of the main comparison on several bases;
+    ``sawtooth``: the ``--ablations sawtooth`` runs, held-out entropy around epoch boundaries)."""
     root = Path(results_dir)
     rows = []
     if (root / main / "results.json").exists():
@@ -297,6 +319,8 @@ def claims(results_dir="results", main="toy_cpu", ablations="toy_cpu_ablations",
         rows += _ablation_claims(root / ablations)
     if (root / rl / "results.json").exists():
         rows += _rl_claims(root / rl)
+    if (root / sawtooth / "results.json").exists():
+        rows += _heldout_sawtooth_claims(root / sawtooth)
     if (root / bases / "across_bases.json").exists():
         rows += _bases_claims(root / bases / "across_bases.json")
     return sorted(rows, key=lambda r: r["claim"])

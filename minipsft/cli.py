@@ -164,7 +164,9 @@ def _add_reproduce(sub, common) -> None:
     r.add_argument("--ablations", nargs="*", default=[], choices=list(ABLATIONS),
                    help="also run these ablations (PSFT's refresh period; eps_high and no clip; "
                         "SFT warm-up; aggregation: PSFT, SFT and paper-recipe SFT with the "
-                        "official run's loss aggregation and lr warm-up)")
+                        "official run's loss aggregation and lr warm-up; frontier: every method "
+                        "at 3-5 lrs; sawtooth: PSFT, SFT and paper-recipe SFT with held-out "
+                        "entropy measured around every epoch boundary)")
     r.add_argument("--skip-main", action="store_true", help="run only the ablations")
     r.add_argument("--model", default=None,
                    help="gsm8k preset: hub id or folder of the model to fine-tune")

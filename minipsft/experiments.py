@@ -36,12 +36,14 @@ from tqdm.auto import tqdm
 from . import plots, toy
 from .losses import LOSSES
 from .model import CausalLM
-from .train import TrainConfig, train
-from .worlds import make_world, world_words
+from .train import TrainConfig, heldout_eval, train
+from .worlds import ToyWorld, make_world, world_words
 
 # one arm per registered loss (losses.LOSSES, at PSFT's schedule and lr), plus two SFT controls
 ARMS = tuple(LOSSES) + ("sft_paper", "sft_small")
-ABLATIONS = ("refresh", "eps", "warmup", "aggregation", "frontier")
+ABLATIONS = ("refresh", "eps", "warmup", "aggregation", "frontier", "sawtooth")
+# the "sawtooth" runs: held-out entropy at every step within this many steps of an epoch boundary
+SAWTOOTH_ARMS, SAWTOOTH_STEPS, SAWTOOTH_ROWS = ("psft", "sft", "sft_paper"), 4, 128
 # the "frontier" sweep: the controlled arms at 5 lrs (the cpu preset's 1e-4 in the middle of a
 # 100x range, up to where plain SFT steps get large), paper-recipe SFT at 3 (its 2e-3 in the middle)
 FRONTIER_ARMS = ("psft", "sft", "sft_kl")
@@ -192,7 +194,10 @@ def run_one(job: dict) -> dict:
         evaluator = _keep_best(evaluator,
                                Path(job["save_best"]) / f"{job['arm']}-s{job['seed']}", best)
     t0 = time.perf_counter()
-    result = train(lm, examples, cfg, eval_fn=evaluator, token_hook=clipped)
+    on_step = None
+    if job.get("group") == "sawtooth":
+        on_step = heldout_near_boundaries(lm, world, cfg, len(examples))
+    result = train(lm, examples, cfg, eval_fn=evaluator, token_hook=clipped, on_step=on_step)
     by_epoch = defaultdict(list)
     for r in result["history"]:
         by_epoch[r["epoch"]].append(r)
@@ -209,6 +214,22 @@ def run_one(job: dict) -> dict:
             "history": result["history"], "seconds": time.perf_counter() - t0,
             "clipped_tokens": clipped.summary() if clipped else None,
             "best": best if job.get("save_best") else None}
+
+
+def heldout_near_boundaries(lm, world, cfg: TrainConfig, n_examples: int):
+    """``on_step`` for the saw-tooth test: within ``SAWTOOTH_STEPS`` steps of an epoch boundary,
+    add the mean token entropy of a fixed held-out set of ID demonstrations (never trained on) to
+    the step's record as ``heldout_entropy``."""
+    if not isinstance(world, ToyWorld):
+        raise ValueError("the sawtooth ablation runs in the toy world")
+    held = lm.encode(toy.id_rows(SAWTOOTH_ROWS, seed=3))
+    per_epoch = -(-n_examples // cfg.minibatch_size)
+
+    def on_step(record):
+        position = record["step"] - (record["epoch"] - 1) * per_epoch  # 1 .. per_epoch
+        if position <= SAWTOOTH_STEPS or position > per_epoch - SAWTOOTH_STEPS:
+            record["heldout_entropy"] = heldout_eval(lm, held)["heldout_entropy"]
+    return on_step
 
 
 def _keep_best(evaluator, path: Path, best: dict):
@@ -383,6 +404,9 @@ def ablation_jobs(p: Preset, name: str, job0: dict) -> list:
         return [dict(job0, arm=arm, group=name, setting=f"{arm} lr={lr:g}", seed=s,
                      config=asdict(arm_config(p, arm, lr=lr)))
                 for arm, lr in runs for s in p.seeds]
+    elif name == "sawtooth":
+        return [dict(job0, arm=arm, group=name, setting=arm, seed=s,
+                     config=asdict(arm_config(p, arm))) for arm in SAWTOOTH_ARMS for s in p.seeds]
     elif name == "aggregation":
         return [dict(job0, arm=arm, group=name, setting=f"{arm}, {label}", seed=s,
                      config=asdict(arm_config(p, arm, **kw)))

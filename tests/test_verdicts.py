@@ -67,3 +67,32 @@ def test_sign_rule_known_values():
     assert sign([0.1, 0.2, 0.3])["sign"] == "+" and sign([-0.1, -0.2, -0.3])["sign"] == "-"
     assert sign([0.1, -0.1, 0.05])["sign"] == "="
     assert sign([0.4])["sign"] == "="  # one seed: no standard error, nothing counts
+
+
+def test_the_sawtooth_hook_measures_held_out_entropy_only_near_epoch_boundaries():
+    from minipsft import toy
+    from minipsft.experiments import PRESETS, SAWTOOTH_STEPS, heldout_near_boundaries
+    from minipsft.train import TrainConfig
+    from minipsft.worlds import ToyWorld
+
+    p = PRESETS["smoke"]
+    lm = toy.new_model(p.base)
+    on_step = heldout_near_boundaries(lm, ToyWorld(p), TrainConfig(minibatch_size=8), 160)
+    records = [{"step": s, "epoch": 1 + (s - 1) // 20} for s in range(1, 41)]  # 20 steps/epoch
+    for r in records:
+        on_step(r)
+    measured = [r["step"] for r in records if "heldout_entropy" in r]
+    edge = SAWTOOTH_STEPS
+    expected = [s for s in range(1, 41) if (s - 1) % 20 < edge or (s - 1) % 20 >= 20 - edge]
+    assert measured == expected
+    with pytest.raises(ValueError, match="toy world"):
+        heldout_near_boundaries(lm, object(), TrainConfig(), 160)
+
+
+def test_boundary_effect_is_the_boundary_drop_minus_the_mean_drop_inside_epochs():
+    from minipsft.claims import _boundary_effects
+
+    hist = [{"epoch": 1, "h": 1.0}, {"epoch": 1, "h": 0.9}, {"epoch": 1, "h": 0.8},
+            {"epoch": 2, "h": 0.3}, {"epoch": 2, "h": 0.2}, {"epoch": 2}]  # last: not measured
+    run = {"job": {"arm": "sft", "group": "g"}, "history": hist}
+    assert _boundary_effects([run], "sft", "h", "g") == pytest.approx([0.5 - 0.1])
