@@ -256,6 +256,12 @@ def param_distance(model, base_model) -> float:
     return (diff / norm).sqrt().item()
 
 
+def answer_tokens(rows) -> int:
+    """How many tokens a generation may take: the longest answer (one token per character) plus
+    a margin."""
+    return max(len(r["completion"]) for r in rows) + 4
+
+
 class Evaluator:
     """Everything measured at each evaluation: ID and OOD accuracy (greedy), held-out demonstration
     NLL/entropy, entropy of the model's own samples, KL from the base on OOD demonstrations and the
@@ -268,7 +274,7 @@ class Evaluator:
         self.id_examples = base.encode(id_eval)
         self.ood_examples = base.encode(ood_eval)
         self.sample_prompts = [r["prompt"] for r in id_eval[:n_samples]]
-        self.id_tokens = max(len(r["completion"]) for r in id_eval) + 4
+        self.id_tokens = answer_tokens(id_eval)
 
     def __call__(self, lm) -> dict:
         id_ok = generate_accuracy(lm, self.id_eval, self.id_tokens)

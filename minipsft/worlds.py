@@ -81,8 +81,8 @@ class ToyWorld:
                              toy.ood_rows(self.p.ood_per_task, seed=2), n_samples=self.p.n_samples)
 
     def max_new_tokens(self) -> int:
-        """The longest ID answer plus a margin (as ``toy.Evaluator.id_tokens``)."""
-        return max(len(r["completion"]) for r in toy.id_rows(self.p.n_id_eval, seed=1)) + 4
+        """As the evaluator's (``toy.Evaluator.id_tokens``): the longest held-out ID answer."""
+        return toy.answer_tokens(toy.id_rows(self.p.n_id_eval, seed=1))
 
     def reward(self, row: dict, completion: str) -> float:
         """1.0 when the toy checker accepts the answer (the reflection tail is ignored)."""
