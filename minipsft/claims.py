@@ -4,14 +4,15 @@ here from the committed results folders, by the rule written beside it.
     python -m minipsft claims --results results --out results/claims.md
 
 Comparisons are paired by seed (a seed fixes the data sample and order for every arm) and use one
-sign rule (``experiments.sign``): a difference counts when its seed-paired mean is more than 2
+sign rule (``reports.sign``): a difference counts when its seed-paired mean is more than 2
 standard errors from zero. A folder that is missing leaves its claims out.
 """
 import json
 import statistics
 from pathlib import Path
 
-from .experiments import SAWTOOTH_ROWS, SAWTOOTH_STEPS, load_results, sign
+from .experiments import SAWTOOTH_ROWS, SAWTOOTH_STEPS, load_results
+from .reports import sign
 
 __all__ = ["claims", "claims_markdown"]
 
@@ -297,15 +298,38 @@ def _bases_claims(path: Path) -> list:
         "verdict": verdict}]
 
 
+def base_parameters(folder) -> int:
+    """Parameters of the toy base model a results folder was fine-tuned from (from its settings;
+    the model is built, not loaded)."""
+    from . import toy
+
+    config = json.loads((Path(folder) / "results.json").read_text())["summary"]["preset_config"]
+    lm = toy.new_model(toy.BaseConfig(**config["base"]))
+    return sum(p.numel() for p in lm.model.parameters())
+
+
 def claims(results_dir="results", main="toy_cpu", ablations="toy_cpu_ablations",
-           rl="toy_cpu_rl", bases="toy_cpu_bases", sawtooth="toy_cpu_sawtooth") -> list:
+           rl="toy_cpu_rl", bases="toy_cpu_bases", sawtooth="toy_cpu_sawtooth",
+           second_size="toy_cpu_wide") -> list:
     """Rows ``{"claim", "numbers", "rule", "verdict"}`` from the results folders that exist
     (``bases``: the ``across-bases`` summary of the main comparison on several bases;
-    ``sawtooth``: the ``--ablations sawtooth`` runs, held-out entropy around epoch boundaries)."""
+    ``sawtooth``: the ``--ablations sawtooth`` runs, held-out entropy around epoch boundaries;
+    ``second_size``: the main comparison on a larger base, whose numbers and verdict each main
+    claim also gets, as ``second``, with ``same_at_both_sizes``)."""
     root = Path(results_dir)
     rows = []
     if (root / main / "results.json").exists():
         rows += _main_claims(root / main)
+    if rows and (root / second_size / "results.json").exists():
+        size = f"{base_parameters(root / second_size) / 1e6:.1f}M"
+        first = f"{base_parameters(root / main) / 1e6:.2f}M"
+        second = {r["claim"]: r for r in _main_claims(root / second_size)}
+        for row in rows:
+            other = second.get(row["claim"])
+            if other:
+                row["second"] = {"size": size, "first_size": first, "numbers": other["numbers"],
+                                 "verdict": other["verdict"]}
+                row["same_at_both_sizes"] = other["verdict"] == row["verdict"]
     if (root / ablations / "results.json").exists():
         rows += _ablation_claims(root / ablations)
     if (root / rl / "results.json").exists():
@@ -318,8 +342,28 @@ def claims(results_dir="results", main="toy_cpu", ablations="toy_cpu_ablations",
 
 
 def claims_markdown(rows: list) -> str:
-    lines = ["| paper claim | toy world (mean ± std over seeds; differences paired by seed, "
-             "± 1 standard error) | rule | verdict |", "|---|---|---|---|"]
-    lines += [f"| {r['claim']} | {r['numbers']} | {r['rule']} | **{r['verdict']}** |"
-              for r in rows]
+    """The claims table; with a second size, its verdict (and whether it is the same) beside the
+    first's, and its numbers in a second table below."""
+    sizes = [r["second"]["size"] for r in rows if r.get("second")]
+    head = ("| paper claim | toy world (mean ± std over seeds; differences paired by seed, "
+            "± 1 standard error) | rule | verdict |")
+    if not sizes:
+        lines = [head, "|---|---|---|---|"]
+        lines += [f"| {r['claim']} | {r['numbers']} | {r['rule']} | **{r['verdict']}** |"
+                  for r in rows]
+        return "\n".join(lines) + "\n"
+    first = next(r["second"]["first_size"] for r in rows if r.get("second"))
+    head = head.replace("| verdict |", f"| verdict ({first}-parameter base) |")
+    lines = [head + f" verdict with the {sizes[0]}-parameter base | same at both sizes |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        second, same = "not run at this size", "-"
+        if r.get("second"):
+            second = f"**{r['second']['verdict']}**"
+            same = "yes" if r["same_at_both_sizes"] else "no"
+        lines.append(f"| {r['claim']} | {r['numbers']} | {r['rule']} | **{r['verdict']}** | "
+                     f"{second} | {same} |")
+    lines += ["", f"Numbers with the {sizes[0]}-parameter base (the same preset otherwise):", "",
+              "| paper claim | numbers |", "|---|---|"]
+    lines += [f"| {r['claim']} | {r['second']['numbers']} |" for r in rows if r.get("second")]
     return "\n".join(lines) + "\n"

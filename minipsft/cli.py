@@ -19,7 +19,7 @@ from .data import load_rows
 from .losses import LOSSES
 from .model import CausalLM, DataError
 from .experiments import ABLATIONS, ARMS, PRESETS, Preset
-from .experiments_rl import RLPreset
+from .experiments import RLPreset
 from .train import (RUN_FILES, NonFiniteLossError, TrainConfig, heldout_eval, summarize,
                     train)
 
@@ -274,7 +274,7 @@ def _add_reproduce_rl(sub, common) -> None:
                         "cached), gpu (larger, one GPU) (default: cpu)")
     _add_run_flags(g)
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                   help=_set_help(RLPreset, "experiments_rl.RL_PRESETS"))
+                   help=_set_help(RLPreset, "experiments.RL_PRESETS"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -352,7 +352,7 @@ def _list_presets() -> None:
 
 def run(args) -> None:
     if args.command == "reproduce-rl":
-        from .experiments_rl import reproduce_rl
+        from .experiments import reproduce_rl
 
         reproduce_rl(args.preset, args.out, cache_dir=args.cache, seeds=args.seeds,
                      workers=args.workers, device=args.device,
@@ -367,7 +367,7 @@ def run(args) -> None:
         print(table)
         return
     if args.command == "across-bases":
-        from .experiments import across_bases, across_bases_report
+        from .reports import across_bases, across_bases_report
 
         summary = across_bases(args.folders)
         out = Path(args.out)

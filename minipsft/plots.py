@@ -207,7 +207,7 @@ START_LABELS = {"base": "base model", "sft_paper": "SFT (paper recipe) -> RL",
 def rl_after_finetuning(runs, words, path):
     """Rollout reward and sample entropy per RL step, then the world's metrics at each evaluation
     (only those with data); one colour per starting point, mean over seeds with a min-max band."""
-    starts = [s for s in START_COLORS if any(r["start"] == s for r in runs)]
+    starts = [s for s in START_COLORS if any(r["job"]["start"] == s for r in runs)]
     records = [e for r in runs for e in r["records"]]
     shown = [(k, t) for k, t in panels(records, words) if k != "ood_kl"]
     ncols = 3
@@ -220,13 +220,13 @@ def rl_after_finetuning(runs, words, path):
             (axes.flat[1], "entropy", "Token entropy of the sampled completions",
              "mean entropy (nats)")):
         for s in starts:
-            hs = [r["history"] for r in runs if r["start"] == s]
+            hs = [r["history"] for r in runs if r["job"]["start"] == s]
             _band(ax, [h["step"] for h in hs[0]], [[h[key] for h in hist] for hist in hs],
                   START_COLORS[s], START_LABELS[s], smooth=max(1, len(hs[0]) // 12))
         ax.set(title=title, xlabel="RL step", ylabel=ylabel)
     for ax, (key, title) in zip(axes.flat[2:], shown):
         for s in starts:
-            evs = [r["records"] for r in runs if r["start"] == s]
+            evs = [r["records"] for r in runs if r["job"]["start"] == s]
             _band(ax, [e["step"] for e in evs[0]], [[e[key] for e in ev] for ev in evs],
                   START_COLORS[s], START_LABELS[s], marker="o", markersize=3)
         accuracy = "entropy" not in key
@@ -234,6 +234,6 @@ def rl_after_finetuning(runs, words, path):
                ylabel="accuracy" if accuracy else "mean entropy (nats)")
         if accuracy:
             ax.set_ylim(-0.02, 1.02)
-    seeds = len({r["seed"] for r in runs})
+    seeds = len({r["job"]["seed"] for r in runs})
     _finish_grid(fig, axes, len(starts), f"GRPO after fine-tuning {words.title} (mean over "
                  f"{seeds} seed(s), band = min-max)", path)

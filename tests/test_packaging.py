@@ -30,7 +30,7 @@ def test_import_minipsft_needs_no_trl():
     import subprocess
     import sys
 
-    code = ("import sys, minipsft, minipsft.cli, minipsft.experiments, minipsft.rl, minipsft.experiments_rl; "
+    code = ("import sys, minipsft, minipsft.cli, minipsft.experiments, minipsft.rl, minipsft.experiments; "
             "print('trl' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"

@@ -154,7 +154,7 @@ def test_frontier_jobs_sweep_the_lrs_for_every_arm():
 
 
 def test_frontier_gap_and_its_bootstrap_on_hand_made_records():
-    from minipsft.experiments import frontier_summary, frontier_value, largest_gap
+    from minipsft.reports import frontier_summary, frontier_value, largest_gap
 
     def rec(arm, lr, seed, epoch, id_acc, ood):
         return {"method": arm, "setting": f"{arm} lr={lr:g}", "seed": seed, "epoch": epoch,

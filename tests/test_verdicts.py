@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from minipsft.experiments import across_bases, paired_difference
+from minipsft.reports import across_bases, paired_difference
 
 
 def _matched(ood: dict, level=0.8) -> dict:
@@ -62,7 +62,7 @@ def test_the_committed_claims_table_is_what_the_code_computes_from_the_results()
 
 
 def test_sign_rule_known_values():
-    from minipsft.experiments import sign
+    from minipsft.reports import sign
 
     assert sign([0.1, 0.2, 0.3])["sign"] == "+" and sign([-0.1, -0.2, -0.3])["sign"] == "-"
     assert sign([0.1, -0.1, 0.05])["sign"] == "="
@@ -96,3 +96,23 @@ def test_boundary_effect_is_the_boundary_drop_minus_the_mean_drop_inside_epochs(
             {"epoch": 2, "h": 0.3}, {"epoch": 2, "h": 0.2}, {"epoch": 2}]  # last: not measured
     run = {"job": {"arm": "sft", "group": "g"}, "history": hist}
     assert _boundary_effects([run], "sft", "h", "g") == pytest.approx([0.5 - 0.1])
+
+
+def test_a_second_size_gives_each_main_claim_its_own_verdict(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    from minipsft.claims import claims, claims_markdown
+
+    root = Path(__file__).parents[1] / "results"
+    shutil.copytree(root / "toy_cpu", tmp_path / "toy_cpu")
+    assert not any("second" in r for r in claims(tmp_path))  # no second size: one verdict
+    # the same folder again as the "second size": every main claim has a verdict there too,
+    # the same one, at the size its settings give (the cpu base: 0.86M parameters)
+    shutil.copytree(root / "toy_cpu", tmp_path / "toy_cpu_wide")
+    rows = claims(tmp_path)
+    assert {r["claim"][:2] for r in rows if "second" in r} == {"1.", "2.", "2b", "3.", "3b", "5."}
+    assert all(r["same_at_both_sizes"] and r["second"]["size"] == "0.9M" for r in rows)
+    table = claims_markdown(rows)
+    assert "verdict with the 0.9M-parameter base | same at both sizes |" in table
+    assert table.count("| yes |") == 6

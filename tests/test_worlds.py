@@ -122,7 +122,7 @@ def test_a_panel_is_drawn_only_for_a_metric_with_data():
 
 
 def test_rl_starts_from_a_files_world_checkpoint_with_the_exact_match_reward(files, tmp_path):
-    from minipsft.experiments_rl import reproduce_rl
+    from minipsft.experiments import reproduce_rl
 
     finetune = dict(model=files["model"], train_file=files["train"], test_file=files["test"],
                     ood_files=(f"mc={files['mc']}",), epochs=1, batch_size=8, minibatch_size=2,

@@ -1,0 +1,383 @@
+"""Numbers from results files: the matched-ID comparison, the sign rule every verdict uses, the
+lr frontier, the comparison across bases, and the markdown reports. Pure functions of the records
+that ``experiments.py`` writes (nothing here trains or loads a model)."""
+import json
+import math
+import random
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from .worlds import world_words
+
+
+def arms_of(records) -> list:
+    """The arms of ``records`` in the order they ran (the preset's arm order)."""
+    return list(dict.fromkeys(r["method"] for r in records))
+
+
+# ------------------------------------------------------------------------------------ frontier
+def frontier_points(records, seeds=None) -> dict:
+    """arm -> [(mean ID, mean OOD, lr, epoch)] over ``seeds`` (default: all), one point per lr and
+    epoch after the start: every place a run of that arm passed through."""
+    cells = defaultdict(list)
+    for r in records:
+        if r["epoch"] > 0:
+            cells[(r["method"], r["setting"], r["epoch"])].append(r)
+    points = defaultdict(list)
+    for (arm, setting, epoch), rs in sorted(cells.items()):
+        by_seed = {r["seed"]: r for r in rs}
+        chosen = [by_seed[s] for s in (seeds if seeds is not None else sorted(by_seed))]
+        lr = float(setting.split("lr=")[1])
+        points[arm].append((statistics.fmean(r["id_acc"] for r in chosen),
+                            statistics.fmean(r["ood_acc"] for r in chosen), lr, epoch))
+    return dict(points)
+
+
+def frontier_value(points, level: float):
+    """The best OOD accuracy among the points with ID accuracy >= ``level`` (None if none)."""
+    reached = [ood for id_acc, ood, _, _ in points if id_acc >= level]
+    return max(reached) if reached else None
+
+
+def largest_gap(points: dict, arm: str, other: str, levels) -> tuple:
+    """(gap, level): the largest ``frontier_arm(x) - frontier_other(x)`` over the ID levels both
+    frontiers reach."""
+    best = (float("-inf"), None)
+    for x in levels:
+        a, b = frontier_value(points[arm], x), frontier_value(points[other], x)
+        if a is not None and b is not None and a - b > best[0]:
+            best = (a - b, x)
+    return best
+
+
+def frontier_summary(records, resamples: int = 1000, seed: int = 0) -> dict:
+    """At equal ID, the largest OOD gap between PSFT's frontier and each other arm's, with a
+    bootstrap over seeds (the seeds resampled with replacement, jointly for every run, since a
+    seed fixes the data sample and order for every arm): the point estimate and a 95% interval."""
+    levels = [round(0.5 + 0.01 * i, 2) for i in range(50)]  # ID 0.50 .. 0.99
+    seeds = sorted({r["seed"] for r in records})
+    points = frontier_points(records)
+    rng = random.Random(seed)
+    out = {}
+    for other in (a for a in points if a != "psft"):
+        gap, level = largest_gap(points, "psft", other, levels)
+        draws = []
+        for _ in range(resamples):
+            sample = [rng.choice(seeds) for _ in seeds]
+            draws.append(largest_gap(frontier_points(records, sample), "psft", other, levels)[0])
+        if level is None:  # the two frontiers share no ID level from 0.50 up
+            out[other] = None
+            continue
+        draws.sort()
+        out[other] = {"gap": gap, "at_id": level, "ci95": [draws[int(0.025 * resamples)],
+                                                           draws[int(0.975 * resamples) - 1]]}
+    return out
+
+
+# ------------------------------------------------------------------------------------------ results
+def _mean_std(xs):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return float("nan"), float("nan")
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def fmt_mean_std(xs, digits=3):
+    """``mean ± std`` of the values that are not None; ``-`` when there are none (never nan)."""
+    if all(x is None for x in xs):
+        return "-"
+    m, s = _mean_std(xs)
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+_fmt = fmt_mean_std  # the reports' shorthand
+
+
+def matched_id(records: list, arms) -> dict:
+    """OOD accuracy at the first epoch each arm reaches a common ID level: the highest level
+    (rounded down to 0.05) that every *learning* arm reaches on average, i.e. the lowest of their
+    best mean ID accuracies. An arm whose mean ID never rises above the base model's is not
+    learning the task: it is listed, but does not set the level."""
+    curves = {a: defaultdict(list) for a in arms}
+    for r in records:
+        if r["method"] in curves:
+            curves[r["method"]][r["epoch"]].append(r)
+    best, base = {}, {}
+    for a, c in curves.items():
+        if c:
+            means = {e: statistics.fmean(x["id_acc"] for x in rs) for e, rs in c.items()}
+            base[a] = means.get(0, 0.0)
+            best[a] = max(v for e, v in means.items() if e > 0)
+    learning = [a for a in best if best[a] > base[a]] or list(best)
+    level = math.floor(min(best[a] for a in learning) * 20) / 20
+    out = {"level": level, "not_learning": [a for a in best if a not in learning], "arms": {}}
+    for a, c in curves.items():
+        seeds = sorted({x["seed"] for rs in c.values() for x in rs})
+        hits = []
+        for s in seeds:
+            rs = sorted((x for rs in c.values() for x in rs if x["seed"] == s),
+                        key=lambda x: x["epoch"])
+            first = next((x for x in rs if x["id_acc"] >= level and x["epoch"] > 0), None)
+            if first:
+                hits.append(first)
+        out["arms"][a] = {"reached": f"{len(hits)}/{len(seeds)}",
+                          "seeds": [h["seed"] for h in hits],
+                          "epoch": [h["epoch"] for h in hits],
+                          "id_acc": [h["id_acc"] for h in hits],
+                          "ood_acc": [h.get("ood_acc") for h in hits]}  # a world may have no OOD
+    return out
+
+
+# ------------------------------------------------------------------------------- across bases
+BASE_COMPARISONS = (("psft", "sft_paper"), ("psft", "sft"), ("psft", "sft_small"))
+
+
+def sign(diffs) -> dict:
+    """The sign rule every verdict uses: the seed-paired mean difference, its standard error and
+    ``+``/``-`` when the mean is more than 2 standard errors above/below zero, else ``=`` (one
+    seed: no standard error, so ``=``)."""
+    diffs = list(diffs)
+    mean = statistics.fmean(diffs)
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.inf
+    verdict = "="
+    if mean > 2 * se:
+        verdict = "+"
+    elif mean < -2 * se:
+        verdict = "-"
+    return {"diff": mean, "se": se, "seeds": len(diffs), "sign": verdict}
+
+
+def paired_difference(m: dict, arm: str, other: str) -> dict | None:
+    """OOD at matched ID of ``arm`` minus ``other``'s, paired by seed (a seed fixes the data sample
+    and order for every arm), by the sign rule (``sign``). None when either arm missed the level
+    on a seed, or the two ran different seeds."""
+    a, b = m["arms"].get(arm), m["arms"].get(other)
+    if not a or not b or not _every_seed(a) or not _every_seed(b):
+        return None
+    ood_a, ood_b = (dict(zip(x["seeds"], x["ood_acc"])) for x in (a, b))
+    if set(ood_a) != set(ood_b) or None in ood_a.values() or None in ood_b.values():
+        return None
+    return sign(ood_a[s] - ood_b[s] for s in sorted(ood_a))
+
+
+def _every_seed(arm: dict) -> bool:
+    reached, seeds = arm["reached"].split("/")
+    return reached == seeds != "0"
+
+
+def across_bases(folders) -> dict:
+    """The main comparison's OOD at matched ID on each base (one results folder per independently
+    pretrained base, ``Preset.pretrain_seed``): per base and arm the seeds' mean, the spread of
+    those means across bases, and each of ``BASE_COMPARISONS`` per base (``paired_difference``)
+    with a verdict over bases: ``+ on every base`` (or ``-``, ``=``) when every base gives that
+    sign, else ``mixed``."""
+    bases = {}
+    for folder in folders:
+        summary = json.loads((Path(folder) / "results.json").read_text())["summary"]
+        config = summary["preset_config"]
+        seed = config.get("pretrain_seed")
+        if seed is None:
+            seed = (config.get("base") or {}).get("pretrain_seed", Path(folder).name)
+        if str(seed) in bases:
+            raise ValueError(f"{folder} and {bases[str(seed)]['folder']} have the same base "
+                             f"({seed}): give each base once")
+        bases[str(seed)] = {"folder": str(folder), "matched_id": summary["matched_id"]}
+    table = {}
+    for arm in dict.fromkeys(a for b in bases.values() for a in b["matched_id"]["arms"]):
+        per_base = {}
+        for name, b in bases.items():
+            hit = b["matched_id"]["arms"].get(arm)
+            if hit and _every_seed(hit):  # an arm that missed the level on a seed: no mean
+                per_base[name] = statistics.fmean(hit["ood_acc"])
+        if not per_base:
+            continue
+        means = list(per_base.values())
+        table[arm] = {"per_base": per_base, "mean": statistics.fmean(means),
+                      "std_across_bases": statistics.stdev(means) if len(means) > 1 else 0.0}
+    comparisons = {}
+    for arm, other in BASE_COMPARISONS:
+        per_base = {k: paired_difference(b["matched_id"], arm, other) for k, b in bases.items()}
+        signs = {d["sign"] if d else None for d in per_base.values()}
+        verdict = "mixed"
+        if len(signs) == 1 and None not in signs:  # the same sign on every base
+            verdict = f"{signs.pop()} on every base"
+        comparisons[f"{arm} - {other}"] = {"per_base": per_base, "verdict": verdict}
+    return {"bases": bases, "ood_at_matched_id": table, "comparisons": comparisons,
+            "rule": "per base: + or - when the seed-paired mean difference of OOD at matched ID "
+                    "exceeds 2 standard errors, else =; over bases: the sign when every base "
+                    "gives the same one, else mixed"}
+
+
+def across_bases_report(summary: dict) -> str:
+    """Markdown of ``across_bases``."""
+    bases = list(summary["bases"])
+    lines = ["# The main comparison on independently pretrained bases", "",
+             "OOD accuracy at matched ID (each base's own level), mean over data seeds; "
+             "bases named by their pretraining seed; n/a: the arm missed the level on a seed. "
+             "Mean and std across the bases where it is given.", "",
+             "| arm | " + " | ".join(f"base {b}" for b in bases) + " | mean | std across bases |",
+             "|---|" + "---|" * (len(bases) + 2)]
+    for arm, row in summary["ood_at_matched_id"].items():
+        cells = [f"{row['per_base'][b]:.3f}" if b in row["per_base"] else "n/a" for b in bases]
+        lines.append(f"| {arm} | " + " | ".join(cells)
+                     + f" | {row['mean']:.3f} | {row['std_across_bases']:.3f} |")
+    lines += ["", "Levels: " + ", ".join(f"base {b} {v['matched_id']['level']:.2f}"
+                                          for b, v in summary["bases"].items()), "",
+              f"Rule: {summary['rule']}.", "",
+              "| difference | " + " | ".join(f"base {b}" for b in bases) + " | verdict |",
+              "|---|" + "---|" * (len(bases) + 1)]
+    for name, c in summary["comparisons"].items():
+        cells = []
+        for b in bases:
+            d = c["per_base"][b]
+            cells.append("n/a" if d is None else f"{d['diff']:+.3f} ± {d['se']:.3f} ({d['sign']})")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {c['verdict']} |")
+    return "\n".join(lines) + "\n"
+
+
+def report(summary: dict, records: list, grad_max: dict | None = None) -> str:
+    """Markdown tables of the numbers (mean ± std over seeds), written from the records."""
+    words = world_words(summary["preset_config"])
+    lines = [f"# SFT vs PSFT {words.title}: results of preset `{summary['preset']}`", "",
+             f"Wall time {summary['wall_seconds'] / 60:.1f} min "
+             f"(base model {summary['pretrain_seconds'] / 60:.1f} min, "
+             f"{'loaded' if summary['base_loaded_from_cache'] else 'pretrained in this run'}). "
+             "Values are mean ± std over seeds.", ""]
+    main = [r for r in records if r["group"] == "main"]
+    if main:
+        last = max(r["epoch"] for r in main)
+        keys = list(words.columns)
+        if words.per_set:
+            keys += sorted({k for r in main for k in r if k.startswith("ood_")} - set(keys))
+        keys = [k for k in keys if any(r.get(k) is not None for r in main)]  # never a nan column
+        lines += ["## Per epoch (main comparison)", "",
+                  "| arm | epoch | " + " | ".join(keys) + " | train_entropy | clipfrac |",
+                  "|---|---|" + "---|" * (len(keys) + 2)]
+        for arm in summary["matched_id"]["arms"]:  # every main arm, in the runner's order
+            for e in range(last + 1):
+                rs = [r for r in main if r["method"] == arm and r["epoch"] == e]
+                if rs:
+                    cells = [_fmt([r.get(k) for r in rs]) for k in keys]
+                    extra = [_fmt([r["train_entropy"] for r in rs]) if e else "",
+                             _fmt([r["clipfrac"] for r in rs]) if e else ""]
+                    lines.append(f"| {arm} | {e} | " + " | ".join(cells + extra) + " |")
+        m = summary["matched_id"]
+        has_ood = any(r.get("ood_acc") is not None for r in main)
+    if main and has_ood:  # a world without OOD sets has no trade-off to report
+        lines += ["", f"## OOD at matched ID (first epoch with id_acc >= {m['level']:.2f})", "",
+                  "The level is the highest that every arm learning the task reaches on average"
+                  + (f"; not learning (mean ID never above the base's): "
+                     f"{', '.join(m['not_learning'])}"
+                     if m.get("not_learning") else "") + ".", "",
+                  "| arm | seeds reaching | epoch | id_acc | ood_acc |", "|---|---|---|---|---|"]
+        for arm, v in m["arms"].items():
+            lines.append(f"| {arm} | {v['reached']} | {v['epoch']} | {_fmt(v['id_acc'])} | "
+                         f"{_fmt(v['ood_acc'])} |")
+    if main and summary["sft_small_step_ratio"]:
+        lines += ["", "sft_small lr = lr x (PSFT drift / SFT drift after epoch 1): ratio per seed "
+                  + ", ".join(f"{k}: {v:.3f}" for k, v in summary["sft_small_step_ratio"].items())]
+    ct = summary.get("clipped_tokens")
+    if ct:
+        lines += ["", "## Which tokens PSFT clips (psft, first seed, all steps)", "",
+                  "| role | tokens seen | share of tokens | clipped | clip rate "
+                  "| share of clipped |",
+                  "|---|---|---|---|---|---|"]
+        for role in ct["seen"]:
+            lines.append(f"| {role} | {ct['seen'][role]} | {ct['share_of_tokens'][role]:.3f} | "
+                         f"{ct['clipped'].get(role, 0)} | {ct['clip_rate'][role]:.4f} | "
+                         f"{ct['share_of_clipped'][role]:.3f} |")
+        lines += ["", "Most clipped tokens: "
+                  + ", ".join(f"`{t}` {n}" for t, n in ct["top_tokens"])]
+    abl = [r for r in records if r["group"] != "main"]
+    if abl:
+        lines += ["", "## Ablations (PSFT; at the last epoch and at the best-ID epoch)", "",
+                  "| ablation | setting | id_acc (last) | ood_acc (last) | entropy (last) "
+                  "| best id_acc | ood at best id | max grad norm |",
+                  "|---|---|---|---|---|---|---|---|"]
+        last = max(r["epoch"] for r in abl)
+        for group in dict.fromkeys(r["group"] for r in abl):
+            for setting in dict.fromkeys(r["setting"] for r in abl if r["group"] == group):
+                rs = [r for r in abl if r["group"] == group and r["setting"] == setting]
+                end = [r for r in rs if r["epoch"] == last]
+                best = [max((r for r in rs if r["seed"] == s and r["epoch"] > 0),
+                            key=lambda r: r["id_acc"])
+                        for s in sorted({r["seed"] for r in rs})]
+                grads = [(grad_max or {}).get((group, setting, r["seed"])) for r in end]
+                lines.append(f"| {group} | {setting} | {_fmt([r['id_acc'] for r in end])} | "
+                             f"{_fmt([r['ood_acc'] for r in end])} | "
+                             f"{_fmt([r['entropy'] for r in end])} | "
+                             f"{_fmt([r['id_acc'] for r in best])} | "
+                             f"{_fmt([r['ood_acc'] for r in best])} | {_fmt(grads, 1)} |")
+    if summary.get("frontier"):
+        lines += ["", "## The lr frontier: OOD vs ID over every lr and epoch", "",
+                  "Frontier of an arm at ID level x: the best OOD among its (lr, epoch) points "
+                  "(means over seeds) with ID >= x. Gap: the largest PSFT-minus-other frontier "
+                  "difference over the ID levels 0.50-0.99 both reach; 95% interval from 1000 "
+                  "bootstrap resamples of the seeds.", "",
+                  "| PSFT vs | largest OOD gap at equal ID | at ID | 95% interval |",
+                  "|---|---|---|---|"]
+        for other, g in summary["frontier"].items():
+            if g is None:
+                lines.append(f"| {other} | no common ID level >= 0.50 | | |")
+                continue
+            lines.append(f"| {other} | {g['gap']:+.3f} | {g['at_id']} | "
+                         f"[{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}] |")
+    if summary.get("aggregation_matched_id"):
+        lines += ["", "## Aggregation and warm-up: OOD at matched ID within each variant", "",
+                  "Each variant's level is the highest ID every learning arm reaches in it.", "",
+                  "| variant | level | arm | seeds reaching | epoch | id_acc | ood_acc |",
+                  "|---|---|---|---|---|---|---|"]
+    for label, m in summary.get("aggregation_matched_id", {}).items():
+        for arm, v in m["arms"].items():
+            lines.append(f"| {label} | {m['level']:.2f} | {arm} | {v['reached']} | {v['epoch']} | "
+                         f"{_fmt(v['id_acc'])} | {_fmt(v['ood_acc'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def rl_report(summary: dict, records: list, runs: list = ()) -> str:
+    """Markdown: the best-ID checkpoints RL started from, the rollout statistics per start (from the
+    step histories of ``runs``), then every evaluation; mean ± std over seeds."""
+    rp = summary["rl_config"]
+    starts = list(dict.fromkeys(r["start"] for r in records))  # in the order they ran
+    words = world_words(summary["finetune_config"])
+    lines = [f"# GRPO after fine-tuning {words.title}, preset `{summary['preset']}`", "",
+             f"Wall time {summary['wall_seconds'] / 60:.1f} min "
+             f"(base model {summary.get('pretrain_seconds', 0) / 60:.1f} min, "
+             f"fine-tuning {summary['finetune_seconds'] / 60:.1f} min). "
+             f"{rp['steps']} RL steps of {rp['prompts_per_step']} prompts x {rp['group_size']} "
+             f"samples, minibatch {rp['minibatch_size']}, lr {rp['lr']}. "
+             f"Values are mean ± std over seeds.", ""]
+    if summary["best_checkpoints"]:
+        lines += ["## Starting checkpoints (best-ID epoch of each fine-tuning run)", "",
+                  "| run | epoch | id_acc |", "|---|---|---|"]
+        lines += [f"| {k} | {v['epoch']} | {v['id_acc']:.3f} |"
+                  for k, v in summary["best_checkpoints"].items()]
+        lines.append("")
+    if runs:
+        k = max(1, rp["eval_every"])
+        lines += [f"## Rollouts (per seed, then mean ± std): reward over the first and last {k} "
+                  f"steps, and per step", "",
+                  "| start | reward first | reward last | groups with equal rewards "
+                  "| clipfrac_high | clipfrac_low |", "|---|---|---|---|---|---|"]
+        for start in starts:
+            hs = [r["history"] for r in runs if r["job"]["start"] == start]
+            if hs:
+                cells = [[statistics.fmean(x["reward"] for x in h[:k]) for h in hs],
+                         [statistics.fmean(x["reward"] for x in h[-k:]) for h in hs]]
+                cells += [[statistics.fmean(x[key] for x in h) for h in hs]
+                          for key in ("zero_adv_groups", "clipfrac_high", "clipfrac_low")]
+                lines.append(f"| {start} | " + " | ".join(_fmt(c, 4 if i > 2 else 3)
+                                                          for i, c in enumerate(cells)) + " |")
+        lines.append("")
+    keys = ("reward", "id_acc", "ood_acc", "ood_format", "sample_entropy", "rollout_entropy",
+            "ood_kl", "entropy")
+    keys = [k for k in keys if any(r.get(k) is not None for r in records)]  # the world's metrics
+    lines += ["## Along RL", "", "| start | step | " + " | ".join(keys) + " |",
+              "|---|---|" + "---|" * len(keys)]
+    for start in starts:
+        for step in sorted({r["step"] for r in records if r["start"] == start}):
+            rs = [r for r in records if r["start"] == start and r["step"] == step]
+            lines.append(f"| {start} | {step} | " + " | ".join(_fmt([r.get(k) for r in rs])
+                                                               for k in keys) + " |")
+    return "\n".join(lines) + "\n"
