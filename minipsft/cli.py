@@ -249,8 +249,10 @@ def _add_claims(sub, common) -> None:
         help="the paper's claims table, computed from the results folders",
         description=_wrap(
             "Compute every number and verdict of the claims table from the committed results "
-            "folders (toy_cpu, toy_cpu_ablations, toy_cpu_rl under --results), by the rule "
-            "written beside each (claims.py), and write it as markdown."),
+            "folders under --results (toy_cpu, toy_cpu_ablations, toy_cpu_rl, toy_cpu_sawtooth, "
+            "toy_cpu_bases and, for a second model size, toy_cpu_wide; a missing folder leaves "
+            "its claims out), by the rule written beside each (claims.py), and write it as "
+            "markdown."),
         epilog=_examples("python -m minipsft claims --results results --out results/claims.md"))
     c.add_argument("--results", default="results", help="the folder holding the results folders")
     c.add_argument("--out", default=None, help="markdown file to write (default: print it)")

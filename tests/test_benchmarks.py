@@ -1,0 +1,22 @@
+"""The prepared GPU session runs end to end at smoke size on a CPU (issue 13)."""
+import json
+import os
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_the_gpu_session_script_runs_the_comparison_at_smoke_size_on_cpu(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PRESET="smoke", DEVICE="cpu",
+               SKIP_GPU_TESTS="1", CACHE=str(tmp_path / "cache"))
+    done = subprocess.run(["bash", "benchmarks/gpu_toy_session.sh"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    out = tmp_path / "out"
+    summary = json.loads((out / "toy_smoke" / "results.json").read_text())["summary"]
+    assert summary["preset"] == "smoke" and not summary["base_loaded_from_cache"]
+    assert (out / "toy_smoke" / "report.md").exists()
+    timing = (out / "timing.log").read_text()
+    assert "preset smoke device cpu: reproduce rc 0, wall" in timing
+    assert "torch" in (out / "env.log").read_text()
