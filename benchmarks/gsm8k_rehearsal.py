@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from minipsft import experiments
+from minipsft import experiments, real
 from minipsft.model import CausalLM, char_tokenizer
 
 QWEN_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -93,13 +93,13 @@ def main():
     print(f"model and data written in {time.perf_counter() - t0:.0f} s", flush=True)
 
     lm = CausalLM.from_pretrained(out / "model", device=device)
-    data = experiments.real.world_data(args.n_train, args.n_eval, args.n_eval, out / "data")
+    data = real.world_data(args.n_train, args.n_eval, args.n_eval, out / "data")
     p = experiments.PRESETS["gsm8k"]
     lengths = [len(e["input_ids"]) for e in lm.encode(data["train"], max_length=p.max_length)]
     completion = [sum(e["completion_mask"]) for e in lm.encode(data["train"])]
     print(f"tokens per training row: mean {sum(lengths) / len(lengths):.0f}, max {max(lengths)}; "
           f"completion mean {sum(completion) / len(completion):.0f}", flush=True)
-    evaluator = experiments.real.Evaluator(lm, data["test"], data["ood"], p.max_new_tokens,
+    evaluator = real.Evaluator(lm, data["test"], data["ood"], p.max_new_tokens,
                                            p.max_length)
     evaluator(lm)  # once to warm up (CUDA kernels, caches), then timed
     if device == "cuda":

@@ -14,7 +14,7 @@ from pathlib import Path
 from .experiments import SAWTOOTH_ROWS, SAWTOOTH_STEPS, load_results
 from .reports import sign
 
-__all__ = ["claims", "claims_markdown"]
+__all__ = ["base_parameters", "claims", "claims_markdown"]
 
 
 def _by_seed(records, key: str, epoch: int, **where) -> dict:
@@ -321,7 +321,7 @@ def claims(results_dir="results", main="toy_cpu", ablations="toy_cpu_ablations",
     if (root / main / "results.json").exists():
         rows += _main_claims(root / main)
     if rows and (root / second_size / "results.json").exists():
-        size = f"{base_parameters(root / second_size) / 1e6:.1f}M"
+        size = f"{base_parameters(root / second_size) / 1e6:.2f}M"
         first = f"{base_parameters(root / main) / 1e6:.2f}M"
         second = {r["claim"]: r for r in _main_claims(root / second_size)}
         for row in rows:

@@ -485,13 +485,13 @@ def load_results(out_dir) -> dict:
     for r in data["records"]:
         job = {"start": r["start"], "seed": r["seed"]} if rl else {
             "arm": r["method"], "seed": r["seed"], "group": r["group"], "setting": r["setting"]}
-        name = history_name(job)
-        if name not in runs:
-            path = out / "histories" / f"{name}.jsonl"
+        key = tuple(job.values())
+        if key not in runs:
+            path = out / "histories" / f"{history_name(job)}.jsonl"
             history = ([json.loads(line) for line in path.read_text().splitlines()]
                        if path.exists() else [])
-            runs[name] = {"job": job, "records": [], "history": history}
-        runs[name]["records"].append(r)
+            runs[key] = {"job": job, "records": [], "history": history}
+        runs[key]["records"].append(r)
     return {**data, "runs": list(runs.values())}
 
 
@@ -537,11 +537,12 @@ def make_figures(out_dir) -> list:
     words = world_words(res["summary"]["preset_config"])
     main_records = [r for r in res["records"] if r["group"] == "main"]
     figures = []
+    arms = list(res["summary"].get("matched_id", {}).get("arms", ARMS))  # finalize's order
     if main_records:
-        plots.epoch_stability(res["runs"], ARMS, words, out / "epoch_stability.png")
+        plots.epoch_stability(res["runs"], arms, words, out / "epoch_stability.png")
         figures.append("epoch_stability.png")
     if any(r.get("ood_acc") is not None for r in main_records):  # a world with OOD sets
-        plots.tradeoff(main_records, ARMS, res["summary"]["matched_id"], words,
+        plots.tradeoff(main_records, arms, res["summary"]["matched_id"], words,
                        out / "tradeoff.png")
         figures.append("tradeoff.png")
     ablations = [r for r in res["records"] if r["group"] not in ("main", "frontier")]

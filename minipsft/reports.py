@@ -254,7 +254,7 @@ def report(summary: dict, records: list, grad_max: dict | None = None) -> str:
         lines += ["## Per epoch (main comparison)", "",
                   "| arm | epoch | " + " | ".join(keys) + " | train_entropy | clipfrac |",
                   "|---|---|" + "---|" * (len(keys) + 2)]
-        for arm in summary["matched_id"]["arms"]:  # every main arm, in the runner's order
+        for arm in summary["matched_id"]["arms"]:  # every main arm, in ARMS order (finalize)
             for e in range(last + 1):
                 rs = [r for r in main if r["method"] == arm and r["epoch"] == e]
                 if rs:
@@ -339,7 +339,7 @@ def rl_report(summary: dict, records: list, runs: list = ()) -> str:
     """Markdown: the best-ID checkpoints RL started from, the rollout statistics per start (from the
     step histories of ``runs``), then every evaluation; mean ± std over seeds."""
     rp = summary["rl_config"]
-    starts = list(dict.fromkeys(r["start"] for r in records))  # in the order they ran
+    starts = list(dict.fromkeys(r["start"] for r in records))  # runs are saved in STARTS order
     words = world_words(summary["finetune_config"])
     lines = [f"# GRPO after fine-tuning {words.title}, preset `{summary['preset']}`", "",
              f"Wall time {summary['wall_seconds'] / 60:.1f} min "

@@ -112,7 +112,7 @@ def test_a_second_size_gives_each_main_claim_its_own_verdict(tmp_path):
     shutil.copytree(root / "toy_cpu", tmp_path / "toy_cpu_wide")
     rows = claims(tmp_path)
     assert {r["claim"][:2] for r in rows if "second" in r} == {"1.", "2.", "2b", "3.", "3b", "5."}
-    assert all(r["same_at_both_sizes"] and r["second"]["size"] == "0.9M" for r in rows)
+    assert all(r["same_at_both_sizes"] and r["second"]["size"] == "0.86M" for r in rows)
     table = claims_markdown(rows)
-    assert "verdict with the 0.9M-parameter base | same at both sizes |" in table
+    assert "verdict with the 0.86M-parameter base | same at both sizes |" in table
     assert table.count("| yes |") == 6
