@@ -313,29 +313,30 @@ def claims(results_dir="results", main="toy_cpu", ablations="toy_cpu_ablations",
            second_size="toy_cpu_wide") -> list:
     """Rows ``{"claim", "numbers", "rule", "verdict"}`` from the results folders that exist
     (``bases``: the ``across-bases`` summary of the main comparison on several bases;
-    ``sawtooth``: the ``--ablations sawtooth`` runs, held-out entropy around epoch boundaries;
-    ``second_size``: the main comparison on a larger base, whose numbers and verdict each main
-    claim also gets, as ``second``, with ``same_at_both_sizes``)."""
+    ``sawtooth``: the ``--ablations sawtooth`` runs, held-out entropy around epoch boundaries).
+    ``second_size``: the main comparison on a larger base (and ``SECOND_sawtooth``, its saw-tooth
+    runs): each claim they give also gets their numbers and verdict as ``second``, and
+    ``same_at_both_sizes``."""
     root = Path(results_dir)
+    pairs = ((main, second_size, _main_claims), (ablations, None, _ablation_claims),
+             (rl, None, _rl_claims),
+             (sawtooth, f"{second_size}_sawtooth", _heldout_sawtooth_claims))
     rows = []
-    if (root / main / "results.json").exists():
-        rows += _main_claims(root / main)
-    if rows and (root / second_size / "results.json").exists():
-        size = f"{base_parameters(root / second_size) / 1e6:.2f}M"
-        first = f"{base_parameters(root / main) / 1e6:.2f}M"
-        second = {r["claim"]: r for r in _main_claims(root / second_size)}
-        for row in rows:
-            other = second.get(row["claim"])
-            if other:
-                row["second"] = {"size": size, "first_size": first, "numbers": other["numbers"],
-                                 "verdict": other["verdict"]}
-                row["same_at_both_sizes"] = other["verdict"] == row["verdict"]
-    if (root / ablations / "results.json").exists():
-        rows += _ablation_claims(root / ablations)
-    if (root / rl / "results.json").exists():
-        rows += _rl_claims(root / rl)
-    if (root / sawtooth / "results.json").exists():
-        rows += _heldout_sawtooth_claims(root / sawtooth)
+    for folder, other, claims_of in pairs:
+        if not (root / folder / "results.json").exists():
+            continue
+        found = claims_of(root / folder)
+        if other and (root / other / "results.json").exists():
+            size = f"{base_parameters(root / other) / 1e6:.2f}M"
+            first = f"{base_parameters(root / folder) / 1e6:.2f}M"
+            second = {r["claim"]: r for r in claims_of(root / other)}
+            for row in found:
+                if row["claim"] in second:
+                    row["second"] = {"size": size, "first_size": first,
+                                     "numbers": second[row["claim"]]["numbers"],
+                                     "verdict": second[row["claim"]]["verdict"]}
+                    row["same_at_both_sizes"] = row["second"]["verdict"] == row["verdict"]
+        rows += found
     if (root / bases / "across_bases.json").exists():
         rows += _bases_claims(root / bases / "across_bases.json")
     return sorted(rows, key=lambda r: r["claim"])

@@ -116,3 +116,8 @@ def test_a_second_size_gives_each_main_claim_its_own_verdict(tmp_path):
     table = claims_markdown(rows)
     assert "verdict with the 0.86M-parameter base | same at both sizes |" in table
     assert table.count("| yes |") == 6
+    # the saw-tooth runs at the second size pair with the first size's the same way (claim 3c)
+    shutil.copytree(root / "toy_cpu_sawtooth", tmp_path / "toy_cpu_sawtooth")
+    shutil.copytree(root / "toy_cpu_sawtooth", tmp_path / "toy_cpu_wide_sawtooth")
+    held = next(r for r in claims(tmp_path) if r["claim"].startswith("3c"))
+    assert held["same_at_both_sizes"] and held["second"]["numbers"] == held["numbers"]
