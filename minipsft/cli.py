@@ -155,7 +155,8 @@ def _add_reproduce(sub, common) -> None:
                          "--ablations refresh eps"))
     r.add_argument("--preset", choices=list(PRESETS), default="cpu",
                    help="toy world: quick (a first look, 75 s on 2 cores), smoke (CI, ~1 min), "
-                        "cpu (3 seeds, ~9 min on 2 cores), gpu (larger, one GPU); gsm8k: a "
+                        "cpu (3 seeds, ~9 min on 2 cores), cpu_wide (cpu with a 4x larger "
+                        "base, ~56 min with its pretraining), gpu (larger, one GPU); gsm8k: a "
                         "real model (--model) on GSM8K with TruthfulQA/ARC as OOD, one GPU "
                         "(default: cpu)")
     r.add_argument("--list-presets", action="store_true",

@@ -395,8 +395,10 @@ def reproduce_or_load(preset_name: str, out_dir, ablations=(), main=True, **kw) 
 
 # what the main comparison took when measured (README, results/gpu/README.md): said before a run
 MAIN_MINUTES = {"quick": "1.3 min on 2 CPU cores", "smoke": "1 min on 2 CPU cores",
-                "cpu": "9 min on 2 CPU cores", "gpu": "11 min on one H200 (estimated from "
-                "benchmarks/gpu_preset_probe.py; no gpu results are committed yet)"}
+                "cpu": "9 min on 2 CPU cores",
+                "cpu_wide": "56 min on 2 CPU cores, 25 of them pretraining the base",
+                "gpu": "11 min on one H200 (estimated from benchmarks/gpu_preset_probe.py; no gpu "
+                "results are committed yet)"}
 
 
 def ablation_jobs(p: Preset, name: str, job0: dict) -> list:
