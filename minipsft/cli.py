@@ -166,7 +166,7 @@ def _add_reproduce(sub, common) -> None:
                    help="also run these ablations (PSFT's refresh period; eps_high and no clip; "
                         "SFT warm-up; aggregation: PSFT, SFT and paper-recipe SFT with the "
                         "official run's loss aggregation and lr warm-up; frontier: every method "
-                        "at 3-5 lrs; sawtooth: PSFT, SFT and paper-recipe SFT with held-out "
+                        "at 3-6 lrs; sawtooth: PSFT, SFT and paper-recipe SFT with held-out "
                         "entropy measured around every epoch boundary)")
     r.add_argument("--skip-main", action="store_true", help="run only the ablations")
     r.add_argument("--model", default=None,

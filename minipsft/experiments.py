@@ -51,10 +51,11 @@ ARMS = tuple(LOSSES) + ("sft_paper", "sft_small")
 ABLATIONS = ("refresh", "eps", "warmup", "aggregation", "frontier", "sawtooth")
 # the "sawtooth" runs: held-out entropy at every step within this many steps of an epoch boundary
 SAWTOOTH_ARMS, SAWTOOTH_STEPS, SAWTOOTH_ROWS = ("psft", "sft", "sft_paper"), 4, 128
-# the "frontier" sweep: the controlled arms at 5 lrs (the cpu preset's 1e-4 in the middle of a
-# 100x range, up to where plain SFT steps get large), paper-recipe SFT at 3 (its 2e-3 in the middle)
+# the "frontier" sweep: the controlled arms at 6 lrs, from 3e-5 to 1e-2 (the cpu preset's 1e-4
+# near the bottom; at 1e-2 plain SFT no longer learns the task: where a trust region should pay),
+# paper-recipe SFT at 3 (its 2e-3 in the middle)
 FRONTIER_ARMS = ("psft", "sft", "sft_kl")
-FRONTIER_LRS = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
+FRONTIER_LRS = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 FRONTIER_PAPER_LRS = (6e-4, 2e-3, 6e-3)
 # the "aggregation" ablation: the headline arms under the official run's loss aggregation and
 # lr warm-up, beside the default on the same base and seeds
