@@ -304,8 +304,7 @@ def base_parameters(folder) -> int:
     from . import toy
 
     config = json.loads((Path(folder) / "results.json").read_text())["summary"]["preset_config"]
-    lm = toy.new_model(toy.BaseConfig(**config["base"]))
-    return sum(p.numel() for p in lm.model.parameters())
+    return toy.new_model(toy.BaseConfig(**config["base"])).model.num_parameters()
 
 
 def claims(results_dir="results", main="toy_cpu", ablations="toy_cpu_ablations",

@@ -70,7 +70,7 @@ class ToyWorld:
         how = "pretrained now"
         if cached:
             how = "shipped with the package" if toy.SHIPPED_BASES in path.parents else "cached"
-        n_params = sum(x.numel() for x in base.model.parameters()) / 1e6
+        n_params = base.model.num_parameters() / 1e6
         return path, f"{how}, {n_params:.2f}M parameters", not cached
 
     def train_rows(self, seed: int) -> list:
