@@ -9,7 +9,7 @@ any training starts; nothing is silently dropped.
 import json
 from pathlib import Path
 
-from .model import DataError
+from .errors import DataError
 
 __all__ = ["load_rows", "read_json_rows", "check_rows", "DataError"]
 

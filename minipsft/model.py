@@ -21,110 +21,21 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from .char_tokenizer import char_tokenizer  # noqa: F401
+from .devices import resolve_device, resolve_dtype
+from .errors import DataError, ModelLoadError
+from .errors import load_problem as _load_problem, local_problem as _local_problem
+
 __all__ = ["CausalLM", "DataError", "ModelLoadError", "token_logprobs", "fused_head_loss",
            "fast_head",
            "logit_scale", "ScaledHead",
            "char_tokenizer", "resolve_device", "resolve_dtype"]
-
-CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-                   "{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                   "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 # Elements of one [rows, positions, vocab] float32 logits chunk: 2**25 floats (128 MiB) on CPU;
 # 2**28 (1 GiB) on GPU, where small chunks leave the vocabulary projection's matmuls too thin to be
 # fast.
 CHUNK_ELEMENTS = 2**25
 CHUNK_ELEMENTS_GPU = 2**28
-
-
-class DataError(ValueError):
-    """A row that cannot be trained on: the message names the row (1-based, like a JSONL line) and
-    why."""
-
-    @classmethod
-    def listing(cls, header: str, problems: list):
-        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-        return cls(f"{header}:\n  " + "\n  ".join(problems[:10]) + more)
-
-
-class ModelLoadError(ValueError):
-    """A model that cannot be loaded; the message is one line naming the model and the fix."""
-
-
-def _local_problem(name: str) -> str | None:
-    """Why ``name`` is not a loadable local model folder, or None when it is one or a hub id."""
-    path = Path(name).expanduser()
-    if path.is_file():
-        return f"model {name!r} is a file, expected a folder written by save_pretrained"
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            return (f"model folder {name!r} has no config.json: not a saved model (a training run "
-                    "saves its model in OUT/final/)")
-        return None
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
-    if looks_local:
-        return f"model folder {name!r} does not exist (check the path)"
-    return None
-
-
-def _load_problem(name: str, error: Exception) -> str:
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    if Path(name).expanduser().is_dir():
-        return (f"model folder {name!r} could not be loaded (tokenizer or weights missing?): "
-                f"{reason}")
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        return (f"model {name!r} is neither a local folder nor in the hub cache, and offline mode "
-                "is on (HF_HUB_OFFLINE=1): download it once with network, or pass a local folder")
-    return (f"model {name!r} could not be loaded from the Hugging Face hub (no network, a "
-            f"misspelt id, or a gated model): {reason}")
-
-
-def resolve_device(device=None) -> torch.device:
-    if device in (None, "auto"):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"device {device!r}: use cpu, cuda, cuda:N or auto") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} asked for, but torch sees no CUDA GPU here "
-                         "(use --device cpu or auto)")
-    return device
-
-
-def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    if dtype in (None, "auto"):
-        gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if gpu_bf16 else torch.float32
-    if isinstance(dtype, str):
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"dtype {dtype!r}: use float32, bfloat16, float16 or auto")
-        return getattr(torch, dtype)
-    return dtype
-
-
-def char_tokenizer(alphabet: str, chat_template: str | None = None):
-    """A character-level Hugging Face tokenizer (built with `tokenizers`, saved and reloaded by
-    ``AutoTokenizer``): one token per character of ``alphabet`` plus ``<pad>``, ``<bos>``, ``<eos>``
-    and the ChatML markers; other characters map to ``<unk>``. ``chat_template="chatml"`` attaches a
-    ChatML template (and adds the characters of its role names to the alphabet)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<bos>", "<eos>", "<unk>", "<|im_start|>", "<|im_end|>"]
-    if chat_template is not None:
-        alphabet += "systemuserassistant\n"
-    chars = sorted(set(alphabet))
-    core = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + chars)},
-                                      unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    core.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<bos>",
-                                  eos_token="<eos>", unk_token="<unk>",
-                                  additional_special_tokens=specials[4:])
-    if chat_template is not None:
-        tok.chat_template = CHATML_TEMPLATE if chat_template == "chatml" else chat_template
-    return tok
 
 
 def _chunk_logprobs(hidden, targets, head, with_entropy: bool):

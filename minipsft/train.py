@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .logprobs import heldout_eval  # noqa: F401
 from .losses import LOSSES, masked_mean
 
 __all__ = ["TrainConfig", "train", "heldout_eval", "summarize", "METHODS", "NonFiniteLossError"]
@@ -201,22 +202,6 @@ def merge_metrics(parts: list) -> dict:
         else:
             out[k] = sum(v * p["num_tokens"] for v, p in zip(vals, parts)) / total
     return out
-
-
-@torch.no_grad()
-def heldout_eval(lm, examples, batch_size: int = 32) -> dict:
-    """Mean NLL and mean token entropy over the completion tokens of held-out examples."""
-    was_training = lm.model.training
-    lm.model.eval()
-    nll = ent = n = 0.0
-    for chunk in chunks(examples, batch_size):
-        batch = lm.collate(chunk)
-        logp, entropy = lm.token_logprobs(batch, with_entropy=True)
-        m = batch["completion_mask"].float()
-        nll, ent, n = (nll - (logp * m).sum().item(), ent + (entropy * m).sum().item(),
-                       n + m.sum().item())
-    lm.model.train(was_training)
-    return {"heldout_nll": nll / n, "heldout_entropy": ent / n}
 
 
 def _loss(method, cfg, logp, mask, logp_old, logp_ref):

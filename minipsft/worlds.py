@@ -20,7 +20,7 @@ from pathlib import Path
 
 from . import real, toy
 from .data import load_rows, read_json_rows
-from .model import DataError
+from .errors import DataError
 from .train import heldout_eval
 
 __all__ = ["Words", "WORLDS", "make_world", "answer_extractor", "load_choice_items",

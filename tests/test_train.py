@@ -270,7 +270,8 @@ def test_sequence_mean_aggregation_equals_a_hand_written_reference():
     pooled_lm = tiny_lm()
     train(pooled_lm, examples, cfg(**common))
     for a, b, c in zip(_weights(whole), _weights(micro), _weights(pooled_lm)):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        # AdamW's first step is ~lr * sign(grad): a gradient near 0 magnifies float32 noise
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     assert max((a - c).abs().max() for a, c in zip(_weights(whole), _weights(pooled_lm))) > 1e-4
 
 
