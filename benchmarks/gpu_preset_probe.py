@@ -13,7 +13,7 @@ from dataclasses import asdict, replace
 
 import torch
 
-from minipsft import experiments, toy
+from minipsft.lab import experiments, toy
 
 
 def main():

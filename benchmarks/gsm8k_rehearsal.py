@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from minipsft import experiments, real
+from minipsft.lab import experiments, real
 from minipsft.model import CausalLM, char_tokenizer
 
 QWEN_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,

@@ -18,8 +18,8 @@ import torch
 from .data import load_rows
 from .losses import LOSSES
 from .model import CausalLM, DataError
-from .experiments import ABLATIONS, ARMS, PRESETS, Preset
-from .experiments import RLPreset
+from .lab.experiments import ABLATIONS, ARMS, PRESETS, Preset
+from .lab.experiments import RLPreset
 from .train import (RUN_FILES, NonFiniteLossError, TrainConfig, heldout_eval, summarize,
                     train)
 
@@ -355,14 +355,14 @@ def _list_presets() -> None:
 
 def run(args) -> None:
     if args.command == "reproduce-rl":
-        from .experiments import reproduce_rl
+        from .lab.experiments import reproduce_rl
 
         reproduce_rl(args.preset, args.out, cache_dir=args.cache, seeds=args.seeds,
                      workers=args.workers, device=args.device,
                      **_overrides(args.overrides, RLPreset))
         return
     if args.command == "claims":
-        from .claims import claims, claims_markdown
+        from .lab.claims import claims, claims_markdown
 
         table = claims_markdown(claims(args.results))
         if args.out:
@@ -370,7 +370,7 @@ def run(args) -> None:
         print(table)
         return
     if args.command == "across-bases":
-        from .reports import across_bases, across_bases_report
+        from .lab.reports import across_bases, across_bases_report
 
         summary = across_bases(args.folders)
         out = Path(args.out)
@@ -380,7 +380,7 @@ def run(args) -> None:
         print(across_bases_report(summary))
         return
     if args.command == "compare":
-        from .experiments import reproduce
+        from .lab.experiments import reproduce
 
         settings = dict(train_file=args.train, test_file=args.test, ood_files=tuple(args.ood),
                         answer=args.answer, arms=tuple(args.arms), epochs=args.epochs,
@@ -391,7 +391,7 @@ def run(args) -> None:
                   workers=args.workers, device=args.device, model=model, **settings)
         return
     if args.command == "reproduce":
-        from .experiments import reproduce
+        from .lab.experiments import reproduce
 
         if args.list_presets:
             _list_presets()

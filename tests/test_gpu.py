@@ -50,7 +50,7 @@ def test_one_step_per_snapshot_is_sft_on_gpu():
 
 
 def test_grpo_runs_on_gpu_and_raises_the_reward():
-    from minipsft.rl import GRPOConfig, grpo
+    from minipsft.lab.rl import GRPOConfig, grpo
 
     lm = CausalLM(tiny_lm(chat=False).model, tiny_lm(chat=False).tokenizer, device="cuda", dtype="float32")
     prompts = [{"prompt": w + ":"} for w in ("ab", "cd", "ef", "gh", "ij", "kl", "mn", "op")]

@@ -30,8 +30,8 @@ def test_import_minipsft_needs_no_trl():
     import subprocess
     import sys
 
-    code = ("import sys, minipsft, minipsft.cli, minipsft.experiments, minipsft.rl, minipsft.reports, "
-            "minipsft.claims; "
+    code = ("import sys, minipsft, minipsft.cli, minipsft.lab.experiments, minipsft.lab.rl, minipsft.lab.reports, "
+            "minipsft.lab.claims; "
             "print('trl' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"

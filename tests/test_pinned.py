@@ -11,7 +11,7 @@ HISTORY_KEYS = ("loss", "entropy", "clipfrac", "grad_norm")
 
 
 def pinned_run(tmp_path) -> dict:
-    from minipsft import experiments
+    from minipsft.lab import experiments
 
     res = experiments.reproduce("smoke", tmp_path / "out", cache_dir=tmp_path / "cache",
                                 arms=("psft", "sft_paper"), epochs=2, workers=1, device="cpu")

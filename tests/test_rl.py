@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from minipsft.losses import clipped_surrogate
-from minipsft.rl import GRPOConfig, group_advantages, grpo
+from minipsft.lab.rl import GRPOConfig, group_advantages, grpo
 
 from conftest import tiny_lm
 
@@ -167,7 +167,7 @@ def test_grpo_on_gsm8k_rows_through_the_chat_template():
     """Real-model path on the tiny chat model: conversational GSM8K rows, exact-match reward."""
     from pathlib import Path
 
-    from minipsft import real
+    from minipsft.lab import real
 
     rows = real.gsm8k_rows(real.load_split("openai/gsm8k", "main", "test",
                                            path=Path(__file__).parent / "fixtures" / "gsm8k_test.jsonl"))

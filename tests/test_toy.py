@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from minipsft import toy
-from minipsft.experiments import PRESETS, ablation_jobs, arm_config
+from minipsft.lab import toy
+from minipsft.lab.experiments import PRESETS, ablation_jobs, arm_config
 
 
 def test_teacher_demonstrations_pass_their_own_checker():
@@ -142,7 +142,7 @@ def test_the_quick_preset_is_the_cpu_world_smaller():
 
 
 def test_frontier_jobs_sweep_the_lrs_for_every_arm():
-    from minipsft.experiments import FRONTIER_LRS, FRONTIER_PAPER_LRS
+    from minipsft.lab.experiments import FRONTIER_LRS, FRONTIER_PAPER_LRS
 
     jobs = ablation_jobs(PRESETS["cpu"], "frontier", {})
     assert len(jobs) == (3 * len(FRONTIER_LRS) + len(FRONTIER_PAPER_LRS)) * 3
@@ -154,7 +154,7 @@ def test_frontier_jobs_sweep_the_lrs_for_every_arm():
 
 
 def test_frontier_gap_and_its_bootstrap_on_hand_made_records():
-    from minipsft.reports import frontier_summary, frontier_value, largest_gap
+    from minipsft.lab.reports import frontier_summary, frontier_value, largest_gap
 
     def rec(arm, lr, seed, epoch, id_acc, ood):
         return {"method": arm, "setting": f"{arm} lr={lr:g}", "seed": seed, "epoch": epoch,

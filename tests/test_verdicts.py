@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from minipsft.reports import across_bases, paired_difference
+from minipsft.lab.reports import across_bases, paired_difference
 
 
 def _matched(ood: dict, level=0.8) -> dict:
@@ -54,7 +54,7 @@ def test_pairs_are_made_by_seed_not_by_position():
 def test_the_committed_claims_table_is_what_the_code_computes_from_the_results():
     from pathlib import Path
 
-    from minipsft.claims import claims, claims_markdown
+    from minipsft.lab.claims import claims, claims_markdown
 
     root = Path(__file__).parents[1] / "results"
     assert (root / "claims.md").read_text() == claims_markdown(claims(root)), \
@@ -62,7 +62,7 @@ def test_the_committed_claims_table_is_what_the_code_computes_from_the_results()
 
 
 def test_sign_rule_known_values():
-    from minipsft.reports import sign
+    from minipsft.lab.reports import sign
 
     assert sign([0.1, 0.2, 0.3])["sign"] == "+" and sign([-0.1, -0.2, -0.3])["sign"] == "-"
     assert sign([0.1, -0.1, 0.05])["sign"] == "="
@@ -70,10 +70,10 @@ def test_sign_rule_known_values():
 
 
 def test_the_sawtooth_hook_measures_held_out_entropy_only_near_epoch_boundaries():
-    from minipsft import toy
-    from minipsft.experiments import PRESETS, SAWTOOTH_STEPS, heldout_near_boundaries
+    from minipsft.lab import toy
+    from minipsft.lab.experiments import PRESETS, SAWTOOTH_STEPS, heldout_near_boundaries
     from minipsft.train import TrainConfig
-    from minipsft.worlds import ToyWorld
+    from minipsft.lab.worlds import ToyWorld
 
     p = PRESETS["smoke"]
     lm = toy.new_model(p.base)
@@ -90,7 +90,7 @@ def test_the_sawtooth_hook_measures_held_out_entropy_only_near_epoch_boundaries(
 
 
 def test_boundary_effect_is_the_boundary_drop_minus_the_mean_drop_inside_epochs():
-    from minipsft.claims import _boundary_effects
+    from minipsft.lab.claims import _boundary_effects
 
     hist = [{"epoch": 1, "h": 1.0}, {"epoch": 1, "h": 0.9}, {"epoch": 1, "h": 0.8},
             {"epoch": 2, "h": 0.3}, {"epoch": 2, "h": 0.2}, {"epoch": 2}]  # last: not measured
@@ -102,7 +102,7 @@ def test_a_second_size_gives_each_main_claim_its_own_verdict(tmp_path):
     import shutil
     from pathlib import Path
 
-    from minipsft.claims import claims, claims_markdown
+    from minipsft.lab.claims import claims, claims_markdown
 
     root = Path(__file__).parents[1] / "results"
     shutil.copytree(root / "toy_cpu", tmp_path / "toy_cpu")

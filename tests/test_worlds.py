@@ -7,8 +7,8 @@ import sys
 import pytest
 from conftest import addition_rows, tiny_lm
 
-from minipsft import worlds
-from minipsft.experiments import PRESETS
+from minipsft.lab import worlds
+from minipsft.lab.experiments import PRESETS
 
 
 def _write(path, rows):
@@ -111,7 +111,7 @@ def test_each_world_names_its_report_and_figures():
 
 
 def test_a_panel_is_drawn_only_for_a_metric_with_data():
-    from minipsft.plots import panels
+    from minipsft.lab.plots import panels
 
     records = [{"id_acc": 0.5, "ood_acc": 0.4, "ood_arc": 0.3, "ood_truthfulqa": 0.5,
                 "entropy": 1.0, "sample_entropy": None}]
@@ -122,7 +122,7 @@ def test_a_panel_is_drawn_only_for_a_metric_with_data():
 
 
 def test_rl_starts_from_a_files_world_checkpoint_with_the_exact_match_reward(files, tmp_path):
-    from minipsft.experiments import reproduce_rl
+    from minipsft.lab.experiments import reproduce_rl
 
     finetune = dict(model=files["model"], train_file=files["train"], test_file=files["test"],
                     ood_files=(f"mc={files['mc']}",), epochs=1, batch_size=8, minibatch_size=2,
@@ -144,7 +144,7 @@ def test_rl_starts_from_a_files_world_checkpoint_with_the_exact_match_reward(fil
 def test_the_base_the_fine_tuning_and_the_evaluator_get_the_requested_device(tmp_path,
                                                                               monkeypatch):
     """A spy stands in for a GPU: it records the device asked for and loads on the CPU."""
-    from minipsft import experiments, toy
+    from minipsft.lab import experiments, toy
     from minipsft.model import CausalLM
 
     asked = []

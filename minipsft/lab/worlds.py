@@ -19,9 +19,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import real, toy
-from .data import load_rows, read_json_rows
-from .errors import DataError
-from .train import heldout_eval
+from ..data import load_rows, read_json_rows
+from ..errors import DataError
+from ..logprobs import heldout_eval
 
 __all__ = ["Words", "WORLDS", "make_world", "answer_extractor", "load_choice_items",
            "world_words", "ToyWorld", "GSM8KWorld", "FilesWorld"]

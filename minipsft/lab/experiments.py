@@ -39,11 +39,12 @@ import torch
 from tqdm.auto import tqdm
 
 from . import plots, toy
-from .losses import LOSSES
-from .model import CausalLM
+from ..losses import LOSSES
+from ..model import CausalLM
 from .reports import arms_of, frontier_points, frontier_summary, matched_id, report, rl_report
 from .rl import GRPOConfig, grpo
-from .train import TrainConfig, heldout_eval, train
+from ..logprobs import heldout_eval
+from ..train import TrainConfig, train
 from .worlds import ToyWorld, make_world, world_words
 
 # one arm per registered loss (losses.LOSSES, at PSFT's schedule and lr), plus two SFT controls

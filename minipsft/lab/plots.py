@@ -4,7 +4,7 @@ from collections import defaultdict
 
 import matplotlib.pyplot as plt  # on a machine without a display matplotlib picks Agg by itself
 
-from .losses import LOSSES
+from ..losses import LOSSES
 
 # one colour and label per registered loss, plus the runner's two SFT controls
 COLORS = {name: loss.colour for name, loss in LOSSES.items()} | {

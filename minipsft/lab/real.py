@@ -17,7 +17,7 @@ import re
 
 import torch
 
-from .train import heldout_eval
+from ..logprobs import heldout_eval
 
 __all__ = ["load_split", "gsm8k_rows", "extract_answer", "gsm8k_accuracy", "truthfulqa_items",
            "arc_items", "choice_logprobs", "mc_accuracy"]

@@ -37,8 +37,10 @@ from pathlib import Path
 
 import torch
 
-from .model import CausalLM, char_tokenizer
-from .train import TrainConfig, heldout_eval, train
+from ..char_tokenizer import char_tokenizer
+from ..model import CausalLM
+from ..logprobs import heldout_eval
+from ..train import TrainConfig, train
 
 ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz +=;:()"
 LETTERS = "abcdefghijklmnopqrstuvwxyz"

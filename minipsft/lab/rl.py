@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .losses import clipped_surrogate, masked_mean
-from .train import adamw, chunks, merge_metrics, setting
+from ..losses import clipped_surrogate, masked_mean
+from ..train import adamw, chunks, merge_metrics, setting
 
 __all__ = ["GRPOConfig", "grpo", "group_advantages"]
 
