@@ -20,7 +20,8 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from minipsft.model import CausalLM, char_tokenizer
+from minipsft.char_tokenizer import char_tokenizer
+from minipsft.model import CausalLM
 from minipsft.train import TrainConfig, train
 
 QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from minipsft.lab import experiments, real
-from minipsft.model import CausalLM, char_tokenizer
+from minipsft.char_tokenizer import char_tokenizer
+from minipsft.model import CausalLM
 
 QWEN_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                 num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True)

@@ -10,7 +10,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from minipsft.model import token_logprobs
+from minipsft.speed import token_logprobs
 
 from gpu_throughput import QWEN25_05B
 

@@ -13,7 +13,8 @@ import time
 import torch
 from transformers import Qwen2Config
 
-from minipsft.model import CausalLM, char_tokenizer
+from minipsft.char_tokenizer import char_tokenizer
+from minipsft.model import CausalLM
 from minipsft.train import TrainConfig, train
 
 

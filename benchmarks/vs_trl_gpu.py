@@ -33,7 +33,7 @@ def run_trl(args, liger: bool):
     import datasets
     from trl import SFTConfig, SFTTrainer
 
-    from minipsft.model import char_tokenizer
+    from minipsft.char_tokenizer import char_tokenizer
 
     tok = char_tokenizer("abc")
     g = torch.Generator().manual_seed(0)

@@ -43,7 +43,8 @@ def tiny_setup(seed: int = 0):
     """A 2-layer Qwen2-architecture model with a character tokenizer and 64 addition demonstrations."""
     from transformers import Qwen2Config
 
-    from minipsft.model import CausalLM, char_tokenizer
+    from minipsft.char_tokenizer import char_tokenizer
+    from minipsft.model import CausalLM
 
     tok = char_tokenizer("0123456789+= ")
     cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -17,11 +17,13 @@ import torch
 
 from .data import load_rows
 from .losses import LOSSES
-from .model import CausalLM, DataError
+from .errors import DataError
+from .logprobs import heldout_eval
+from .model import CausalLM
 from .lab.experiments import ABLATIONS, ARMS, PRESETS, Preset
 from .lab.experiments import RLPreset
-from .train import (RUN_FILES, NonFiniteLossError, TrainConfig, heldout_eval, summarize,
-                    train)
+from .runs import RunFolder, summarize
+from .train import NonFiniteLossError, TrainConfig, train
 
 
 # errors with a message a user can act on: one line, no traceback (OSError: missing files, a folder
@@ -407,16 +409,9 @@ def run(args) -> None:
     cfg.check()
     out = Path(args.out)
     # everything that can be checked without the model first: a download can take minutes
-    holds_run = any((out / f).exists() for f in RUN_FILES)
     if args.merge_lora and not args.lora_r:
         raise ValueError("--merge-lora needs --lora-r (there is no adapter to merge)")
-    if args.resume and args.overwrite:
-        raise ValueError("--resume and --overwrite exclude each other")
-    if holds_run and not (args.resume or args.overwrite):
-        raise FileExistsError(f"{out} already holds a run: add --resume to continue it or "
-                              "--overwrite to replace it")
-    if args.resume and not (out / "checkpoint.pt").is_file():
-        raise FileNotFoundError(f"--resume: there is no checkpoint at {out / 'checkpoint.pt'}")
+    run = RunFolder(out, resume=args.resume, overwrite=args.overwrite)
     rows = load_rows(args.data)
     eval_rows = load_rows(args.eval_data) if args.eval_data else None
     lm = CausalLM.from_pretrained(args.model, device=args.device, dtype=args.dtype,
@@ -435,8 +430,7 @@ def run(args) -> None:
         heldout = lm.encode(eval_rows, max_length=args.max_length,
                             all_assistant_turns=args.all_assistant_turns)
         eval_fn = lambda lm: heldout_eval(lm, heldout)  # noqa: E731
-    result = train(lm, examples, cfg, out_dir=args.out, eval_fn=eval_fn, resume=args.resume,
-                   overwrite=args.overwrite)
+    result = train(lm, examples, cfg, eval_fn=eval_fn, run=run)
     if args.lora_r and args.merge_lora:
         lm.save_merged(out / "merged")
     summary = summarize(result["history"], cfg)

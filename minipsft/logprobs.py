@@ -1,12 +1,27 @@
-"""Per-token log-probs and entropies from any causal LM, written the plain way (the reference path)."""
+"""Per-token log-probs and entropies from any causal LM, the plain way: the model's own logits,
+a log-softmax, the target's entry. This is the reference every speed path (speed.py, fused.py)
+is tested against."""
 import torch
 
-__all__ = ["heldout_eval"]
+__all__ = ["token_logprobs", "heldout_eval"]
 
 
-def chunks(seq, size) -> list:
-    """``seq`` cut into consecutive pieces of ``size`` (the last may be shorter)."""
-    return [seq[i:i + size] for i in range(0, len(seq), size)]
+def token_logprobs(model, input_ids, attention_mask, with_entropy: bool = False):
+    """``logp[b, t] = log pi(input_ids[b, t] | input_ids[b, :t])`` and (optionally)
+    ``entropy[b, t]``, the entropy of pi(. | input_ids[b, :t]); shape [B, T]. Position 0 (no
+    context) and padding are 0."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    # float32, so that exp(logp - logp_old) is exact enough to clip; logits at t predict t + 1
+    logp_all = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    logp = logp_all.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    keep = attention_mask[:, 1:].bool()
+    zero = logp.new_zeros(logp.shape[0], 1)
+    logp = torch.cat([zero, logp.masked_fill(~keep, 0.0)], 1)
+    if not with_entropy:
+        return logp, None
+    with torch.no_grad():  # a diagnostic: H = -sum_v p_v log p_v
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, torch.cat([zero, entropy.masked_fill(~keep, 0.0)], 1)
 
 
 @torch.no_grad()
@@ -15,8 +30,8 @@ def heldout_eval(lm, examples, batch_size: int = 32) -> dict:
     was_training = lm.model.training
     lm.model.eval()
     nll = ent = n = 0.0
-    for chunk in chunks(examples, batch_size):
-        batch = lm.collate(chunk)
+    for start in range(0, len(examples), batch_size):
+        batch = lm.collate(examples[start:start + batch_size])
         logp, entropy = lm.token_logprobs(batch, with_entropy=True)
         m = batch["completion_mask"].float()
         nll, ent, n = (nll - (logp * m).sum().item(), ent + (entropy * m).sum().item(),

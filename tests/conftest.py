@@ -8,7 +8,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)  # CPU results are deterministic per thread count
 
-from minipsft.model import CausalLM, char_tokenizer  # noqa: E402
+from minipsft.char_tokenizer import char_tokenizer
+from minipsft.model import CausalLM  # noqa: E402
 
 ALPHABET = "0123456789+=-:, abcdefghijklmnopqrstuvwxyz\n"
 

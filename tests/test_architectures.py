@@ -5,7 +5,7 @@ import pytest
 import torch
 import transformers as T
 
-from minipsft.model import ScaledHead, fast_head, token_logprobs
+from minipsft.speed import ScaledHead, fast_head, token_logprobs
 
 SMALL = dict(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2)

@@ -5,8 +5,11 @@ import pytest
 import torch
 
 from conftest import addition_rows, tiny_lm
-from minipsft.model import CausalLM, fused_head_loss, token_logprobs
-from minipsft.train import TrainConfig, _loss, _token_terms, train
+from minipsft.fused import fused_head_loss, objective_terms
+from minipsft.losses import LOSSES
+from minipsft.model import CausalLM
+from minipsft.speed import token_logprobs
+from minipsft.train import Objective, TrainConfig, train
 
 
 def _grads(model):
@@ -26,12 +29,13 @@ def test_fused_head_loss_equals_autograd_through_the_logits(method, chunk):
              - 0.3 * torch.rand(ids.shape, generator=g)) * attn
 
     logp, ent = token_logprobs(lm.model, ids, attn, with_entropy=True, chunk_elements=chunk)
-    loss, metrics = _loss(method, cfg, logp, mask, other, other)
+    objective = Objective(LOSSES[method], cfg, mask.float(), other, other)
+    loss, metrics = objective(logp)
     loss.backward()
     expected = _grads(lm.model)
     lm.model.zero_grad()
 
-    terms = _token_terms(method, cfg, other, other)
+    terms = objective_terms(objective)
     f_loss, f_logp, f_ent = fused_head_loss(lm.model, ids, attn, mask, terms, True, chunk)
     f_loss.backward()
     got = _grads(lm.model)

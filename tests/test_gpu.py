@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from conftest import addition_rows, tiny_lm
-from minipsft.model import CausalLM, token_logprobs
+from minipsft.model import CausalLM
+from minipsft.speed import token_logprobs
 from minipsft.train import TrainConfig, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -92,8 +93,9 @@ def test_gpu_fuses_adamw_and_keeps_the_vocabulary_chunks_when_they_fit():
 @pytest.mark.parametrize("compile", [False, True])
 @pytest.mark.parametrize("method", ["sft", "psft"])
 def test_fused_head_matches_the_chunked_path_on_gpu(method, compile):
-    from minipsft.model import fused_head_loss
-    from minipsft.train import _loss, _token_terms
+    from minipsft.fused import fused_head_loss, objective_terms
+    from minipsft.losses import LOSSES
+    from minipsft.train import Objective
 
     lm = CausalLM(tiny_lm().model, tiny_lm().tokenizer, device="cuda", compile=compile,
                   fused_head=True)
@@ -105,11 +107,12 @@ def test_fused_head_matches_the_chunked_path_on_gpu(method, compile):
         old = (token_logprobs(lm.model, ids, attn)[0] - noise) * attn
     chunk = 16 * 3 * len(lm.tokenizer)  # three positions per chunk: several chunks
     logp, ent = token_logprobs(lm.model, ids, attn, with_entropy=True, chunk_elements=chunk)
-    loss, _ = _loss(method, cfg, logp, mask, old, None)
+    objective = Objective(LOSSES[method], cfg, mask.float(), old, None)
+    loss, _ = objective(logp)
     loss.backward()
     expected = [p.grad.float().clone() for p in lm.model.parameters()]
     lm.model.zero_grad()
-    terms = _token_terms(method, cfg, old, None)
+    terms = objective_terms(objective)
     f_loss, f_logp, f_ent = fused_head_loss(lm.model, ids, attn, mask, terms, True, chunk)
     f_loss.backward()
     torch.testing.assert_close(f_loss, loss.detach(), atol=1e-3, rtol=1e-3)

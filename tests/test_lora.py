@@ -7,7 +7,9 @@ import torch
 
 from conftest import addition_rows, tiny_lm
 from minipsft.cli import main
-from minipsft.model import CausalLM, token_logprobs
+from minipsft.model import CausalLM
+from minipsft.runs import RunFolder, load_checkpoint
+from minipsft.speed import token_logprobs
 from minipsft.train import TrainConfig, train
 
 peft = pytest.importorskip("peft")
@@ -50,7 +52,7 @@ def test_sft_kl_and_anchored_psft_use_the_adapter_off_not_a_copy(monkeypatch):
 def test_lora_resume_equals_an_uninterrupted_run(tmp_path):
     rows = addition_rows(16)
     full = _lora_lm()
-    full_hist = train(full, full.encode(rows), cfg(checkpoint_every=1), out_dir=tmp_path / "full")
+    full_hist = train(full, full.encode(rows), cfg(checkpoint_every=1), run=RunFolder(tmp_path / "full"))
 
     def crash(rec):
         if rec["step"] == 7:
@@ -58,12 +60,11 @@ def test_lora_resume_equals_an_uninterrupted_run(tmp_path):
 
     cut = _lora_lm()
     with pytest.raises(KeyboardInterrupt):
-        train(cut, cut.encode(rows), cfg(checkpoint_every=1), out_dir=tmp_path / "cut", on_step=crash)
-    state = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["model"]
+        train(cut, cut.encode(rows), cfg(checkpoint_every=1), run=RunFolder(tmp_path / "cut"), on_step=crash)
+    state = load_checkpoint(tmp_path / "cut" / "checkpoint.pt", "cpu")["model"]
     assert state and all("lora_" in k for k in state)  # the adapter only, not the base
     resumed = _lora_lm()
-    hist = train(resumed, resumed.encode(rows), cfg(checkpoint_every=1), out_dir=tmp_path / "cut",
-                 resume=True)["history"]
+    hist = train(resumed, resumed.encode(rows), cfg(checkpoint_every=1), run=RunFolder(tmp_path / "cut", resume=True))["history"]
     assert [r["loss"] for r in hist] == [r["loss"] for r in full_hist["history"]]
     for a, b in zip(full.model.parameters(), resumed.model.parameters()):
         torch.testing.assert_close(a, b, atol=0, rtol=0)

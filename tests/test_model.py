@@ -4,7 +4,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import addition_rows, tiny_lm
-from minipsft.model import CausalLM, DataError, fast_head, token_logprobs
+from minipsft.errors import DataError
+from minipsft.model import CausalLM
+from minipsft.speed import fast_head, token_logprobs
 
 
 def test_save_pretrained_reloads_with_plain_transformers(lm, tmp_path):

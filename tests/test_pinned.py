@@ -24,8 +24,11 @@ def pinned_run(tmp_path) -> dict:
 
 
 def _close(a, b) -> bool:
+    # rel 1e-4: transformers 5.24 (Dec 2026) moved the float32 noise of this very code by up to
+    # 4.5e-5 (ood_kl, a difference of log-probs; grad_norm), every accuracy unchanged; a change
+    # of the math moves these numbers by far more
     if isinstance(a, float) or isinstance(b, float):
-        return math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6)
+        return math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6)
     return a == b
 
 

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from conftest import addition_rows, tiny_lm
-from minipsft.train import NonFiniteLossError, TrainConfig, heldout_eval, train
+from minipsft.logprobs import heldout_eval
+from minipsft.runs import RunFolder, load_checkpoint
+from minipsft.train import NonFiniteLossError, TrainConfig, train
 
 
 def cfg(**kw):
@@ -60,7 +62,7 @@ def test_one_minibatch_per_snapshot_is_exactly_sft(examples):
 
 
 def test_same_data_order_for_every_method_and_batch_size(examples):
-    from minipsft.train import _epoch_batches
+    from minipsft.train import epoch_batches as _epoch_batches
     a = sum(_epoch_batches(32, cfg(batch_size=16), 1), [])
     b = sum(_epoch_batches(32, cfg(batch_size=4, minibatch_size=4, method="sft"), 1), [])
     assert a == b and sorted(a) == list(range(32)) and a != sum(_epoch_batches(32, cfg(), 0), [])
@@ -76,7 +78,7 @@ def test_same_seed_same_history_other_seed_differs(examples):
 
 def test_resume_after_interruption_equals_uninterrupted_run(examples, tmp_path):
     full_lm = tiny_lm()
-    full = train(full_lm, examples, cfg(epochs=2, checkpoint_every=1), out_dir=tmp_path / "full",
+    full = train(full_lm, examples, cfg(epochs=2, checkpoint_every=1), run=RunFolder(tmp_path / "full"),
                  eval_fn=lambda lm: heldout_eval(lm, examples[:4]))
 
     def crash(rec):
@@ -84,11 +86,10 @@ def test_resume_after_interruption_equals_uninterrupted_run(examples, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_lm(), examples, cfg(epochs=2, checkpoint_every=1), out_dir=tmp_path / "cut",
+        train(tiny_lm(), examples, cfg(epochs=2, checkpoint_every=1), run=RunFolder(tmp_path / "cut"),
               eval_fn=lambda lm: heldout_eval(lm, examples[:4]), on_step=crash)
     resumed_lm = tiny_lm()
-    resumed = train(resumed_lm, examples, cfg(epochs=2, checkpoint_every=1), out_dir=tmp_path / "cut",
-                    eval_fn=lambda lm: heldout_eval(lm, examples[:4]), resume=True)
+    resumed = train(resumed_lm, examples, cfg(epochs=2, checkpoint_every=1), run=RunFolder(tmp_path / "cut", resume=True), eval_fn=lambda lm: heldout_eval(lm, examples[:4]))
     assert _no_timing(resumed["history"]) == _no_timing(full["history"])
     assert resumed["evals"] == full["evals"]
     for a, b in zip(_weights(full_lm), _weights(resumed_lm)):
@@ -98,27 +99,26 @@ def test_resume_after_interruption_equals_uninterrupted_run(examples, tmp_path):
 
 
 def test_resume_refuses_changed_data_or_schedule_and_a_run_in_the_folder(examples, tmp_path):
-    train(tiny_lm(), examples, cfg(epochs=1), out_dir=tmp_path)
+    train(tiny_lm(), examples, cfg(epochs=1), run=RunFolder(tmp_path))
     with pytest.raises(ValueError, match=r"differ.*'batch_size'.*only lr, grad_clip may change"):
-        train(tiny_lm(), examples, cfg(epochs=1, batch_size=4, minibatch_size=4), out_dir=tmp_path,
-              resume=True)
+        train(tiny_lm(), examples, cfg(epochs=1, batch_size=4, minibatch_size=4), run=RunFolder(tmp_path, resume=True))
     with pytest.raises(FileNotFoundError):
-        train(tiny_lm(), examples, cfg(epochs=1), out_dir=tmp_path / "none", resume=True)
+        train(tiny_lm(), examples, cfg(epochs=1), run=RunFolder(tmp_path / "none", resume=True))
     with pytest.raises(FileExistsError, match="already holds a run.*resume.*overwrite"):
-        train(tiny_lm(), examples, cfg(epochs=1), out_dir=tmp_path)
+        train(tiny_lm(), examples, cfg(epochs=1), run=RunFolder(tmp_path))
     def crash(rec):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):  # an overwriting run that stops at once keeps nothing
-        train(tiny_lm(), examples, cfg(epochs=1), out_dir=tmp_path, overwrite=True, on_step=crash)
+        train(tiny_lm(), examples, cfg(epochs=1), run=RunFolder(tmp_path, overwrite=True), on_step=crash)
     assert not (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "final").exists()
-    again = train(tiny_lm(), examples, cfg(epochs=1, seed=3), out_dir=tmp_path, overwrite=True)
+    again = train(tiny_lm(), examples, cfg(epochs=1, seed=3), run=RunFolder(tmp_path, overwrite=True))
     lines = (tmp_path / "history.jsonl").read_text().splitlines()
     assert [json.loads(x)["loss"] for x in lines] == [r["loss"] for r in again["history"]]
 
 
 def test_resume_at_a_lower_lr_warns_and_trains_at_the_new_lr(examples, tmp_path):
-    from minipsft.train import _lr_lambda
+    from minipsft.train import lr_lambda as _lr_lambda
 
     def crash(rec):
         if rec["step"] == 6:
@@ -126,10 +126,9 @@ def test_resume_at_a_lower_lr_warns_and_trains_at_the_new_lr(examples, tmp_path)
 
     schedule = dict(epochs=2, checkpoint_every=1, lr_warmup_steps=2, lr_schedule="cosine")
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_lm(), examples, cfg(lr=1e-2, **schedule), out_dir=tmp_path, on_step=crash)
+        train(tiny_lm(), examples, cfg(lr=1e-2, **schedule), run=RunFolder(tmp_path), on_step=crash)
     with pytest.warns(UserWarning, match=r"lr 0.01 -> 0.001.*no longer equal"):
-        hist = train(tiny_lm(), examples, cfg(lr=1e-3, **schedule), out_dir=tmp_path,
-                     resume=True)["history"]
+        hist = train(tiny_lm(), examples, cfg(lr=1e-3, **schedule), run=RunFolder(tmp_path, resume=True))["history"]
     factor = _lr_lambda(cfg(**schedule), 16)  # the schedule's factor after `step` steps
     # steps 1-4 ran before the checkpoint (after batch 1) at the old lr, the rest at the new one
     assert [r["lr"] for r in hist[:4]] == pytest.approx([1e-2 * factor(s) for s in range(4)])
@@ -137,7 +136,7 @@ def test_resume_at_a_lower_lr_warns_and_trains_at_the_new_lr(examples, tmp_path)
 
 
 def test_summary_says_when_psft_never_clipped(examples):
-    from minipsft.train import summarize
+    from minipsft.runs import summarize
 
     quiet = cfg(epochs=1, lr=1e-7)
     summary = summarize(train(tiny_lm(), examples, quiet)["history"], quiet)
@@ -184,7 +183,7 @@ def test_baselines_train_and_log(examples, method):
 
 
 def test_eval_at_start_and_after_every_epoch(examples, tmp_path):
-    res = train(tiny_lm(), examples, cfg(epochs=2, eval_every=3), out_dir=tmp_path,
+    res = train(tiny_lm(), examples, cfg(epochs=2, eval_every=3), run=RunFolder(tmp_path),
                 eval_fn=lambda lm: {"x": 1.0})
     assert [e["epoch"] for e in res["evals"] if e["epoch"] in (0, 1, 2)] == [0, 1, 2]
     assert [e["step"] for e in res["evals"]] == [0, 3, 6, 8, 9, 12, 15, 16]
@@ -200,9 +199,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(examples, tmp_path
                 next(lm.model.parameters()).fill_(float("nan"))
 
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 6.*last good checkpoint"):
-        train(lm, examples, cfg(checkpoint_every=1), out_dir=tmp_path, on_step=poison)
-    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    assert ck["position"]["step"] == 4
+        train(lm, examples, cfg(checkpoint_every=1), run=RunFolder(tmp_path), on_step=poison)
+    ck = load_checkpoint(tmp_path / "checkpoint.pt", "cpu")
+    assert ck["state"]["step"] == 4
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
 
 

@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
 
-from minipsft.train import TrainConfig, _epoch_batches, train  # noqa: E402
+from minipsft.train import TrainConfig, epoch_batches as _epoch_batches, train  # noqa: E402
 from minipsft.trl_trainer import PSFTConfig, PSFTTrainer  # noqa: E402
 
 from conftest import addition_rows, tiny_lm  # noqa: E402

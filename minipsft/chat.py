@@ -1,0 +1,128 @@
+"""From rows to tensors: TRL's prompt-completion and conversational formats rendered with the
+tokenizer's chat template, the trained tokens marked, batches right-padded."""
+import warnings
+
+import torch
+
+from .errors import DataError
+
+__all__ = ["render", "prompt_ids", "split", "encode", "collate"]
+
+
+def render(tok, messages, add_generation_prompt: bool) -> str:
+    """A conversation as text: through the chat template, or plain ``role: content`` lines."""
+    if getattr(tok, "chat_template", None):
+        return tok.apply_chat_template(messages, tokenize=False,
+                                       add_generation_prompt=add_generation_prompt)
+    # plain fallback, no template
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+    return text + ("assistant: " if add_generation_prompt else "")
+
+
+def prompt_ids(tok, prompt) -> list:
+    """Token ids of a prompt: a string (tokenised with the tokenizer's special tokens, e.g. BOS)
+    or a list of chat messages (rendered with the chat template, generation prompt appended)."""
+    if isinstance(prompt, str):
+        return tok(prompt, add_special_tokens=True)["input_ids"]
+    return tok(render(tok, prompt, True), add_special_tokens=False)["input_ids"]
+
+
+def split(tok, row, all_turns: bool = False):
+    """(prompt ids, completion ids, completion mask) of one row in TRL's formats. The mask is 1
+    on the tokens trained on: the completion, or with ``all_turns`` every assistant turn of a
+    conversation (TRL's ``assistant_only_loss``)."""
+    if row.get("messages") is not None and all_turns:
+        return split_turns(tok, row["messages"])
+    if row.get("messages") is not None:
+        prompt, completion = row["messages"][:-1], row["messages"][-1:]
+    else:
+        prompt, completion = row["prompt"], row["completion"]
+    if isinstance(prompt, str):
+        ids = tok(completion, add_special_tokens=False)["input_ids"]
+        ids = ids + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
+        return prompt_ids(tok, prompt), ids, [1] * len(ids)
+    head = render(tok, prompt, add_generation_prompt=True)
+    full = render(tok, list(prompt) + list(completion), add_generation_prompt=False)
+    if not full.startswith(head):
+        raise DataError("the chat template renders the conversation so that the prompt is not "
+                        "a prefix of it")
+    ids = tok(full[len(head):], add_special_tokens=False)["input_ids"]
+    return tok(head, add_special_tokens=False)["input_ids"], ids, [1] * len(ids)
+
+
+def split_turns(tok, messages):
+    """Every assistant turn trained on: the conversation rendered turn by turn, each piece
+    tokenised on its own (as the last-turn case), assistant pieces masked 1."""
+    pieces, done = [], ""  # (text, is_assistant) in order; `done` = text rendered so far
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        head = render(tok, messages[:i], add_generation_prompt=True)
+        upto = render(tok, messages[:i + 1], add_generation_prompt=False)
+        if not (head.startswith(done) and upto.startswith(head)):
+            raise DataError(f"the chat template renders the conversation so that the text "
+                            f"before assistant turn {i} is not a prefix of it")
+        pieces += [(head[len(done):], False), (upto[len(head):], True)]
+        done = upto
+    ids, mask = [], []
+    for text, trained in pieces:
+        piece = tok(text, add_special_tokens=False)["input_ids"] if text else []
+        ids += piece
+        mask += [int(trained)] * len(piece)
+    first = mask.index(1) if 1 in mask else len(ids)
+    return ids[:first], ids[first:], mask[first:]
+
+
+def encode(tok, rows, max_length: int, all_assistant_turns: bool = False) -> list:
+    """Rows -> examples ``{"input_ids": [...], "completion_mask": [...]}`` (1 on trained
+    tokens).
+
+    Formats (TRL's): ``{"prompt": str, "completion": str}`` (EOS appended to the completion),
+    ``{"messages": [...]}`` (the final assistant message is the completion, the rest the prompt,
+    via the chat template; with ``all_assistant_turns`` every assistant message is trained on,
+    as TRL's ``assistant_only_loss``), or ``{"prompt": [msgs], "completion": [msgs]}``.
+    Sequences longer than ``max_length`` lose their end; a row
+    left with no trained token is never trained on: all such rows are reported in one
+    ``DataError``.
+    """
+    examples, problems, cut = [], [], 0
+    for i, row in enumerate(rows, start=1):
+        try:
+            prompt, completion, trained = split(tok, row, all_assistant_turns)
+        except DataError as e:
+            problems.append(f"row {i}: {e}")
+            continue
+        if not prompt:
+            problems.append(f"row {i}: the prompt encodes to no token")
+        elif not completion:
+            problems.append(f"row {i}: the completion encodes to no token")
+        elif len(prompt) >= max_length:
+            problems.append(f"row {i}: completion truncated away (prompt has {len(prompt)} "
+                            f"tokens, max_length is {max_length})")
+        else:
+            keep = min(len(completion), max_length - len(prompt))
+            cut += keep < len(completion)
+            examples.append({"input_ids": prompt + completion[:keep],
+                             "completion_mask": [0] * len(prompt) + trained[:keep]})
+    if problems:
+        raise DataError.listing(f"{len(problems)} row(s) cannot be trained on", problems)
+    if cut:
+        warnings.warn(f"{cut} of {len(examples)} completions were shortened to "
+                      f"max_length={max_length}")
+    return examples
+
+
+def collate(tok, examples, device) -> dict:
+    """Right-pad a list of examples into tensors on the model's device."""
+    T = max(len(e["input_ids"]) for e in examples)
+    pad = tok.pad_token_id
+    ids = torch.full((len(examples), T), pad, dtype=torch.long)
+    attn = torch.zeros((len(examples), T), dtype=torch.long)
+    comp = torch.zeros((len(examples), T), dtype=torch.long)
+    for b, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[b, :n] = torch.tensor(e["input_ids"])
+        attn[b, :n] = 1
+        comp[b, :n] = torch.tensor(e["completion_mask"])
+    return {k: v.to(device) for k, v in
+            {"input_ids": ids, "attention_mask": attn, "completion_mask": comp}.items()}

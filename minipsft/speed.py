@@ -1,0 +1,190 @@
+"""The speed paths: the same log-probs as ``logprobs.token_logprobs``, faster or leaner.
+
+* log-probs from the decoder's hidden states, chunk by chunk through the output head, so that no
+  full [B, T, V] logits tensor is ever built (real vocabularies are 150k wide); each chunk's
+  logits kept for backward or recomputed (``keep_logits``), and compiled (``compile``);
+* the architecture logit scales (Cohere, Granite, Falcon-H1, Gemma-2's soft cap), checked once per
+  model against its own logits; a model whose head does something else falls back to its logits.
+The fused output head (gradients in the forward pass) is in ``fused.py``. ``CausalLM(speed=True)``
+turns these on; tests/test_speed.py proves them equal to the reference path.
+"""
+import functools
+import weakref
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["token_logprobs", "compile_layers", "fast_head", "logit_scale", "ScaledHead", "hidden_and_head",
+           "CHUNK_ELEMENTS", "CHUNK_ELEMENTS_GPU"]
+
+# Elements of one [rows, positions, vocab] float32 logits chunk: 2**25 floats (128 MiB) on CPU;
+# 2**28 (1 GiB) on GPU, where small chunks leave the vocabulary projection's matmuls too thin to be
+# fast.
+CHUNK_ELEMENTS = 2**25
+CHUNK_ELEMENTS_GPU = 2**28
+
+
+def chunk_logprobs(hidden, targets, head, with_entropy: bool):
+    # [B, c, V], float32 so that exp(logp - logp_old) is exact enough to clip
+    logits = head(hidden).float()
+    logz = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz
+    if not with_entropy:
+        return logp, None
+    with torch.no_grad():  # entropy is a diagnostic: H = log Z - sum_v p_v * logit_v
+        entropy = logz - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    return logp, entropy
+
+
+@functools.cache
+def compiled_chunk_logprobs(backend: str):
+    """``chunk_logprobs`` compiled once per backend: the log-softmax, the gather and the entropy
+    fuse into one pass over the chunk's logits instead of several."""
+    return torch.compile(chunk_logprobs, backend=backend, dynamic=True)
+
+
+def logit_scale(config) -> float:
+    """The factor a model multiplies its output head's logits by, read from its config the way
+    TRL's trainers read it: Cohere's ``logit_scale``, ``output_multiplier``, Falcon-H1's
+    ``lm_head_multiplier``; Granite and MiniCPM3 divide by ``logits_scaling`` (HyperCLOVA X
+    multiplies). 1.0 when none is set."""
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return float(value)
+    scaling = getattr(config, "logits_scaling", None)
+    if scaling is None:
+        return 1.0
+    return float(scaling) if config.model_type == "hyperclovax" else 1.0 / float(scaling)
+
+
+class ScaledHead(torch.nn.Module):
+    """An output head as such models apply it: the linear map, times a scale (divided by
+    ``1 / scale`` where the model divides, as Granite does: the same rounding in bf16), then a soft
+    cap (Gemma-2's ``final_logit_softcapping``: ``cap * tanh(logits / cap)``)."""
+
+    def __init__(self, linear: torch.nn.Linear, scale: float = 1.0, softcap: float | None = None,
+                 divide: bool = False):
+        super().__init__()
+        self.linear, self.scale, self.softcap, self.divide = linear, scale, softcap, divide
+        self.out_features = linear.out_features
+
+    def forward(self, hidden):
+        logits = self.linear(hidden)
+        if self.scale != 1.0 and self.divide:
+            logits = logits / (1.0 / self.scale)
+        elif self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+# model -> its head as a function of the decoder's hidden states, or None: checked once per model
+_FAST_HEADS = weakref.WeakKeyDictionary()
+
+
+def fast_head(model):
+    """The output head that turns the decoder's last hidden states into exactly the model's own
+    logits (a plain ``nn.Linear``, or a ``ScaledHead`` for models that scale or cap logits), or
+    None when none does; then log-probs come from the model's own (full) logits.
+
+    Checked once per model on a short input against ``model(...).logits``, so an architecture
+    that does something else to its logits (a hidden-state scale, say) is caught, not trusted."""
+    if model in _FAST_HEADS:
+        return _FAST_HEADS[model]
+    head = None
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    linear = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if decoder is not None and decoder is not model and isinstance(linear, torch.nn.Linear):
+        config = model.config.get_text_config()
+        scale, cap = logit_scale(config), getattr(config, "final_logit_softcapping", None)
+        divide = getattr(config, "logits_scaling", None) is not None and scale != 1.0 and (
+            config.model_type != "hyperclovax")
+        head = linear if scale == 1.0 and not cap else ScaledHead(linear, scale, cap, divide)
+        if not _same_logits(model, decoder, head):
+            head = None
+    _FAST_HEADS[model] = head
+    return head
+
+
+@torch.no_grad()
+def _same_logits(model, decoder, head) -> bool:
+    device = next(model.parameters()).device
+    ids = (torch.arange(1, 9, device=device) % head.out_features)[None]
+    attn = torch.ones_like(ids)
+    was_training = model.training
+    model.eval()
+    own = model(input_ids=ids, attention_mask=attn, use_cache=False).logits.float()
+    hidden = decoder(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
+    ours = head(hidden).float()
+    model.train(was_training)
+    return own.shape == ours.shape and bool((ours - own).abs().max() <= 1e-3 * own.abs().max())
+
+
+def hidden_and_head(model, input_ids, attention_mask):
+    """The decoder's final hidden states and ``fast_head(model)``, or (the model's own logits,
+    identity) when no head reproduces them."""
+    head = fast_head(model)
+    if head is not None:
+        out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                  use_cache=False)
+        return out.last_hidden_state, head
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    return logits, torch.nn.Identity()
+
+
+def _logits_fit(hidden, elements: int) -> bool:
+    """Whether keeping ``elements`` float32 logits for backward takes under half of the free GPU
+    memory."""
+    if not hidden.is_cuda:
+        # CPU runs are small and their memory is shared with everything else: stay lean
+        return False
+    free, _ = torch.cuda.mem_get_info(hidden.device)
+    return 4 * elements < free // 2
+
+
+def token_logprobs(model, input_ids, attention_mask, with_entropy: bool = False,
+                   chunk_elements: int | None = None, keep_logits: bool | None = None,
+                   compile: str | None = None):
+    """Per-token log-probs (and entropies) aligned with ``input_ids``: shape [B, T],
+    position 0 is 0.
+
+    ``logp[b, t] = log pi(input_ids[b, t] | input_ids[b, :t])``; ``entropy[b, t]`` is the entropy of
+    pi(. | input_ids[b, :t]). Padding positions are 0. The vocabulary projection runs in chunks of
+    positions. With gradients on, what backward needs of each chunk's logits is either kept
+    (``keep_logits=True``) or recomputed in backward by activation checkpointing (``False``: at most
+    one chunk of logits is alive at a time, for one more vocabulary matmul per chunk). ``None``
+    keeps them on a GPU whose free memory holds them twice over, and recomputes otherwise.
+    ``compile``: a torch.compile backend for the chunks (log-softmax, gather and entropy fused).
+    """
+    hidden, head = hidden_and_head(model, input_ids, attention_mask)
+    if chunk_elements is None:
+        chunk_elements = CHUNK_ELEMENTS_GPU if hidden.is_cuda else CHUNK_ELEMENTS
+    hidden, targets = hidden[:, :-1], input_ids[:, 1:]
+    B, T1 = targets.shape
+    vocab = hidden.shape[-1] if isinstance(head, torch.nn.Identity) else head.out_features
+    step = max(1, chunk_elements // max(1, B * vocab))
+    recompute = torch.is_grad_enabled() and T1 > step and not (
+        keep_logits if keep_logits is not None else _logits_fit(hidden, B * T1 * vocab))
+    logps, ents = [], []
+    chunk_fn = compiled_chunk_logprobs(compile) if compile else chunk_logprobs
+    for s in range(0, T1, step):
+        args = (hidden[:, s:s + step], targets[:, s:s + step], head, with_entropy)
+        lp, ent = checkpoint(chunk_fn, *args, use_reentrant=False) if recompute else chunk_fn(*args)
+        logps.append(lp)
+        ents.append(ent)
+    keep = attention_mask[:, 1:].bool()
+    zero = hidden.new_zeros(B, 1, dtype=torch.float32)
+    logp = torch.cat([zero, torch.cat(logps, 1).masked_fill(~keep, 0.0)], 1)
+    if not with_entropy:
+        return logp, None
+    return logp, torch.cat([zero, torch.cat(ents, 1).masked_fill(~keep, 0.0)], 1)
+
+
+def compile_layers(model, backend: str) -> None:
+    """"Regional" compilation: torch.compile each decoder layer in place. The layers share one
+    code object, so one graph is compiled and reused by all of them: seconds, where compiling the
+    whole model took minutes."""
+    for layer in model.get_decoder().layers:
+        layer.compile(backend=backend, dynamic=True)
