@@ -10,9 +10,10 @@
 
 Everything TRL does is kept (data formats, chat templates, completion-only masks, packing off,
 logging, checkpoints, accelerate/DeepSpeed/FSDP); only the training loss changes. The loss is
-``minipsft.losses.psft_loss`` on the completion tokens TRL already masks (labels != -100),
-normalised like TRL's own loss (summed over tokens, divided by the tokens of the whole optimizer
-step across devices), so with ``refresh_steps=1`` it is exactly TRL's ``loss_type="nll"``.
+the registry's ``LOSSES["psft"]`` (``minipsft.losses.psft_loss``) on the completion tokens TRL
+already masks (labels != -100), normalised like TRL's own loss (summed over tokens, divided by the
+tokens of the whole optimizer step across devices), so with ``refresh_steps=1`` it is exactly
+TRL's ``loss_type="nll"``.
 
 **pi_old without a copy.** As in the official recipe (and TRL's GRPOTrainer, which buffers its
 generation batches), pi_old is a set of stored log-probs, not a model. At every optimizer step whose
@@ -42,7 +43,7 @@ from dataclasses import dataclass, field
 import torch
 from trl import SFTConfig, SFTTrainer
 
-from .losses import psft_loss
+from .losses import LOSSES
 
 __all__ = ["PSFTConfig", "PSFTTrainer"]
 
@@ -152,7 +153,7 @@ class PSFTTrainer(SFTTrainer):
         logp = outputs.log_probs
         if logp_old is None:  # the snapshot's own step: its forward is log pi_old (ratio 1)
             logp_old = logp.detach()
-        loss, metrics = psft_loss(logp, logp_old, mask, args.eps_low, args.eps_high)
+        loss, metrics = LOSSES["psft"].loss(logp, mask, logp_old, None, args)
         # TRL's normalisation: token sum over the micro-batch / tokens of the whole optimizer step
         # (all ranks)
         n_local = mask.sum()

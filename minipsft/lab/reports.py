@@ -239,100 +239,121 @@ def across_bases_report(summary: dict) -> str:
 def report(summary: dict, records: list, grad_max: dict | None = None) -> str:
     """Markdown tables of the numbers (mean ± std over seeds), written from the records."""
     words = world_words(summary["preset_config"])
+    main = [r for r in records if r["group"] == "main"]
+    abl = [r for r in records if r["group"] != "main"]
     lines = [f"# SFT vs PSFT {words.title}: results of preset `{summary['preset']}`", "",
              f"Wall time {summary['wall_seconds'] / 60:.1f} min "
              f"(base model {summary['pretrain_seconds'] / 60:.1f} min, "
              f"{'loaded' if summary['base_loaded_from_cache'] else 'pretrained in this run'}). "
              "Values are mean ± std over seeds.", ""]
-    main = [r for r in records if r["group"] == "main"]
     if main:
-        last = max(r["epoch"] for r in main)
-        keys = list(words.columns)
-        if words.per_set:
-            keys += sorted({k for r in main for k in r if k.startswith("ood_")} - set(keys))
-        keys = [k for k in keys if any(r.get(k) is not None for r in main)]  # never a nan column
-        lines += ["## Per epoch (main comparison)", "",
-                  "| arm | epoch | " + " | ".join(keys) + " | train_entropy | clipfrac |",
-                  "|---|---|" + "---|" * (len(keys) + 2)]
-        for arm in summary["matched_id"]["arms"]:  # every main arm, in ARMS order (finalize)
-            for e in range(last + 1):
-                rs = [r for r in main if r["method"] == arm and r["epoch"] == e]
-                if rs:
-                    cells = [_fmt([r.get(k) for r in rs]) for k in keys]
-                    extra = [_fmt([r["train_entropy"] for r in rs]) if e else "",
-                             _fmt([r["clipfrac"] for r in rs]) if e else ""]
-                    lines.append(f"| {arm} | {e} | " + " | ".join(cells + extra) + " |")
-        m = summary["matched_id"]
-        has_ood = any(r.get("ood_acc") is not None for r in main)
-    if main and has_ood:  # a world without OOD sets has no trade-off to report
-        lines += ["", f"## OOD at matched ID (first epoch with id_acc >= {m['level']:.2f})", "",
-                  "The level is the highest that every arm learning the task reaches on average"
-                  + (f"; not learning (mean ID never above the base's): "
-                     f"{', '.join(m['not_learning'])}"
-                     if m.get("not_learning") else "") + ".", "",
-                  "| arm | seeds reaching | epoch | id_acc | ood_acc |", "|---|---|---|---|---|"]
-        for arm, v in m["arms"].items():
-            lines.append(f"| {arm} | {v['reached']} | {v['epoch']} | {_fmt(v['id_acc'])} | "
-                         f"{_fmt(v['ood_acc'])} |")
-    if main and summary["sft_small_step_ratio"]:
-        lines += ["", "sft_small lr = lr x (PSFT drift / SFT drift after epoch 1): ratio per seed "
-                  + ", ".join(f"{k}: {v:.3f}" for k, v in summary["sft_small_step_ratio"].items())]
-    ct = summary.get("clipped_tokens")
-    if ct:
-        lines += ["", "## Which tokens PSFT clips (psft, first seed, all steps)", "",
-                  "| role | tokens seen | share of tokens | clipped | clip rate "
-                  "| share of clipped |",
-                  "|---|---|---|---|---|---|"]
-        for role in ct["seen"]:
-            lines.append(f"| {role} | {ct['seen'][role]} | {ct['share_of_tokens'][role]:.3f} | "
-                         f"{ct['clipped'].get(role, 0)} | {ct['clip_rate'][role]:.4f} | "
-                         f"{ct['share_of_clipped'][role]:.3f} |")
-        lines += ["", "Most clipped tokens: "
-                  + ", ".join(f"`{t}` {n}" for t, n in ct["top_tokens"])]
-    abl = [r for r in records if r["group"] != "main"]
+        lines += _per_epoch_table(main, summary["matched_id"], words)
+        if any(r.get("ood_acc") is not None for r in main):  # else no trade-off to report
+            lines += ["", *_matched_id_table(summary["matched_id"])]
+        if summary["sft_small_step_ratio"]:
+            lines += ["", "sft_small lr = lr x (PSFT drift / SFT drift after epoch 1): ratio per "
+                      "seed " + ", ".join(f"{k}: {v:.3f}"
+                                          for k, v in summary["sft_small_step_ratio"].items())]
+    if summary.get("clipped_tokens"):
+        lines += ["", *_clipped_tokens_table(summary["clipped_tokens"])]
     if abl:
-        lines += ["", "## Ablations (PSFT; at the last epoch and at the best-ID epoch)", "",
-                  "| ablation | setting | id_acc (last) | ood_acc (last) | entropy (last) "
-                  "| best id_acc | ood at best id | max grad norm |",
-                  "|---|---|---|---|---|---|---|---|"]
-        last = max(r["epoch"] for r in abl)
-        for group in dict.fromkeys(r["group"] for r in abl):
-            for setting in dict.fromkeys(r["setting"] for r in abl if r["group"] == group):
-                rs = [r for r in abl if r["group"] == group and r["setting"] == setting]
-                end = [r for r in rs if r["epoch"] == last]
-                best = [max((r for r in rs if r["seed"] == s and r["epoch"] > 0),
-                            key=lambda r: r["id_acc"])
-                        for s in sorted({r["seed"] for r in rs})]
-                grads = [(grad_max or {}).get((group, setting, r["seed"])) for r in end]
-                lines.append(f"| {group} | {setting} | {_fmt([r['id_acc'] for r in end])} | "
-                             f"{_fmt([r['ood_acc'] for r in end])} | "
-                             f"{_fmt([r['entropy'] for r in end])} | "
-                             f"{_fmt([r['id_acc'] for r in best])} | "
-                             f"{_fmt([r['ood_acc'] for r in best])} | {_fmt(grads, 1)} |")
+        lines += ["", *_ablations_table(abl, grad_max or {})]
     if summary.get("frontier"):
-        lines += ["", "## The lr frontier: OOD vs ID over every lr and epoch", "",
-                  "Frontier of an arm at ID level x: the best OOD among its (lr, epoch) points "
-                  "(means over seeds) with ID >= x. Gap: the largest PSFT-minus-other frontier "
-                  "difference over the ID levels 0.50-0.99 both reach; 95% interval from 1000 "
-                  "bootstrap resamples of the seeds.", "",
-                  "| PSFT vs | largest OOD gap at equal ID | at ID | 95% interval |",
-                  "|---|---|---|---|"]
-        for other, g in summary["frontier"].items():
-            if g is None:
-                lines.append(f"| {other} | no common ID level >= 0.50 | | |")
-                continue
-            lines.append(f"| {other} | {g['gap']:+.3f} | {g['at_id']} | "
-                         f"[{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}] |")
+        lines += ["", *_frontier_table(summary["frontier"])]
     if summary.get("aggregation_matched_id"):
-        lines += ["", "## Aggregation and warm-up: OOD at matched ID within each variant", "",
-                  "Each variant's level is the highest ID every learning arm reaches in it.", "",
-                  "| variant | level | arm | seeds reaching | epoch | id_acc | ood_acc |",
-                  "|---|---|---|---|---|---|---|"]
-    for label, m in summary.get("aggregation_matched_id", {}).items():
-        for arm, v in m["arms"].items():
-            lines.append(f"| {label} | {m['level']:.2f} | {arm} | {v['reached']} | {v['epoch']} | "
-                         f"{_fmt(v['id_acc'])} | {_fmt(v['ood_acc'])} |")
+        lines += ["", *_aggregation_table(summary["aggregation_matched_id"])]
     return "\n".join(lines) + "\n"
+
+
+def _section(title: str, intro: str | None, header: str, rows: list) -> list:
+    """A report section: the title, the intro (if any), then a table (``header``: ``a | b``)."""
+    return ([f"## {title}", ""] + ([intro, ""] if intro else [])
+            + [f"| {header} |", "|" + "---|" * (header.count("|") + 1)] + rows)
+
+
+def _row(cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _per_epoch_table(main: list, matched: dict, words) -> list:
+    """Every main arm (in ARMS order: ``finalize``) at every epoch: the world's columns (never a
+    column without values), then the training entropy and clip fraction."""
+    keys = list(words.columns)
+    if words.per_set:
+        keys += sorted({k for r in main for k in r if k.startswith("ood_")} - set(keys))
+    keys = [k for k in keys if any(r.get(k) is not None for r in main)]
+    rows = []
+    for arm in matched["arms"]:
+        for e in range(max(r["epoch"] for r in main) + 1):
+            rs = [r for r in main if r["method"] == arm and r["epoch"] == e]
+            if rs:
+                rows.append(_row([arm, e] + [_fmt([r.get(k) for r in rs]) for k in keys]
+                                 + [_fmt([r["train_entropy"] for r in rs]) if e else "",
+                                    _fmt([r["clipfrac"] for r in rs]) if e else ""]))
+    return _section("Per epoch (main comparison)", None,
+                    " | ".join(["arm", "epoch", *keys, "train_entropy", "clipfrac"]), rows)
+
+
+def _matched_id_table(m: dict) -> list:
+    not_learning = (f"; not learning (mean ID never above the base's): "
+                    f"{', '.join(m['not_learning'])}" if m.get("not_learning") else "")
+    return _section(f"OOD at matched ID (first epoch with id_acc >= {m['level']:.2f})",
+                    "The level is the highest that every arm learning the task reaches on "
+                    f"average{not_learning}.", "arm | seeds reaching | epoch | id_acc | ood_acc",
+                    [_row([arm, v["reached"], v["epoch"], _fmt(v["id_acc"]), _fmt(v["ood_acc"])])
+                     for arm, v in m["arms"].items()])
+
+
+def _clipped_tokens_table(ct: dict) -> list:
+    rows = [_row([role, ct["seen"][role], f"{ct['share_of_tokens'][role]:.3f}",
+                  ct["clipped"].get(role, 0), f"{ct['clip_rate'][role]:.4f}",
+                  f"{ct['share_of_clipped'][role]:.3f}"]) for role in ct["seen"]]
+    return _section("Which tokens PSFT clips (psft, first seed, all steps)", None,
+                    "role | tokens seen | share of tokens | clipped | clip rate | share of clipped",
+                    rows) + ["", "Most clipped tokens: "
+                             + ", ".join(f"`{t}` {n}" for t, n in ct["top_tokens"])]
+
+
+def _ablations_table(abl: list, grad_max: dict) -> list:
+    """Per ablation setting: the last epoch, the best-ID epoch of each seed, and the largest
+    gradient norm of each seed's run (``grad_max``, keyed by group, setting and seed)."""
+    last, rows = max(r["epoch"] for r in abl), []
+    for group in dict.fromkeys(r["group"] for r in abl):
+        for setting in dict.fromkeys(r["setting"] for r in abl if r["group"] == group):
+            rs = [r for r in abl if r["group"] == group and r["setting"] == setting]
+            end = [r for r in rs if r["epoch"] == last]
+            best = [max((r for r in rs if r["seed"] == s and r["epoch"] > 0),
+                        key=lambda r: r["id_acc"])
+                    for s in sorted({r["seed"] for r in rs})]
+            grads = [grad_max.get((group, setting, r["seed"])) for r in end]
+            rows.append(_row([group, setting] + [_fmt([r[k] for r in end])
+                                                 for k in ("id_acc", "ood_acc", "entropy")]
+                             + [_fmt([r[k] for r in best]) for k in ("id_acc", "ood_acc")]
+                             + [_fmt(grads, 1)]))
+    return _section("Ablations (PSFT; at the last epoch and at the best-ID epoch)", None,
+                    "ablation | setting | id_acc (last) | ood_acc (last) | entropy (last) "
+                    "| best id_acc | ood at best id | max grad norm", rows)
+
+
+def _frontier_table(frontier: dict) -> list:
+    rows = [f"| {other} | no common ID level >= 0.50 | | |" if g is None else
+            _row([other, f"{g['gap']:+.3f}", g["at_id"],
+                  f"[{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}]"]) for other, g in frontier.items()]
+    return _section("The lr frontier: OOD vs ID over every lr and epoch",
+                    "Frontier of an arm at ID level x: the best OOD among its (lr, epoch) points "
+                    "(means over seeds) with ID >= x. Gap: the largest PSFT-minus-other frontier "
+                    "difference over the ID levels 0.50-0.99 both reach; 95% interval from 1000 "
+                    "bootstrap resamples of the seeds.",
+                    "PSFT vs | largest OOD gap at equal ID | at ID | 95% interval", rows)
+
+
+def _aggregation_table(variants: dict) -> list:
+    return _section("Aggregation and warm-up: OOD at matched ID within each variant",
+                    "Each variant's level is the highest ID every learning arm reaches in it.",
+                    "variant | level | arm | seeds reaching | epoch | id_acc | ood_acc",
+                    [_row([label, f"{m['level']:.2f}", arm, v["reached"], v["epoch"],
+                           _fmt(v["id_acc"]), _fmt(v["ood_acc"])])
+                     for label, m in variants.items() for arm, v in m["arms"].items()])
 
 
 def rl_report(summary: dict, records: list, runs: list = ()) -> str:
@@ -349,35 +370,30 @@ def rl_report(summary: dict, records: list, runs: list = ()) -> str:
              f"samples, minibatch {rp['minibatch_size']}, lr {rp['lr']}. "
              f"Values are mean ± std over seeds.", ""]
     if summary["best_checkpoints"]:
-        lines += ["## Starting checkpoints (best-ID epoch of each fine-tuning run)", "",
-                  "| run | epoch | id_acc |", "|---|---|---|"]
-        lines += [f"| {k} | {v['epoch']} | {v['id_acc']:.3f} |"
-                  for k, v in summary["best_checkpoints"].items()]
-        lines.append("")
+        lines += _section("Starting checkpoints (best-ID epoch of each fine-tuning run)", None,
+                          "run | epoch | id_acc",
+                          [f"| {k} | {v['epoch']} | {v['id_acc']:.3f} |"
+                           for k, v in summary["best_checkpoints"].items()]) + [""]
+    k, rows = max(1, rp["eval_every"]), []
+    for start in starts:  # the rollouts: per seed, then mean ± std over seeds
+        hs = [r["history"] for r in runs if r["job"]["start"] == start]
+        if hs:
+            cells = [[statistics.fmean(x["reward"] for x in h[:k]) for h in hs],
+                     [statistics.fmean(x["reward"] for x in h[-k:]) for h in hs]]
+            cells += [[statistics.fmean(x[key] for x in h) for h in hs]
+                      for key in ("zero_adv_groups", "clipfrac_high", "clipfrac_low")]
+            rows.append(_row([start] + [_fmt(c, 4 if i > 2 else 3) for i, c in enumerate(cells)]))
     if runs:
-        k = max(1, rp["eval_every"])
-        lines += [f"## Rollouts (per seed, then mean ± std): reward over the first and last {k} "
-                  f"steps, and per step", "",
-                  "| start | reward first | reward last | groups with equal rewards "
-                  "| clipfrac_high | clipfrac_low |", "|---|---|---|---|---|---|"]
-        for start in starts:
-            hs = [r["history"] for r in runs if r["job"]["start"] == start]
-            if hs:
-                cells = [[statistics.fmean(x["reward"] for x in h[:k]) for h in hs],
-                         [statistics.fmean(x["reward"] for x in h[-k:]) for h in hs]]
-                cells += [[statistics.fmean(x[key] for x in h) for h in hs]
-                          for key in ("zero_adv_groups", "clipfrac_high", "clipfrac_low")]
-                lines.append(f"| {start} | " + " | ".join(_fmt(c, 4 if i > 2 else 3)
-                                                          for i, c in enumerate(cells)) + " |")
-        lines.append("")
+        lines += _section(f"Rollouts (per seed, then mean ± std): reward over the first and last "
+                          f"{k} steps, and per step", None, "start | reward first | reward last "
+                          "| groups with equal rewards | clipfrac_high | clipfrac_low", rows) + [""]
     keys = ("reward", "id_acc", "ood_acc", "ood_format", "sample_entropy", "rollout_entropy",
             "ood_kl", "entropy")
     keys = [k for k in keys if any(r.get(k) is not None for r in records)]  # the world's metrics
-    lines += ["## Along RL", "", "| start | step | " + " | ".join(keys) + " |",
-              "|---|---|" + "---|" * len(keys)]
+    rows = []
     for start in starts:
         for step in sorted({r["step"] for r in records if r["start"] == start}):
             rs = [r for r in records if r["start"] == start and r["step"] == step]
-            lines.append(f"| {start} | {step} | " + " | ".join(_fmt([r.get(k) for r in rs])
-                                                               for k in keys) + " |")
-    return "\n".join(lines) + "\n"
+            rows.append(_row([start, step] + [_fmt([r.get(k) for r in rs]) for k in keys]))
+    return "\n".join(lines + _section("Along RL", None, " | ".join(["start", "step", *keys]),
+                                      rows)) + "\n"

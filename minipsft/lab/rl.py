@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..losses import clipped_surrogate, masked_mean
+from ..losses import clipped_surrogate, kl_terms, masked_mean
 from ..train import adamw, chunks, merge_metrics, setting
 
 __all__ = ["GRPOConfig", "grpo", "group_advantages"]
@@ -97,9 +97,15 @@ def _prompt(row: dict):
     raise ValueError(f"a prompt row needs 'prompt' or 'messages', got keys {sorted(row)}")
 
 
-def _kl_k3(logp, logp_ref, mask):
-    delta = logp_ref - logp
-    return masked_mean(torch.exp(delta) - delta - 1.0, mask)
+@dataclass
+class Rollout:
+    """One rollout step's samples: the prompt and completion token ids of each sample (a group of
+    ``group_size`` per prompt, in order), their rewards and advantages, and the share of groups
+    whose rewards all tied (no gradient)."""
+    pairs: list
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    zero_adv_groups: float
 
 
 def grpo(lm, prompts: list, reward_fn, cfg: GRPOConfig, eval_fn=None, out_dir=None,
@@ -120,26 +126,16 @@ def grpo(lm, prompts: list, reward_fn, cfg: GRPOConfig, eval_fn=None, out_dir=No
     cfg.check()
     if not prompts:
         raise ValueError("no prompts to sample from")
-    model, tok = lm.model, lm.tokenizer
     torch.manual_seed(cfg.seed)
     ref = lm.frozen_copy() if cfg.kl_coef > 0 else None
-    opt = adamw([p for p in model.parameters() if p.requires_grad], cfg.lr, cfg.weight_decay)
-    history, evals = [], []
+    opt = adamw([p for p in lm.model.parameters() if p.requires_grad], cfg.lr, cfg.weight_decay)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-
-    def evaluate(step):
-        if eval_fn is not None:
-            model.eval()
-            evals.append({"step": step, **eval_fn(lm)})
-            model.train()
-
     gen = torch.Generator().manual_seed(cfg.seed * 100_003 + 17)
-    order = []
-    evaluate(0)
-    model.train()
+    history, evals, order = [], [], []
+    _evaluate(lm, eval_fn, 0, evals)
     for step in tqdm(range(1, cfg.steps + 1), disable=not cfg.progress, desc="grpo",
                      dynamic_ncols=True):
         t0 = time.perf_counter()
@@ -147,86 +143,106 @@ def grpo(lm, prompts: list, reward_fn, cfg: GRPOConfig, eval_fn=None, out_dir=No
             order += torch.randperm(len(prompts), generator=gen).tolist()
         rows, order = ([prompts[i] for i in order[:cfg.prompts_per_step]],
                        order[cfg.prompts_per_step:])
-
-        # 1. rollout: G samples per prompt from the current policy, scored by the verifiable reward
-        pairs = lm.sample_ids([_prompt(r) for r in rows for _ in range(cfg.group_size)],
-                              cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature,
-                              batch_size=256)
-        texts = tok.batch_decode([c for _, c in pairs], skip_special_tokens=True)
-        rewards = torch.tensor([float(reward_fn(rows[i // cfg.group_size], t))
-                                for i, t in enumerate(texts)])
-        bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
-        if bad:  # a NaN reward would silently turn its whole group's advantages into NaN
-            i = bad[0]
-            raise ValueError(f"rollout step {step}: reward_fn returned {rewards[i].item()} for "
-                             f"{len(bad)} sample(s), first for prompt "
-                             f"{_prompt(rows[i // cfg.group_size])!r} and completion {texts[i]!r}")
-        adv = group_advantages(rewards.view(-1, cfg.group_size), cfg.scale_rewards)
-        zero_groups = (adv.abs() < 1e-8).all(dim=1)
-        adv = adv.flatten()
-        examples = [{"input_ids": p + c, "completion_mask": [0] * len(p) + [1] * len(c)}
-                    for p, c in pairs]
-        empty = [i for i, (_, c) in enumerate(pairs) if not c]
-        # only a model that can never end its text gets here (max_new_tokens >= 1, EOS kept)
-        if empty:
-            raise ValueError(f"rollout step {step}: samples {empty[:5]} have no completion token")
-
-        # 2. freeze the sampler as pi_old: its log-probs (and entropy) under no grad
-        mb_idx = chunks(torch.randperm(len(examples), generator=gen).tolist(), cfg.minibatch_size)
-        minibatches = [lm.collate([examples[i] for i in idx]) for idx in mb_idx]
-        with torch.no_grad():
-            old = [lm.token_logprobs(mb, with_entropy=True) for mb in minibatches]
-            ref_lp = ([lm.token_logprobs(mb, model=ref)[0] for mb in minibatches]
-                      if ref is not None else None)
-
-        # 3. several optimizer steps on the same rollout, each one the clipped surrogate
-        parts, grad_norms, updates = [], [], 0
-        for _ in range(cfg.ppo_epochs):
-            for j, (idx, mb) in enumerate(zip(mb_idx, minibatches)):
-                a = adv[idx].to(lm.device)
-                if cfg.kl_coef == 0 and bool((a.abs() < 1e-8).all()):
-                    continue  # no gradient here; an AdamW step would still move the weights
-                mask = mb["completion_mask"]
-                logp = lm.token_logprobs(mb)[0]
-                loss, metrics = clipped_surrogate(logp, old[j][0], a, mask, cfg.eps_low,
-                                                  cfg.eps_high)
-                if ref is not None:
-                    kl = _kl_k3(logp, ref_lp[j], mask.to(logp.dtype))
-                    loss = loss + cfg.kl_coef * kl
-                    metrics["kl"] = kl.item()
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                           cfg.grad_clip or float("inf"))
-                # stop before the step spoils the weights
-                if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-                    raise FloatingPointError(f"non-finite loss or gradient at rollout step {step}")
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                parts.append({**metrics, "loss": loss.item()})
-                grad_norms.append(grad_norm.item())
-                updates += 1
-
-        n_completion = sum(len(c) for _, c in pairs)
-        entropy = sum((e * mb["completion_mask"]).sum().item()
-                      for (_, e), mb in zip(old, minibatches)) / n_completion
-        rec = {"step": step, "reward": rewards.mean().item(),
-               "accuracy": (rewards > 0).float().mean().item(),
-               "entropy": entropy, "completion_length": n_completion / len(pairs),
-               "zero_adv_groups": zero_groups.float().mean().item(), "updates": updates,
-               # a rollout whose groups all tied took no step: nothing clipped, no ratio to report
-               "clipfrac": 0.0, "clipfrac_high": 0.0, "clipfrac_low": 0.0, "ratio_mean": None,
-               "ratio_max": None, "approx_kl": None, "loss": None,
-               **(merge_metrics(parts) if parts else {}),
-               "grad_norm": max(grad_norms) if grad_norms else None,
-               # sampled tokens per second of the whole step
-               "tokens_per_s": n_completion / (time.perf_counter() - t0)}
-        history.append(rec)
+        rollout = _sample_rollout(lm, rows, reward_fn, cfg, step)
+        history.append(_update(lm, opt, ref, rollout, cfg, gen, step))
+        # sampled tokens per second of the whole step: sampling, scoring and updates
+        history[-1]["tokens_per_s"] = (sum(len(c) for _, c in rollout.pairs)
+                                       / (time.perf_counter() - t0))
         if on_step is not None:
-            on_step(rec)
+            on_step(history[-1])
         if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
-            evaluate(step)
+            _evaluate(lm, eval_fn, step, evals)
     if out is not None:
         for name, recs in (("history", history), ("evals", evals)):
             (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
         lm.save_pretrained(out / "final")
     return {"history": history, "evals": evals}
+
+
+def _evaluate(lm, eval_fn, step: int, evals: list) -> None:
+    """Append ``eval_fn``'s record at ``step`` (if any), taken in eval mode; leave the model in
+    train mode."""
+    if eval_fn is not None:
+        lm.model.eval()
+        evals.append({"step": step, **eval_fn(lm)})
+    lm.model.train()
+
+
+def _sample_rollout(lm, rows: list, reward_fn, cfg: GRPOConfig, step: int) -> Rollout:
+    """``group_size`` samples per prompt of ``rows`` from the current policy, scored by the
+    verifiable reward, with their group advantages."""
+    pairs = lm.sample_ids([_prompt(r) for r in rows for _ in range(cfg.group_size)],
+                          cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature,
+                          batch_size=256)
+    texts = lm.tokenizer.batch_decode([c for _, c in pairs], skip_special_tokens=True)
+    rewards = torch.tensor([float(reward_fn(rows[i // cfg.group_size], t))
+                            for i, t in enumerate(texts)])
+    bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
+    if bad:  # a NaN reward would silently turn its whole group's advantages into NaN
+        i = bad[0]
+        raise ValueError(f"rollout step {step}: reward_fn returned {rewards[i].item()} for "
+                         f"{len(bad)} sample(s), first for prompt "
+                         f"{_prompt(rows[i // cfg.group_size])!r} and completion {texts[i]!r}")
+    empty = [i for i, (_, c) in enumerate(pairs) if not c]
+    # only a model that can never end its text gets here (max_new_tokens >= 1, EOS kept)
+    if empty:
+        raise ValueError(f"rollout step {step}: samples {empty[:5]} have no completion token")
+    adv = group_advantages(rewards.view(-1, cfg.group_size), cfg.scale_rewards)
+    zero_groups = (adv.abs() < 1e-8).all(dim=1).float().mean().item()
+    return Rollout(pairs, rewards, adv.flatten(), zero_groups)
+
+
+def _update(lm, opt, ref, rollout: Rollout, cfg: GRPOConfig, gen, step: int) -> dict:
+    """Freeze the sampler as pi_old, take the optimizer steps of ``ppo_epochs`` passes over the
+    rollout in minibatches, and return the step's record (without ``tokens_per_s``)."""
+    examples = [{"input_ids": p + c, "completion_mask": [0] * len(p) + [1] * len(c)}
+                for p, c in rollout.pairs]
+    mb_idx = chunks(torch.randperm(len(examples), generator=gen).tolist(), cfg.minibatch_size)
+    minibatches = [lm.collate([examples[i] for i in idx]) for idx in mb_idx]
+    with torch.no_grad():  # pi_old: the sampler's log-probs (and entropy)
+        old = [lm.token_logprobs(mb, with_entropy=True) for mb in minibatches]
+        ref_lp = ([lm.token_logprobs(mb, model=ref)[0] for mb in minibatches]
+                  if ref is not None else None)
+    parts, grad_norms = [], []
+    for _ in range(cfg.ppo_epochs):  # several optimizer steps on the same rollout
+        for j, (idx, mb) in enumerate(zip(mb_idx, minibatches)):
+            a = rollout.advantages[idx].to(lm.device)
+            if cfg.kl_coef == 0 and bool((a.abs() < 1e-8).all()):
+                continue  # no gradient here; an AdamW step would still move the weights
+            metrics, grad_norm = _optimizer_step(lm, opt, mb, old[j][0], a,
+                                                 ref_lp[j] if ref is not None else None, cfg, step)
+            parts.append(metrics)
+            grad_norms.append(grad_norm)
+    n_completion = sum(len(c) for _, c in rollout.pairs)
+    entropy = sum((e * mb["completion_mask"]).sum().item()
+                  for (_, e), mb in zip(old, minibatches)) / n_completion
+    rewards = rollout.rewards
+    return {"step": step, "reward": rewards.mean().item(),
+            "accuracy": (rewards > 0).float().mean().item(),
+            "entropy": entropy, "completion_length": n_completion / len(rollout.pairs),
+            "zero_adv_groups": rollout.zero_adv_groups, "updates": len(parts),
+            # a rollout whose groups all tied took no step: nothing clipped, no ratio to report
+            "clipfrac": 0.0, "clipfrac_high": 0.0, "clipfrac_low": 0.0, "ratio_mean": None,
+            "ratio_max": None, "approx_kl": None, "loss": None,
+            **(merge_metrics(parts) if parts else {}),
+            "grad_norm": max(grad_norms) if grad_norms else None}
+
+
+def _optimizer_step(lm, opt, mb: dict, logp_old, advantages, logp_ref, cfg: GRPOConfig,
+                    step: int) -> tuple:
+    """One optimizer step on a minibatch: the clipped surrogate (plus ``kl_coef`` times the k3
+    penalty against ``logp_ref``); returns its metrics and the gradient norm."""
+    mask = mb["completion_mask"]
+    logp = lm.token_logprobs(mb)[0]
+    loss, metrics = clipped_surrogate(logp, logp_old, advantages, mask, cfg.eps_low, cfg.eps_high)
+    if logp_ref is not None:
+        kl = masked_mean(kl_terms(logp, logp_ref), mask.to(logp.dtype))
+        loss = loss + cfg.kl_coef * kl
+        metrics["kl"] = kl.item()
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(lm.model.parameters(), cfg.grad_clip or float("inf"))
+    if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):  # before the step spoils weights
+        raise FloatingPointError(f"non-finite loss or gradient at rollout step {step}")
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return {**metrics, "loss": loss.item()}, grad_norm.item()
