@@ -14,8 +14,8 @@ import weakref
 import torch
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["token_logprobs", "compile_layers", "fast_head", "logit_scale", "ScaledHead", "hidden_and_head",
-           "CHUNK_ELEMENTS", "CHUNK_ELEMENTS_GPU"]
+__all__ = ["token_logprobs", "compile_layers", "fast_head", "logit_scale", "ScaledHead",
+           "hidden_and_head", "CHUNK_ELEMENTS", "CHUNK_ELEMENTS_GPU"]
 
 # Elements of one [rows, positions, vocab] float32 logits chunk: 2**25 floats (128 MiB) on CPU;
 # 2**28 (1 GiB) on GPU, where small chunks leave the vocabulary projection's matmuls too thin to be

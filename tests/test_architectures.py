@@ -5,6 +5,7 @@ import pytest
 import torch
 import transformers as T
 
+from minipsft import logprobs
 from minipsft.speed import ScaledHead, fast_head, token_logprobs
 
 SMALL = dict(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -20,7 +21,7 @@ CONFIGS = {
 }
 
 
-def _model(name):
+def build_model(name):
     torch.manual_seed(0)
     model = T.AutoModelForCausalLM.from_config(CONFIGS[name]()).eval()  # no dropout (gpt2)
     with torch.no_grad():  # logits far from uniform, so that a missing scale or cap shows
@@ -37,14 +38,12 @@ def _batch():
 
 
 def _reference(model, ids, attn):
-    logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits.float()
-    logp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-    return torch.cat([torch.zeros_like(logp[:, :1]), logp], 1) * attn
+    return logprobs.token_logprobs(model, ids, attn)[0]  # the model's own logits, plainly
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_token_logprobs_and_gradients_equal_the_models_own(name):
-    model = _model(name)
+    model = build_model(name)
     ids, attn = _batch()
     head = fast_head(model)
     assert head is not None  # the chunked fast path is exact for every one of these
@@ -63,7 +62,7 @@ def test_token_logprobs_and_gradients_equal_the_models_own(name):
 
 
 def test_a_head_that_would_differ_falls_back_to_the_models_logits():
-    model = _model("llama")
+    model = build_model("llama")
 
     class Doubled(type(model)):  # an architecture whose forward does more than its config says
         def forward(self, *args, **kwargs):
