@@ -301,7 +301,6 @@ def train_batch(lm, cfg, state, minibatches, starting, token_hook, after_step) -
         after_step(record)
 
 
-@torch.no_grad()
 def take_snapshot(lm, minibatches, j: int, cfg) -> list:
     """Freeze the current weights as pi_old for minibatch ``j`` and the batch's later ones: their
     log-probs now, one no-grad forward each (``None`` for ``j`` itself: its training forward is
@@ -309,9 +308,10 @@ def take_snapshot(lm, minibatches, j: int, cfg) -> list:
     was_training = lm.model.training
     lm.model.eval()  # dropout off (LoRA dropout, say): pi_old is the weights, not a dropout sample
     logps = [None] * len(minibatches)
-    for k in range(j + 1, len(minibatches)):
-        micros = micro_batches(minibatches[k], cfg)
-        logps[k] = torch.cat([lm.token_logprobs(micro)[0] for _, micro in micros])
+    with torch.no_grad():
+        for k in range(j + 1, len(minibatches)):
+            micros = micro_batches(minibatches[k], cfg)
+            logps[k] = torch.cat([lm.token_logprobs(micro)[0] for _, micro in micros])
     lm.model.train(was_training)
     return logps
 
