@@ -8,12 +8,12 @@
 set -o pipefail
 export PYTHONPATH=.:benchmarks HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  "${PYTHON:-python}" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 {
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', \
+"${PYTHON:-python}" -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, 'peft', peft.__version__)"
 } > $OUT/env.log 2>&1
 cat $OUT/env.log
@@ -23,9 +23,9 @@ timed() {  # timed SECONDS NAME command...: run, keep the log, record the wall t
   timeout $limit "$@" 2>&1 | quiet > $OUT/$name.log
   echo "rc ${PIPESTATUS[0]} wall $((SECONDS - t0)) s" >> $OUT/$name.log; tail -4 $OUT/$name.log
 }
-timed ${TESTS_S:-45} test_gpu python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+timed ${TESTS_S:-45} test_gpu "${PYTHON:-python}" -m pytest -q -p no:cacheprovider tests/test_gpu.py \
   -k "not compiled and not fused"
-timed ${LORA_S:-90} lora_memory_qwen05b python3 benchmarks/lora_memory.py --qwen-0.5b --device cuda
-timed ${REHEARSAL_S:-170} gsm8k_rehearsal python3 benchmarks/gsm8k_rehearsal.py --out /tmp/rehearsal
-timed ${PROBE_S:-200} gpu_preset_probe python3 benchmarks/gpu_preset_probe.py --cache /tmp/bases \
+timed ${LORA_S:-90} lora_memory_qwen05b "${PYTHON:-python}" benchmarks/lora_memory.py --qwen-0.5b --device cuda
+timed ${REHEARSAL_S:-170} gsm8k_rehearsal "${PYTHON:-python}" benchmarks/gsm8k_rehearsal.py --out /tmp/rehearsal
+timed ${PROBE_S:-200} gpu_preset_probe "${PYTHON:-python}" benchmarks/gpu_preset_probe.py --cache /tmp/bases \
   --workers 1 4 8

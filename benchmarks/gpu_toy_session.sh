@@ -17,17 +17,17 @@ mkdir -p "$OUT"
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null \
     || echo "no GPU (nvidia-smi not found)"
-  python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', \
+  "${PYTHON:-python}" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, 'threads', torch.get_num_threads())"
 } > "$OUT/env.log" 2>&1
 cat "$OUT/env.log"
 if [ -z "${SKIP_GPU_TESTS:-}" ]; then
-  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$OUT/test_gpu.log" 2>&1
+  timeout 120 "${PYTHON:-python}" -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$OUT/test_gpu.log" 2>&1
   echo "pytest rc $?" >> "$OUT/test_gpu.log"
   tail -3 "$OUT/test_gpu.log"
 fi
 start=$(date +%s)
-timeout "${REPRODUCE_S:-450}" python3 -m minipsft reproduce --preset "$PRESET" --device "$DEVICE" \
+timeout "${REPRODUCE_S:-450}" "${PYTHON:-python}" -m minipsft reproduce --preset "$PRESET" --device "$DEVICE" \
   --out "$OUT/toy_$PRESET" --cache "${CACHE:-/tmp/minipsft_session_cache}" 2>&1 \
   | tr '\r' '\n' | grep -Ev "it/s\]?$|s/it\]?$" > "$OUT/reproduce.log"
 rc=$?

@@ -2,6 +2,7 @@
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
@@ -9,7 +10,8 @@ ROOT = Path(__file__).parents[1]
 
 def test_the_gpu_session_script_runs_the_comparison_at_smoke_size_on_cpu(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path / "out"), PRESET="smoke", DEVICE="cpu",
-               SKIP_GPU_TESTS="1", CACHE=str(tmp_path / "cache"))
+               SKIP_GPU_TESTS="1", CACHE=str(tmp_path / "cache"),
+               PYTHON=sys.executable)  # the running interpreter, not whichever is on PATH
     done = subprocess.run(["bash", "benchmarks/gpu_toy_session.sh"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]

@@ -1,5 +1,6 @@
 """Training loop: learning, the snapshot schedule and the clip, equivalences, resume, determinism, errors."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -282,3 +283,19 @@ def test_official_warmup_counts_batches_and_starts_at_zero(examples):
         cfg(lr_warmup_steps=2, lr_warmup_batches=2).check()
     with pytest.raises(ValueError, match="loss_aggregation='sum'"):
         cfg(loss_aggregation="sum").check()
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_on_resume(examples, tmp_path):
+    """A checkpoint is data: one holding a pickled object whose loading runs code is refused."""
+    train(tiny_lm(), examples, cfg(epochs=1), run=RunFolder(tmp_path))
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # tensors and plain values
+
+    class Payload:
+        def __reduce__(self):  # unpickling this would call exec(...)
+            return (exec, ("open('PWNED', 'w').write('ran')",))
+
+    ck["history"] = Payload()
+    torch.save(ck, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match="only tensors and plain values; refused"):
+        train(tiny_lm(), examples, cfg(epochs=1), run=RunFolder(tmp_path, resume=True))
+    assert not (tmp_path / "PWNED").exists() and not Path("PWNED").exists()
