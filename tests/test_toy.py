@@ -174,3 +174,23 @@ def test_frontier_gap_and_its_bootstrap_on_hand_made_records():
     assert summary["sft"]["gap"] == pytest.approx(0.1)
     assert summary["sft"]["ci95"] == pytest.approx([0.1, 0.1])  # identical seeds: no spread
     assert largest_gap({"a": points["psft"], "b": points["psft"]}, "a", "b", [0.6])[0] == 0
+
+
+def test_a_half_written_base_is_ignored_and_rebuilt(tmp_path):
+    """A base folder without its completion mark (a pretraining killed while saving) is ignored,
+    said so, and pretrained again into a complete folder."""
+    from minipsft.lab import toy
+
+    cfg = toy.BaseConfig(hidden=16, layers=1, heads=2, pretrain_rows=256, pretrain_batch=64)
+    half = tmp_path / f"base-{cfg.key()}"
+    half.mkdir()
+    (half / "config.json").write_text("{}")  # what a kill mid-save leaves
+    (half / "model.safetensors").write_bytes(b"partial")
+    with pytest.warns(UserWarning, match="no base_config.json"):
+        lm, path, loaded = toy.pretrained_base(cfg, tmp_path, progress=False, shipped=False)
+    assert not loaded and path == half and (half / "base_config.json").exists()
+    assert not list(tmp_path.glob("*.tmp-*"))  # the temporary folder was renamed into place
+    again, _, loaded = toy.pretrained_base(cfg, tmp_path, progress=False, shipped=False)
+    assert loaded
+    for p, q in zip(lm.model.parameters(), again.model.parameters()):
+        assert torch.equal(p, q)

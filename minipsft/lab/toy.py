@@ -30,8 +30,11 @@ The tokenizer is a real Hugging Face tokenizer (``model.char_tokenizer``) saved 
 """
 import hashlib
 import json
+import os
 import random
 import re
+import shutil
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,6 +42,7 @@ import torch
 
 from ..char_tokenizer import char_tokenizer
 from ..model import CausalLM
+from ..runs import Progress
 from ..logprobs import heldout_eval
 from ..train import TrainConfig, train
 
@@ -209,11 +213,19 @@ def pretrained_base(cfg: BaseConfig, cache_dir, progress: bool = True, device="c
                     shipped: bool = True) -> tuple:
     """The base model: loaded from ``cache_dir/base-<hash>`` or (``shipped=True``) from the bases
     that come with the package, else pretrained (deterministic for a given thread count) and saved
-    in ``cache_dir``. Returns ``(CausalLM, path, loaded_not_pretrained)``."""
+    in ``cache_dir``. Returns ``(CausalLM, path, loaded_not_pretrained)``.
+
+    A base is never half-written: it is saved into a temporary folder of this process, its
+    completion mark (``base_config.json``) last, then renamed into place; when two processes
+    pretrain the same base, the first rename wins. A folder without the mark is ignored."""
     path = Path(cache_dir) / f"base-{cfg.key()}"
     for folder in (path, SHIPPED_BASES / path.name) if shipped else (path,):
-        if (folder / "config.json").exists():
+        if (folder / "base_config.json").exists():
             return CausalLM.from_pretrained(folder, device=device, dtype="float32"), folder, True
+    if path.exists():
+        warnings.warn(f"ignoring {path}: it has no base_config.json (a pretraining that did not "
+                      "finish); pretraining the base again")
+        shutil.rmtree(path, ignore_errors=True)
     lm = new_model(cfg, device)
     examples = lm.encode(pretrain_rows(cfg.pretrain_rows, cfg.pretrain_seed))
     steps = len(examples) // cfg.pretrain_batch
@@ -221,9 +233,14 @@ def pretrained_base(cfg: BaseConfig, cache_dir, progress: bool = True, device="c
           TrainConfig(method="sft", epochs=1, lr=cfg.pretrain_lr, batch_size=cfg.pretrain_batch,
                       minibatch_size=cfg.pretrain_batch, lr_warmup_steps=max(1, steps // 20),
                       lr_schedule="cosine", weight_decay=0.1, seed=cfg.pretrain_seed,
-                      progress=progress))
-    lm.save_pretrained(path)
-    (path / "base_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+                      progress=progress), run=Progress())
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    lm.save_pretrained(tmp)
+    (tmp / "base_config.json").write_text(json.dumps(asdict(cfg), indent=2))  # the mark, last
+    try:
+        os.rename(tmp, path)
+    except OSError:  # another process renamed its copy first: the same weights, keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
     return lm, path, False
 
 
