@@ -82,14 +82,14 @@ def test_help_lists_every_setting(capsys):
 
 
 def test_reproduce_set_parses_each_field_by_its_type():
-    from minipsft.cli import _overrides
+    from minipsft.lab.commands import preset_overrides
 
-    assert _overrides(["lr=3e-4", "epochs=2", "compile=true", "length_bucketing=no", "max_length=512"]) == \
+    assert preset_overrides(["lr=3e-4", "epochs=2", "compile=true", "length_bucketing=no", "max_length=512"]) == \
         {"lr": 3e-4, "epochs": 2, "compile": True, "length_bucketing": False, "max_length": 512}
     for bad, message in [("compile=maybe", "compile takes true or false"), ("nonsense=1", "FIELD=VALUE"),
                          ("seeds=1", "FIELD=VALUE")]:
         with pytest.raises(SystemExit, match=message):
-            _overrides([bad])
+            preset_overrides([bad])
 
 
 def _error(argv, capsys=None) -> str:
@@ -130,7 +130,7 @@ def test_a_model_that_cannot_be_loaded_is_one_line(tmp_path, monkeypatch):
 
 
 def test_debug_shows_the_traceback(saved_model_dir, tmp_path):
-    from minipsft.model import DataError, ModelLoadError
+    from minipsft.errors import DataError, ModelLoadError
 
     data = _jsonl(tmp_path / "d.jsonl", [GOOD])
     with pytest.raises(ModelLoadError):  # the exception itself, not a one-line exit
