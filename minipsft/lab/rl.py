@@ -97,17 +97,6 @@ def _prompt(row: dict):
     raise ValueError(f"a prompt row needs 'prompt' or 'messages', got keys {sorted(row)}")
 
 
-@dataclass
-class Rollout:
-    """One rollout step's samples: the prompt and completion token ids of each sample (a group of
-    ``group_size`` per prompt, in order), their rewards and advantages, and the share of groups
-    whose rewards all tied (no gradient)."""
-    pairs: list
-    rewards: torch.Tensor
-    advantages: torch.Tensor
-    zero_adv_groups: float
-
-
 def grpo(lm, prompts: list, reward_fn, cfg: GRPOConfig, eval_fn=None, out_dir=None,
          on_step=None) -> dict:
     """Train ``lm`` in place with GRPO; return ``{"history": [...], "evals": [...]}``.
@@ -143,11 +132,10 @@ def grpo(lm, prompts: list, reward_fn, cfg: GRPOConfig, eval_fn=None, out_dir=No
             order += torch.randperm(len(prompts), generator=gen).tolist()
         rows, order = ([prompts[i] for i in order[:cfg.prompts_per_step]],
                        order[cfg.prompts_per_step:])
-        rollout = _sample_rollout(lm, rows, reward_fn, cfg, step)
-        history.append(_update(lm, opt, ref, rollout, cfg, gen, step))
+        pairs, rewards = _sample(lm, rows, reward_fn, cfg, step)
+        history.append(_update(lm, opt, ref, pairs, rewards, cfg, gen, step))
         # sampled tokens per second of the whole step: sampling, scoring and updates
-        history[-1]["tokens_per_s"] = (sum(len(c) for _, c in rollout.pairs)
-                                       / (time.perf_counter() - t0))
+        history[-1]["tokens_per_s"] = sum(len(c) for _, c in pairs) / (time.perf_counter() - t0)
         if on_step is not None:
             on_step(history[-1])
         if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
@@ -168,9 +156,9 @@ def _evaluate(lm, eval_fn, step: int, evals: list) -> None:
     lm.model.train()
 
 
-def _sample_rollout(lm, rows: list, reward_fn, cfg: GRPOConfig, step: int) -> Rollout:
-    """``group_size`` samples per prompt of ``rows`` from the current policy, scored by the
-    verifiable reward, with their group advantages."""
+def _sample(lm, rows: list, reward_fn, cfg: GRPOConfig, step: int) -> tuple:
+    """The rollout: ``group_size`` samples per prompt of ``rows`` from the current policy (their
+    prompt and completion token ids, a group after the other), and their verifiable rewards."""
     pairs = lm.sample_ids([_prompt(r) for r in rows for _ in range(cfg.group_size)],
                           cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature,
                           batch_size=256)
@@ -187,16 +175,18 @@ def _sample_rollout(lm, rows: list, reward_fn, cfg: GRPOConfig, step: int) -> Ro
     # only a model that can never end its text gets here (max_new_tokens >= 1, EOS kept)
     if empty:
         raise ValueError(f"rollout step {step}: samples {empty[:5]} have no completion token")
+    return pairs, rewards
+
+
+def _update(lm, opt, ref, pairs: list, rewards, cfg: GRPOConfig, gen, step: int) -> dict:
+    """Score each sample against its group, freeze the sampler as pi_old, take the optimizer steps
+    of ``ppo_epochs`` passes over the rollout in minibatches; return the step's record (all but
+    ``tokens_per_s``)."""
     adv = group_advantages(rewards.view(-1, cfg.group_size), cfg.scale_rewards)
-    zero_groups = (adv.abs() < 1e-8).all(dim=1).float().mean().item()
-    return Rollout(pairs, rewards, adv.flatten(), zero_groups)
-
-
-def _update(lm, opt, ref, rollout: Rollout, cfg: GRPOConfig, gen, step: int) -> dict:
-    """Freeze the sampler as pi_old, take the optimizer steps of ``ppo_epochs`` passes over the
-    rollout in minibatches, and return the step's record (without ``tokens_per_s``)."""
+    zero_groups = (adv.abs() < 1e-8).all(dim=1)
+    adv = adv.flatten()
     examples = [{"input_ids": p + c, "completion_mask": [0] * len(p) + [1] * len(c)}
-                for p, c in rollout.pairs]
+                for p, c in pairs]
     mb_idx = chunks(torch.randperm(len(examples), generator=gen).tolist(), cfg.minibatch_size)
     minibatches = [lm.collate([examples[i] for i in idx]) for idx in mb_idx]
     with torch.no_grad():  # pi_old: the sampler's log-probs (and entropy)
@@ -206,21 +196,20 @@ def _update(lm, opt, ref, rollout: Rollout, cfg: GRPOConfig, gen, step: int) -> 
     parts, grad_norms = [], []
     for _ in range(cfg.ppo_epochs):  # several optimizer steps on the same rollout
         for j, (idx, mb) in enumerate(zip(mb_idx, minibatches)):
-            a = rollout.advantages[idx].to(lm.device)
+            a = adv[idx].to(lm.device)
             if cfg.kl_coef == 0 and bool((a.abs() < 1e-8).all()):
                 continue  # no gradient here; an AdamW step would still move the weights
             metrics, grad_norm = _optimizer_step(lm, opt, mb, old[j][0], a,
                                                  ref_lp[j] if ref is not None else None, cfg, step)
             parts.append(metrics)
             grad_norms.append(grad_norm)
-    n_completion = sum(len(c) for _, c in rollout.pairs)
+    n_completion = sum(len(c) for _, c in pairs)
     entropy = sum((e * mb["completion_mask"]).sum().item()
                   for (_, e), mb in zip(old, minibatches)) / n_completion
-    rewards = rollout.rewards
     return {"step": step, "reward": rewards.mean().item(),
             "accuracy": (rewards > 0).float().mean().item(),
-            "entropy": entropy, "completion_length": n_completion / len(rollout.pairs),
-            "zero_adv_groups": rollout.zero_adv_groups, "updates": len(parts),
+            "entropy": entropy, "completion_length": n_completion / len(pairs),
+            "zero_adv_groups": zero_groups.float().mean().item(), "updates": len(parts),
             # a rollout whose groups all tied took no step: nothing clipped, no ratio to report
             "clipfrac": 0.0, "clipfrac_high": 0.0, "clipfrac_low": 0.0, "ratio_mean": None,
             "ratio_max": None, "approx_kl": None, "loss": None,
