@@ -6,8 +6,7 @@ import functools
 
 import torch
 
-from .speed import (CHUNK_ELEMENTS, CHUNK_ELEMENTS_GPU, fast_head, hidden_and_head,
-                    token_logprobs)
+from .speed import CHUNK_ELEMENTS, CHUNK_ELEMENTS_GPU, decoder_hidden, fast_head, token_logprobs
 
 __all__ = ["fused_head_loss", "objective_terms", "objective_loss"]
 
@@ -108,7 +107,7 @@ def fused_head_loss(model, input_ids, attention_mask, loss_mask, terms, with_ent
                                        chunk_elements)
         loss = (terms(logp[:, 1:], slice(None)) * mask).sum() / mask.sum()
         return loss, logp.detach(), entropy
-    hidden, head = hidden_and_head(model, input_ids, attention_mask)
+    hidden = decoder_hidden(model, input_ids, attention_mask)
     if chunk_elements is None:
         chunk_elements = CHUNK_ELEMENTS_GPU if hidden.is_cuda else CHUNK_ELEMENTS
     hidden, targets = hidden[:, :-1], input_ids[:, 1:]

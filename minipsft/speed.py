@@ -14,8 +14,10 @@ import weakref
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from . import logprobs
+
 __all__ = ["token_logprobs", "compile_layers", "fast_head", "logit_scale", "ScaledHead",
-           "hidden_and_head", "CHUNK_ELEMENTS", "CHUNK_ELEMENTS_GPU"]
+           "decoder_hidden", "CHUNK_ELEMENTS", "CHUNK_ELEMENTS_GPU"]
 
 # Elements of one [rows, positions, vocab] float32 logits chunk: 2**25 floats (128 MiB) on CPU;
 # 2**28 (1 GiB) on GPU, where small chunks leave the vocabulary projection's matmuls too thin to be
@@ -122,16 +124,10 @@ def _same_logits(model, decoder, head) -> bool:
     return own.shape == ours.shape and bool((ours - own).abs().max() <= 1e-3 * own.abs().max())
 
 
-def hidden_and_head(model, input_ids, attention_mask):
-    """The decoder's final hidden states and ``fast_head(model)``, or (the model's own logits,
-    identity) when no head reproduces them."""
-    head = fast_head(model)
-    if head is not None:
-        out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                  use_cache=False)
-        return out.last_hidden_state, head
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    return logits, torch.nn.Identity()
+def decoder_hidden(model, input_ids, attention_mask):
+    """The decoder's final hidden states (what ``fast_head`` turns into logits)."""
+    return model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                               use_cache=False).last_hidden_state
 
 
 def _logits_fit(hidden, elements: int) -> bool:
@@ -147,23 +143,23 @@ def _logits_fit(hidden, elements: int) -> bool:
 def token_logprobs(model, input_ids, attention_mask, with_entropy: bool = False,
                    chunk_elements: int | None = None, keep_logits: bool | None = None,
                    compile: str | None = None):
-    """Per-token log-probs (and entropies) aligned with ``input_ids``: shape [B, T],
-    position 0 is 0.
-
-    ``logp[b, t] = log pi(input_ids[b, t] | input_ids[b, :t])``; ``entropy[b, t]`` is the entropy of
-    pi(. | input_ids[b, :t]). Padding positions are 0. The vocabulary projection runs in chunks of
-    positions. With gradients on, what backward needs of each chunk's logits is either kept
+    """``logprobs.token_logprobs``'s log-probs and entropies, the vocabulary projection run from
+    the hidden states in chunks of positions (the reference path itself for a model no
+    ``fast_head`` reproduces). With gradients on, what backward needs of each chunk's logits is either kept
     (``keep_logits=True``) or recomputed in backward by activation checkpointing (``False``: at most
     one chunk of logits is alive at a time, for one more vocabulary matmul per chunk). ``None``
     keeps them on a GPU whose free memory holds them twice over, and recomputes otherwise.
     ``compile``: a torch.compile backend for the chunks (log-softmax, gather and entropy fused).
     """
-    hidden, head = hidden_and_head(model, input_ids, attention_mask)
+    head = fast_head(model)
+    if head is None:
+        return logprobs.token_logprobs(model, input_ids, attention_mask, with_entropy)
+    hidden = decoder_hidden(model, input_ids, attention_mask)
     if chunk_elements is None:
         chunk_elements = CHUNK_ELEMENTS_GPU if hidden.is_cuda else CHUNK_ELEMENTS
     hidden, targets = hidden[:, :-1], input_ids[:, 1:]
     B, T1 = targets.shape
-    vocab = hidden.shape[-1] if isinstance(head, torch.nn.Identity) else head.out_features
+    vocab = head.out_features
     step = max(1, chunk_elements // max(1, B * vocab))
     recompute = torch.is_grad_enabled() and T1 > step and not (
         keep_logits if keep_logits is not None else _logits_fit(hidden, B * T1 * vocab))
