@@ -9,11 +9,14 @@ would take at each worker count.
 """
 import argparse
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import torch
 
-from minipsft.lab import experiments, toy
+from minipsft.lab import toy
+from minipsft.lab.presets import PRESETS, arm_config
+from minipsft.lab.records import Job, Site
+from minipsft.lab.runner import run_jobs
 
 
 def main():
@@ -27,7 +30,7 @@ def main():
                     help="pretrain the base on fewer rows (a quicker, weaker base)")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    p = experiments.PRESETS[args.preset]
+    p = PRESETS[args.preset]
     if args.pretrain_rows:
         p = replace(p, base=replace(p.base, pretrain_rows=args.pretrain_rows))
     t0 = time.perf_counter()
@@ -51,14 +54,13 @@ def main():
     n_runs = len(p.arms) * len(p.seeds)
     single = None  # seconds per run when alone on the device, and per epoch
     for workers in args.workers:
-        jobs = [dict(preset=one_epoch, base_path=str(base_path), threads=max(1, 16 // workers),
-                     device=device, arm=arms[k % len(arms)], seed=k, group="probe",
-                     config=asdict(experiments.arm_config(one_epoch, arms[k % len(arms)])))
-                for k in range(workers)]
+        site = Site(one_epoch, str(base_path), device, threads=max(1, 16 // workers))
+        jobs = [Job(arm, k, "probe", arm, arm_config(one_epoch, arm), site)
+                for k, arm in ((k, arms[k % len(arms)]) for k in range(workers))]
         t0 = time.perf_counter()
-        runs = experiments.run_jobs(jobs, workers, f"{workers} runs at once")
+        runs = run_jobs(jobs, workers, f"{workers} runs at once")
         wall = time.perf_counter() - t0
-        mean_run = sum(r["seconds"] for r in runs) / len(runs)
+        mean_run = sum(r.seconds for r in runs) / len(runs)
         if single is None:
             single = (mean_run, mean_run - 2 * eval_s)
         slowdown = mean_run / single[0]  # what sharing the device costs each run

@@ -1,7 +1,7 @@
 """A dress rehearsal of notebook 06 (the gsm8k preset) at real size, without the hub: a model of
 Qwen2.5-0.5B's shape (151,936-token vocabulary, 24 layers, bf16) with random weights, and synthetic
 rows in the hub schemas of GSM8K, TruthfulQA MC1 and ARC-Challenge, through the gsm8k preset's exact
-code path (``experiments.reproduce("gsm8k", model=..., data_dir=...)``): one arm, one epoch, a
+code path (``runner.reproduce("gsm8k", model=..., data_dir=...)``): one arm, one epoch, a
 reduced evaluation. Prints the time per epoch, the time of one evaluation and the peak GPU memory.
 
     python benchmarks/gsm8k_rehearsal.py --out DIR [--n-train 2048] [--n-eval 64] [--small]
@@ -21,7 +21,9 @@ from pathlib import Path
 
 import torch
 
-from minipsft.lab import experiments, real
+from minipsft.lab import real
+from minipsft.lab.presets import PRESETS
+from minipsft.lab.runner import reproduce
 from minipsft.char_tokenizer import char_tokenizer
 from minipsft.model import CausalLM
 
@@ -95,7 +97,7 @@ def main():
 
     lm = CausalLM.from_pretrained(out / "model", device=device)
     data = real.world_data(args.n_train, args.n_eval, args.n_eval, out / "data")
-    p = experiments.PRESETS["gsm8k"]
+    p = PRESETS["gsm8k"]
     lengths = [len(e["input_ids"]) for e in lm.encode(data["train"], max_length=p.max_length)]
     completion = [sum(e["completion_mask"]) for e in lm.encode(data["train"])]
     print(f"tokens per training row: mean {sum(lengths) / len(lengths):.0f}, max {max(lengths)}; "
@@ -117,10 +119,9 @@ def main():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
-    res = experiments.reproduce("gsm8k", out / "results", model=str(out / "model"),
-                                data_dir=str(out / "data"), device=device, arms=("psft",), epochs=1,
-                                n_train=args.n_train, n_id_eval=args.n_eval,
-                                ood_per_task=args.n_eval)
+    res = reproduce("gsm8k", out / "results", model=str(out / "model"),
+                    data_dir=str(out / "data"), device=device, arms=("psft",), epochs=1,
+                    n_train=args.n_train, n_id_eval=args.n_eval, ood_per_task=args.n_eval)
     run_s = res["summary"]["run_seconds"]["psft-s0"]
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     epoch_s = run_s - 2 * eval_s  # the run evaluates before training and after the epoch

@@ -30,7 +30,7 @@ def test_import_minipsft_needs_no_trl():
     import subprocess
     import sys
 
-    code = ("import sys, minipsft, minipsft.cli, minipsft.lab.experiments, minipsft.lab.rl, minipsft.lab.reports, "
+    code = ("import sys, minipsft, minipsft.cli, minipsft.lab.runner, minipsft.lab.rl_stage, minipsft.lab.rl, minipsft.lab.reports, "
             "minipsft.lab.claims; "
             "print('trl' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()

@@ -11,14 +11,15 @@ HISTORY_KEYS = ("loss", "entropy", "clipfrac", "grad_norm")
 
 
 def pinned_run(tmp_path) -> dict:
-    from minipsft.lab import experiments
+    from minipsft.lab.results import load_results
+    from minipsft.lab.runner import reproduce
 
-    res = experiments.reproduce("smoke", tmp_path / "out", cache_dir=tmp_path / "cache",
-                                arms=("psft", "sft_paper"), epochs=2, workers=1, device="cpu")
+    res = reproduce("smoke", tmp_path / "out", cache_dir=tmp_path / "cache",
+                    arms=("psft", "sft_paper"), epochs=2, workers=1, device="cpu")
     records = [{k: v for k, v in r.items() if isinstance(v, (int, float, str))}
                for r in res["records"]]
-    runs = experiments.load_results(tmp_path / "out")["runs"]
-    history = {r["job"]["arm"]: [{k: h[k] for k in HISTORY_KEYS} for h in r["history"]]
+    runs = load_results(tmp_path / "out")["runs"]
+    history = {r.job.arm: [{k: h[k] for k in HISTORY_KEYS} for h in r.history]
                for r in runs}
     return {"records": records, "history": history}
 

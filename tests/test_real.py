@@ -98,7 +98,7 @@ def test_reproduce_gsm8k_needs_a_model(tmp_path):
 
 
 def test_gsm8k_preset_accumulates_micro_batches_in_length_buckets_for_every_arm():
-    from minipsft.lab.experiments import PRESETS, arm_config
+    from minipsft.lab.presets import PRESETS, arm_config
 
     p = PRESETS["gsm8k"]
     for arm in p.arms:
@@ -111,7 +111,7 @@ def test_same_preset_reads_settings_missing_from_an_old_results_folder_as_their_
     import json
     from dataclasses import asdict, replace
 
-    from minipsft.lab.experiments import PRESETS, same_preset
+    from minipsft.lab.presets import PRESETS, same_preset
 
     saved = json.loads(json.dumps(asdict(PRESETS["cpu"])))
     for later in ("micro_batch_size", "length_bucketing", "compile", "gradient_checkpointing"):
@@ -123,7 +123,7 @@ def test_same_preset_reads_settings_missing_from_an_old_results_folder_as_their_
 
 
 def test_reproduce_or_load_takes_folders_as_paths_and_loads_the_second_time(tmp_path, capsys):
-    from minipsft.lab.experiments import reproduce_or_load
+    from minipsft.lab.runner import reproduce_or_load
 
     model_dir = tmp_path / "model"
     tiny_lm(max_positions=512).save_pretrained(model_dir)

@@ -11,7 +11,8 @@ import torch
 from transformers import AutoTokenizer
 
 from minipsft.lab import toy
-from minipsft.lab.experiments import PRESETS, ablation_jobs, arm_config
+from minipsft.lab.ablations import ABLATIONS, ablation_jobs
+from minipsft.lab.presets import PRESETS, arm_config
 
 
 def test_teacher_demonstrations_pass_their_own_checker():
@@ -92,16 +93,30 @@ def test_arms_share_schedule_and_differ_only_where_stated():
 
 def test_ablation_settings():
     p = PRESETS["smoke"]
-    refresh = {j["setting"]: j["config"] for j in ablation_jobs(p, "refresh", {})}
-    assert [c["batch_size"] // c["minibatch_size"] for k, c in refresh.items() if k != "refresh never"] == [1, 4, 8, 16]
-    assert refresh["refresh never"]["refresh_pi_old"] is False
-    eps = {j["setting"]: j["config"]["eps_high"] for j in ablation_jobs(p, "eps", {})}
+    refresh = {j.setting: j.config for j in ablation_jobs(p, "refresh")}
+    assert [c.batch_size // c.minibatch_size for k, c in refresh.items() if k != "refresh never"] == [1, 4, 8, 16]
+    assert refresh["refresh never"].refresh_pi_old is False
+    eps = {j.setting: j.config.eps_high for j in ablation_jobs(p, "eps")}
     assert eps == {"eps_high 0.14": 0.14, "eps_high 0.28": 0.28, "eps_high 0.42": 0.42, "no clip": 1e9}
-    warm = [j["config"]["sft_warmup_steps"] for j in ablation_jobs(p, "warmup", {})]
+    warm = [j.config.sft_warmup_steps for j in ablation_jobs(p, "warmup")]
     assert warm[0] == 0 and warm[1] > 0
     with pytest.raises(ValueError, match="unknown ablation"):
-        ablation_jobs(p, "lr", {})
+        ablation_jobs(p, "lr")
 
+
+
+def test_an_ablation_is_one_registry_entry(monkeypatch):
+    from minipsft.lab.ablations import Ablation
+
+    p = PRESETS["smoke"]
+    for name in ABLATIONS:
+        jobs = ablation_jobs(p, name)
+        assert jobs and {j.group for j in jobs} == {name}
+        assert len({j.name for j in jobs}) == len(jobs)  # one history file per run
+    kl = Ablation(lambda p: [("sft_kl", f"kl {c}", dict(kl_coef=c)) for c in (0.1, 1.0)])
+    monkeypatch.setitem(ABLATIONS, "kl", kl)
+    jobs = ablation_jobs(p, "kl")
+    assert [(j.setting, j.seed, j.config.kl_coef) for j in jobs] == [("kl 0.1", 0, 0.1), ("kl 1.0", 0, 1.0)]
 
 def test_reproduce_smoke_writes_results_and_figures(tmp_path):
     out = tmp_path / "out"
@@ -142,15 +157,15 @@ def test_the_quick_preset_is_the_cpu_world_smaller():
 
 
 def test_frontier_jobs_sweep_the_lrs_for_every_arm():
-    from minipsft.lab.experiments import FRONTIER_LRS, FRONTIER_PAPER_LRS
+    from minipsft.lab.ablations import FRONTIER_LRS, FRONTIER_PAPER_LRS
 
-    jobs = ablation_jobs(PRESETS["cpu"], "frontier", {})
+    jobs = ablation_jobs(PRESETS["cpu"], "frontier")
     assert len(jobs) == (3 * len(FRONTIER_LRS) + len(FRONTIER_PAPER_LRS)) * 3
-    lrs = {(j["arm"], j["config"]["lr"]) for j in jobs}
+    lrs = {(j.arm, j.config.lr) for j in jobs}
     assert ("psft", 1e-4) in lrs and ("sft", 3e-3) in lrs and ("sft_paper", 2e-3) in lrs
     assert max(FRONTIER_LRS) / min(FRONTIER_LRS) >= 10
-    paper = [j for j in jobs if j["arm"] == "sft_paper"]
-    assert all(j["config"]["minibatch_size"] == j["config"]["batch_size"] for j in paper)
+    paper = [j for j in jobs if j.arm == "sft_paper"]
+    assert all(j.config.minibatch_size == j.config.batch_size for j in paper)
 
 
 def test_frontier_gap_and_its_bootstrap_on_hand_made_records():

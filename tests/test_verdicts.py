@@ -71,7 +71,8 @@ def test_sign_rule_known_values():
 
 def test_the_sawtooth_hook_measures_held_out_entropy_only_near_epoch_boundaries():
     from minipsft.lab import toy
-    from minipsft.lab.experiments import PRESETS, SAWTOOTH_STEPS, heldout_near_boundaries
+    from minipsft.lab.ablations import SAWTOOTH_STEPS, heldout_near_boundaries
+    from minipsft.lab.presets import PRESETS
     from minipsft.train import TrainConfig
     from minipsft.lab.worlds import ToyWorld
 
@@ -90,12 +91,13 @@ def test_the_sawtooth_hook_measures_held_out_entropy_only_near_epoch_boundaries(
 
 
 def test_boundary_effect_is_the_boundary_drop_minus_the_mean_drop_inside_epochs():
-    from minipsft.lab.claims import _boundary_effects
+    from minipsft.lab.records import Job, Run
+    from minipsft.lab.verdicts import boundary_effects
 
     hist = [{"epoch": 1, "h": 1.0}, {"epoch": 1, "h": 0.9}, {"epoch": 1, "h": 0.8},
             {"epoch": 2, "h": 0.3}, {"epoch": 2, "h": 0.2}, {"epoch": 2}]  # last: not measured
-    run = {"job": {"arm": "sft", "group": "g"}, "history": hist}
-    assert _boundary_effects([run], "sft", "h", "g") == pytest.approx([0.5 - 0.1])
+    run = Run(Job("sft", 0, "g", "sft"), [], hist)
+    assert boundary_effects([run], "sft", "h", "g") == pytest.approx([0.5 - 0.1])
 
 
 def test_a_second_size_gives_each_main_claim_its_own_verdict(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 from conftest import addition_rows, tiny_lm
 
 from minipsft.lab import worlds
-from minipsft.lab.experiments import PRESETS
+from minipsft.lab.presets import PRESETS
 
 
 def _write(path, rows):
@@ -122,7 +122,7 @@ def test_a_panel_is_drawn_only_for_a_metric_with_data():
 
 
 def test_rl_starts_from_a_files_world_checkpoint_with_the_exact_match_reward(files, tmp_path):
-    from minipsft.lab.experiments import reproduce_rl
+    from minipsft.lab.rl_stage import reproduce_rl
 
     finetune = dict(model=files["model"], train_file=files["train"], test_file=files["test"],
                     ood_files=(f"mc={files['mc']}",), epochs=1, batch_size=8, minibatch_size=2,
@@ -133,9 +133,9 @@ def test_rl_starts_from_a_files_world_checkpoint_with_the_exact_match_reward(fil
     assert {r["start"] for r in res["records"]} == {"base", "psft"}
     assert set(res["summary"]["best_checkpoints"]) == {"psft-s0"}
     for run in res["runs"]:
-        assert [h["step"] for h in run["history"]] == [1, 2]
-        assert all(0.0 <= h["reward"] <= 1.0 for h in run["history"])
-        assert {"id_acc", "ood_mc", "entropy", "reward"} <= set(run["records"][-1])
+        assert [h["step"] for h in run.history] == [1, 2]
+        assert all(0.0 <= h["reward"] <= 1.0 for h in run.history)
+        assert {"id_acc", "ood_mc", "entropy", "reward"} <= set(run.records[-1])
     report = (tmp_path / "rl" / "report.md").read_text()
     assert report.startswith("# GRPO after fine-tuning on train.jsonl") and "nan" not in report
     assert (tmp_path / "rl" / "rl_after_finetuning.png").stat().st_size > 20_000
@@ -144,7 +144,7 @@ def test_rl_starts_from_a_files_world_checkpoint_with_the_exact_match_reward(fil
 def test_the_base_the_fine_tuning_and_the_evaluator_get_the_requested_device(tmp_path,
                                                                               monkeypatch):
     """A spy stands in for a GPU: it records the device asked for and loads on the CPU."""
-    from minipsft.lab import experiments, toy
+    from minipsft.lab import runner, toy
     from minipsft.model import CausalLM
 
     asked = []
@@ -159,7 +159,7 @@ def test_the_base_the_fine_tuning_and_the_evaluator_get_the_requested_device(tmp
         return from_pretrained(cls, path, device="cpu", **kw)
 
     evaluated = []
-    make_world = experiments.make_world
+    make_world = runner.make_world
 
     def spy_world(p):
         world = make_world(p)
@@ -169,9 +169,9 @@ def test_the_base_the_fine_tuning_and_the_evaluator_get_the_requested_device(tmp
 
     monkeypatch.setattr(toy, "pretrained_base", spy_base)
     monkeypatch.setattr(CausalLM, "from_pretrained", classmethod(spy_load))
-    monkeypatch.setattr(experiments, "make_world", spy_world)
-    experiments.reproduce("smoke", tmp_path / "out", cache_dir=tmp_path / "cache", device="cuda:7",
-                          arms=("psft",), epochs=1, workers=1)
+    monkeypatch.setattr(runner, "make_world", spy_world)
+    runner.reproduce("smoke", tmp_path / "out", cache_dir=tmp_path / "cache", device="cuda:7",
+                     arms=("psft",), epochs=1, workers=1)
     assert ("base", "cuda:7") in asked and ("fine-tuning", "cuda:7") in asked
     assert {device for _, device in asked} == {"cuda:7"}
     assert len(evaluated) == 1  # the run's evaluator is built on the model it fine-tunes

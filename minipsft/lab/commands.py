@@ -9,9 +9,12 @@ import textwrap
 import typing
 from pathlib import Path
 
+from .ablations import ABLATIONS
 from .claims import claims, claims_markdown
-from .experiments import ABLATIONS, ARMS, PRESETS, Preset, RLPreset, reproduce, reproduce_rl
+from .presets import ARMS, PRESETS, Preset, RLPreset
 from .reports import across_bases, across_bases_report
+from .rl_stage import reproduce_rl
+from .runner import reproduce
 
 
 def wrap(text: str) -> str:
@@ -190,7 +193,7 @@ def _add_reproduce_rl(sub, options: dict) -> None:
                         "cached), gpu (larger, one GPU) (default: cpu)")
     _add_run_flags(g)
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                   help=_set_help(RLPreset, "experiments.RL_PRESETS"))
+                   help=_set_help(RLPreset, "presets.RL_PRESETS"))
 
 
 # ------------------------------------------------------------------------------ running them

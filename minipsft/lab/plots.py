@@ -65,9 +65,9 @@ def panels(records, words) -> list:
 def epoch_stability(runs, arms, words, path):
     """Training entropy per step, then each of the world's metrics per epoch (``words.metrics``,
     one panel each, only those with data)."""
-    main = [r for r in runs if r["job"].get("group", "main") == "main"]
-    records = [x for r in main for x in r["records"]]
-    arms = [a for a in arms if any(r["job"]["arm"] == a for r in main)]
+    main = [r for r in runs if r.job.group == "main"]
+    records = [x for r in main for x in r.records]
+    arms = [a for a in arms if any(r.job.arm == a for r in main)]
     shown = panels(records, words)
     ncols = 3
     nrows = -(-(len(shown) + 1) // ncols)
@@ -76,7 +76,7 @@ def epoch_stability(runs, arms, words, path):
         ax.remove()
     ax = axes.flat[0]
     for arm in arms:
-        hs = [r["history"] for r in main if r["job"]["arm"] == arm]
+        hs = [r.history for r in main if r.job.arm == arm]
         xs = [h["epoch_frac"] for h in hs[0]]
         _band(ax, xs, [[h["entropy"] for h in hist] for hist in hs], COLORS[arm], LABELS[arm],
               smooth=max(1, len(xs) // 100))
@@ -95,7 +95,7 @@ def epoch_stability(runs, arms, words, path):
         ax.set(title=title, xlabel="epoch", ylabel=ylabel)
         if ylabel == "accuracy":
             ax.set_ylim(-0.02, 1.02)
-    seeds = len({r["job"]["seed"] for r in main})
+    seeds = len({r.job.seed for r in main})
     _finish_grid(fig, axes, len(arms), f"SFT vs PSFT across epochs {words.title} (mean over "
                  f"{seeds} seed(s), band = min-max)", path)
 
@@ -207,8 +207,8 @@ START_LABELS = {"base": "base model", "sft_paper": "SFT (paper recipe) -> RL",
 def rl_after_finetuning(runs, words, path):
     """Rollout reward and sample entropy per RL step, then the world's metrics at each evaluation
     (only those with data); one colour per starting point, mean over seeds with a min-max band."""
-    starts = [s for s in START_COLORS if any(r["job"]["start"] == s for r in runs)]
-    records = [e for r in runs for e in r["records"]]
+    starts = [s for s in START_COLORS if any(r.job.start == s for r in runs)]
+    records = [e for r in runs for e in r.records]
     shown = [(k, t) for k, t in panels(records, words) if k != "ood_kl"]
     ncols = 3
     nrows = -(-(len(shown) + 2) // ncols)
@@ -220,13 +220,13 @@ def rl_after_finetuning(runs, words, path):
             (axes.flat[1], "entropy", "Token entropy of the sampled completions",
              "mean entropy (nats)")):
         for s in starts:
-            hs = [r["history"] for r in runs if r["job"]["start"] == s]
+            hs = [r.history for r in runs if r.job.start == s]
             _band(ax, [h["step"] for h in hs[0]], [[h[key] for h in hist] for hist in hs],
                   START_COLORS[s], START_LABELS[s], smooth=max(1, len(hs[0]) // 12))
         ax.set(title=title, xlabel="RL step", ylabel=ylabel)
     for ax, (key, title) in zip(axes.flat[2:], shown):
         for s in starts:
-            evs = [r["records"] for r in runs if r["job"]["start"] == s]
+            evs = [r.records for r in runs if r.job.start == s]
             _band(ax, [e["step"] for e in evs[0]], [[e[key] for e in ev] for ev in evs],
                   START_COLORS[s], START_LABELS[s], marker="o", markersize=3)
         accuracy = "entropy" not in key
@@ -234,6 +234,6 @@ def rl_after_finetuning(runs, words, path):
                ylabel="accuracy" if accuracy else "mean entropy (nats)")
         if accuracy:
             ax.set_ylim(-0.02, 1.02)
-    seeds = len({r["job"]["seed"] for r in runs})
+    seeds = len({r.job.seed for r in runs})
     _finish_grid(fig, axes, len(starts), f"GRPO after fine-tuning {words.title} (mean over "
                  f"{seeds} seed(s), band = min-max)", path)

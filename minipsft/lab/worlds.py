@@ -1,6 +1,6 @@
 """Worlds: what an experiment fine-tunes and how it scores it.
 
-A world gives the runner (``experiments.py``, both the fine-tuning and the RL stage) five things:
+A world gives the runner (``runner.py``, and the RL stage, ``rl_stage.py``) five things:
 
   ``base_model(cache_dir, device)``  the model every arm starts from: ``(path, how, pretrained)``
   ``train_rows(seed)``               the demonstrations (rows in TRL's formats) for one data seed

@@ -1,0 +1,67 @@
+"""How the claims table reads results: values by seed, differences paired by seed under the one
+sign rule (``reports.sign``: a difference counts when its seed-paired mean is more than 2
+standard errors from zero), the saw-tooth's boundary effect, and how each is written."""
+import statistics
+
+from .reports import sign
+
+
+def by_seed(records, key: str, epoch: int, **where) -> dict:
+    """seed -> ``key`` of the records at ``epoch`` that match ``where``."""
+    return {r["seed"]: r[key] for r in records if r["epoch"] == epoch
+            and all(r[k] == v for k, v in where.items())}
+
+
+def at_last_epoch(records, key: str = "id_acc", **where) -> dict:
+    """``by_seed`` at the last epoch of ``records``."""
+    return by_seed(records, key, max(r["epoch"] for r in records), **where)
+
+
+def mean_std(values) -> str:
+    values = list(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.3f} ± {std:.3f}"
+
+
+def paired(a: dict, b: dict) -> dict:
+    """The sign rule on ``a - b`` over the seeds both have."""
+    return sign(a[s] - b[s] for s in sorted(a) if s in b)
+
+
+def fmt(d: dict) -> str:
+    return f"{d['diff']:+.3f} ± {d['se']:.3f} ({d['sign']})"
+
+
+def two_way(paper: dict, control: dict) -> str:
+    """The verdict of "PSFT is higher" against the paper-recipe SFT and against the control."""
+    if paper["sign"] == "+" and control["sign"] == "+":
+        return "reproduced"
+    if paper["sign"] == "+":
+        return "partly: in the paper's recipe, not under the control (same lr and schedule)"
+    return "not reproduced"
+
+
+def boundary_effects(runs, arm: str, key: str = "entropy", group: str = "main") -> list:
+    """Per epoch boundary of each run of ``arm``: (``key`` at the epoch's last step minus at the
+    next epoch's first) minus the run's mean such drop between two consecutive steps inside an
+    epoch; only steps that measured ``key`` count."""
+    effects = []
+    for run in runs:
+        if run.job.arm != arm or run.job.group != group:
+            continue
+        pairs = [(a, b) for a, b in zip(run.history, run.history[1:]) if key in a and key in b]
+        within = [a[key] - b[key] for a, b in pairs if a["epoch"] == b["epoch"]]
+        baseline = statistics.fmean(within)
+        effects += [a[key] - b[key] - baseline for a, b in pairs if a["epoch"] != b["epoch"]]
+    return effects
+
+
+def sawtooth_verdict(tests: dict) -> str:
+    """The saw-tooth's verdict from the sign rule on each arm's boundary effects."""
+    if tests["psft"]["sign"] == "+":
+        return "not reproduced (PSFT's entropy drops at the boundaries too)"
+    if tests["sft_paper"]["sign"] == "+" and tests["sft"]["sign"] == "+":
+        return "reproduced"
+    if tests["sft_paper"]["sign"] == "+":
+        return "partly: in the paper-recipe SFT, not in SFT at PSFT's lr and schedule"
+    return "not detectable at this noise"
