@@ -228,26 +228,21 @@ def claims(results_dir="results", main="toy_cpu", ablations="toy_cpu_ablations",
 def claims_markdown(rows: list) -> str:
     """The claims table; with a second size, its verdict (and whether it is the same) beside the
     first's, and its numbers in a second table below."""
-    sizes = [r["second"]["size"] for r in rows if r.get("second")]
+    second = [r["second"] for r in rows if "second" in r]
     head = ("| paper claim | toy world (mean ± std over seeds; differences paired by seed, "
             "± 1 standard error) | rule | verdict |")
-    if not sizes:
-        lines = [head, "|---|---|---|---|"]
-        lines += [f"| {r['claim']} | {r['numbers']} | {r['rule']} | **{r['verdict']}** |"
-                  for r in rows]
-        return "\n".join(lines) + "\n"
-    first = next(r["second"]["first_size"] for r in rows if r.get("second"))
-    head = head.replace("| verdict |", f"| verdict ({first}-parameter base) |")
-    lines = [head + f" verdict with the {sizes[0]}-parameter base | same at both sizes |",
+    cells = [f"| {r['claim']} | {r['numbers']} | {r['rule']} | **{r['verdict']}** |" for r in rows]
+    if not second:
+        return "\n".join([head, "|---|---|---|---|", *cells]) + "\n"
+    size = second[0]["size"]
+    lines = [head.replace("| verdict |", f"| verdict ({second[0]['first_size']}-parameter base) |")
+             + f" verdict with the {size}-parameter base | same at both sizes |",
              "|---|---|---|---|---|---|"]
-    for r in rows:
-        second, same = "not run at this size", "-"
-        if r.get("second"):
-            second = f"**{r['second']['verdict']}**"
-            same = "yes" if r["same_at_both_sizes"] else "no"
-        lines.append(f"| {r['claim']} | {r['numbers']} | {r['rule']} | **{r['verdict']}** | "
-                     f"{second} | {same} |")
-    lines += ["", f"Numbers with the {sizes[0]}-parameter base (the same preset otherwise):", "",
+    for r, cell in zip(rows, cells):
+        same = "yes" if r.get("same_at_both_sizes") else "no"
+        lines.append(cell + (f" **{r['second']['verdict']}** | {same} |" if "second" in r
+                             else " not run at this size | - |"))
+    lines += ["", f"Numbers with the {size}-parameter base (the same preset otherwise):", "",
               "| paper claim | numbers |", "|---|---|"]
-    lines += [f"| {r['claim']} | {r['second']['numbers']} |" for r in rows if r.get("second")]
+    lines += [f"| {r['claim']} | {r['second']['numbers']} |" for r in rows if "second" in r]
     return "\n".join(lines) + "\n"

@@ -140,13 +140,10 @@ RL_PRESETS = {
                       eval_every=5, n_prompts=256),
 }
 
-PATH_FIELDS = ("model", "data_dir", "train_file", "test_file")
-
-
 def as_text(settings: dict) -> dict:
     """Paths in Preset settings as text, as results.json holds them (``ood_files`` as a tuple)."""
     out = dict(settings)
-    for key in PATH_FIELDS:
+    for key in ("model", "data_dir", "train_file", "test_file"):
         if out.get(key) is not None:
             out[key] = str(out[key])
     if "ood_files" in out:

@@ -1,8 +1,7 @@
 """Results folders, of either stage: ``results.json`` (a summary and every run's eval records) and
-``histories/NAME.jsonl`` (a line per optimizer step of each run), all JSON on disk and typed records
-(``records.py``) in memory; and what ``finalize`` derives from the files again, with no training:
-the matched-ID comparison and each ablation's summary (into results.json), the figures and
-report.md."""
+``histories/NAME.jsonl`` (each run's steps), JSON on disk and typed records (``records.py``) in
+memory; and what ``finalize`` derives from the files again, with no training: the matched-ID
+comparison and each ablation's summary (into results.json), the figures and report.md."""
 import json
 from dataclasses import asdict
 from pathlib import Path

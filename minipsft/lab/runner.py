@@ -1,14 +1,9 @@
 """The runner: a world (the toy world, or GSM8K for a real model) + the training loop -> a results
-folder.
-
-``python -m minipsft reproduce --preset cpu --out DIR`` pretrains (or loads) the base model, then
-fine-tunes it with every arm (``presets.py``) from the same base, on the same data and data order
-per seed, evaluating after every epoch, in a pool of processes, and writes ``DIR/results.json``,
-per-step histories, ``DIR/report.md`` and the figures (``results.py``). Ablations (``--ablations
-refresh eps warmup``) are ``ablations.ABLATIONS``. ``--preset gsm8k --model ID`` runs ``psft``,
-``sft`` and ``sft_paper`` on a given model instead (``real.py``: GSM8K in domain, TruthfulQA MC1
-and ARC-Challenge out of domain).
-"""
+folder. ``python -m minipsft reproduce --preset cpu --out DIR`` pretrains (or loads) the base
+model, then fine-tunes it with every arm (``presets.py``) and ablation (``ablations.py``) from the
+same base, on the same data and data order per seed, evaluating after every epoch, in a pool of
+processes, and writes ``DIR/results.json``, per-step histories, ``DIR/report.md`` and the figures
+(``results.py``). ``--preset gsm8k --model ID`` runs on a given model instead (``real.py``)."""
 import statistics
 import time
 from collections import Counter, defaultdict
@@ -45,10 +40,8 @@ def run_one(job: Job) -> Run:
     best = {"epoch": None, "id_acc": -1.0}
     if job.save_best:  # keep the best-ID fine-tuned epoch (the paper's choice of RL start)
         evaluator = keep_best(evaluator, Path(job.save_best) / f"{job.arm}-s{job.seed}", best)
-    ablation = ABLATIONS.get(job.group)
-    on_step = None
-    if ablation and ablation.on_step:
-        on_step = ablation.on_step(lm, world, cfg, len(examples))
+    hook = getattr(ABLATIONS.get(job.group), "on_step", None)  # an ablation's, if it has one
+    on_step = hook(lm, world, cfg, len(examples)) if hook else None
     t0 = time.perf_counter()
     result = train(lm, examples, cfg, eval_fn=evaluator, token_hook=clipped, on_step=on_step)
     return Run(job, eval_records(job, cfg, result), result["history"], time.perf_counter() - t0,
@@ -120,7 +113,6 @@ class ClippedTokens:
                 "top_tokens": self.by_token.most_common(12)}
 
 
-# ------------------------------------------------------------------------------------ the pool
 def run_jobs(jobs: list, workers: int, desc: str, fn=run_one) -> list:
     """``fn`` on every job (``run_one``: a ``Job``), ``workers`` processes at once; the runs in job
     order."""
