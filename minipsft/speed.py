@@ -147,9 +147,8 @@ def token_logprobs(model, input_ids, attention_mask, with_entropy: bool = False,
     the hidden states in chunks of positions (the reference path itself for a model no
     ``fast_head`` reproduces). With gradients on, what backward needs of each chunk's logits is
     either kept (``keep_logits=True``) or recomputed in backward by activation checkpointing
-    (``False``: at most
-    one chunk of logits is alive at a time, for one more vocabulary matmul per chunk). ``None``
-    keeps them on a GPU whose free memory holds them twice over, and recomputes otherwise.
+    (``False``: at most one chunk of logits is alive at a time, for one more vocabulary matmul per
+    chunk). ``None`` keeps them on a GPU whose free memory holds them twice over, else recomputes.
     ``compile``: a torch.compile backend for the chunks (log-softmax, gather and entropy fused).
     """
     head = fast_head(model)
