@@ -2,6 +2,8 @@
 import json
 from pathlib import Path
 
+import pytest
+
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
@@ -20,3 +22,22 @@ def test_the_shipped_base_reproduces_the_committed_cpu_records():
     for r in rerun:
         for metric in ("id_acc", "ood_acc", "ood_format", "entropy"):
             assert r[metric] == committed[key(r)][metric], (key(r), metric)
+
+
+FOLDERS = sorted(str(p.parent.relative_to(RESULTS)) for p in RESULTS.rglob("results.json"))
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_finalize_rebuilds_every_committed_folder_byte_for_byte(folder, tmp_path):
+    """The results files on disk are the contract: ``finalize`` (either stage) reads a committed
+    folder back through the typed records and writes its report.md and results.json unchanged."""
+    import shutil
+
+    from minipsft.lab.results import finalize
+
+    copy = tmp_path / "folder"
+    shutil.copytree(RESULTS / folder, copy, ignore=shutil.ignore_patterns("finetune"))
+    figures = finalize(copy)
+    assert sorted(figures) == sorted(p.name for p in (RESULTS / folder).glob("*.png"))
+    for name in ("report.md", "results.json"):
+        assert (copy / name).read_bytes() == (RESULTS / folder / name).read_bytes(), name
