@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import sys
 import typing
 from pathlib import Path
@@ -21,6 +22,7 @@ from .errors import DataError
 from .logprobs import heldout_eval
 from .model import CausalLM
 from .lab.commands import COMMANDS, add_commands, examples, wrap
+from .lab.store import Unfinished
 from .runs import RunFolder, summarize
 from .train import NonFiniteLossError, TrainConfig, train
 
@@ -136,6 +138,10 @@ def main(argv=None) -> None:
     debug = args.debug or os.environ.get("MINIPSFT_DEBUG", "").lower() in ("1", "true", "yes")
     try:
         run(args)
+    except Unfinished as stop:  # the time budget ran out: the same command finishes the folder
+        print(f"stopped after {args.max_minutes:g} minutes: {stop}; the same command finishes "
+              f"them: python -m minipsft {shlex.join(argv if argv is not None else sys.argv[1:])}")
+        sys.exit(3)
     except EXPECTED_ERRORS as e:
         if debug:
             raise

@@ -132,11 +132,13 @@ def test_sampled_ids_stop_at_eos_and_decode_like_generate():
     assert texts == lm.generate(prompts, max_new_tokens=6)
 
 
-def test_reproduce_rl_smoke_writes_results_and_figure(tmp_path):
+def test_reproduce_rl_smoke_writes_results_and_figure_and_resumes(tmp_path):
     out = tmp_path / "rl"
-    proc = subprocess.run([sys.executable, "-m", "minipsft", "reproduce-rl", "--preset", "smoke", "--out", str(out),
-                           "--cache", str(tmp_path / "cache"), "--set", "steps=4", "--set", "eval_every=2"],
-                          capture_output=True, text=True, timeout=600)
+    argv = [sys.executable, "-m", "minipsft", "reproduce-rl", "--preset", "smoke", "--out", str(out),
+            "--cache", str(tmp_path / "cache"), "--set", "steps=4", "--set", "eval_every=2"]
+    stopped = subprocess.run(argv + ["--max-minutes", "0"], capture_output=True, text=True, timeout=600)
+    assert stopped.returncode == 3 and "runs remain" in stopped.stdout, stopped.stderr[-2000:]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads((out / "results.json").read_text())
     recs = data["records"]
@@ -149,9 +151,17 @@ def test_reproduce_rl_smoke_writes_results_and_figure(tmp_path):
     assert (out / "rl_after_finetuning.png").stat().st_size > 10_000
     assert (out / "finetune" / "results.json").exists() and (out / "report.md").exists()
     assert len(list((out / "histories").glob("*.jsonl"))) == 4
-    # other RL settings, same fine-tuning: the checkpoints are reused, not trained again
-    again = subprocess.run([sys.executable, "-m", "minipsft", "reproduce-rl", "--preset", "smoke", "--out", str(out),
-                            "--cache", str(tmp_path / "cache"), "--set", "steps=2", "--set", "eval_every=2"],
+    # a run lost (as at a kill): the same command runs it alone and ends with the same records
+    (out / "runs" / "psft-s0.json").unlink()
+    (out / "results.json").unlink()
+    resumed = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0 and "3 of 4 runs done, 1 to run" in resumed.stdout
+    assert json.loads((out / "results.json").read_text())["records"] == recs
+    # other RL settings are refused without --overwrite; with it, the fine-tuning is reused
+    refused = subprocess.run(argv[:-4] + ["--set", "steps=2", "--set", "eval_every=2"],
+                             capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 1 and "rl_config.steps" in refused.stderr
+    again = subprocess.run(argv[:-4] + ["--set", "steps=2", "--set", "eval_every=2", "--overwrite"],
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "reusing the fine-tuned checkpoints" in again.stdout, again.stderr[-2000:]
     assert sorted({r["step"] for r in json.loads((out / "results.json").read_text())["records"]}) == [0, 2]

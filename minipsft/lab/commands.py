@@ -45,6 +45,11 @@ def _add_run_flags(parser: argparse.ArgumentParser, required: bool = True) -> No
     parser.add_argument("--workers", type=int, default=None,
                         help="parallel runs (processes); default: the preset's")
     parser.add_argument("--device", default="auto", help="cpu or cuda; auto = cuda when available")
+    parser.add_argument("--max-minutes", type=float, default=None, metavar="M",
+                        help="start no run after M minutes; the runs in flight finish and are "
+                             "saved, and the same command again finishes the folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start OUT again (its saved runs were made with other settings)")
 
 
 _NOT_SETTABLE = ("base", "arms", "seeds", "starts")
@@ -247,6 +252,7 @@ def _reproduce_command(args) -> None:
     reproduce(args.preset, args.out, cache_dir=args.cache, seeds=args.seeds,
               workers=args.workers, ablations=args.ablations, main=not args.skip_main,
               device=args.device, model=args.model, data_dir=args.data_dir,
+              max_minutes=args.max_minutes, overwrite=args.overwrite,
               **preset_overrides(args.overrides))
 
 
@@ -257,7 +263,8 @@ def _compare_command(args) -> None:
     settings.update(preset_overrides(args.overrides))  # --set wins over the flags
     model = settings.pop("model", args.model)
     reproduce("files", args.out, cache_dir=args.cache, seeds=args.seeds,
-              workers=args.workers, device=args.device, model=model, **settings)
+              workers=args.workers, device=args.device, model=model,
+              max_minutes=args.max_minutes, overwrite=args.overwrite, **settings)
 
 
 def _across_bases_command(args) -> None:
@@ -278,8 +285,8 @@ def _claims_command(args) -> None:
 
 def _reproduce_rl_command(args) -> None:
     reproduce_rl(args.preset, args.out, cache_dir=args.cache, seeds=args.seeds,
-                 workers=args.workers, device=args.device,
-                 **preset_overrides(args.overrides, RLPreset))
+                 workers=args.workers, device=args.device, max_minutes=args.max_minutes,
+                 overwrite=args.overwrite, **preset_overrides(args.overrides, RLPreset))
 
 
 # what each command runs, given its parsed arguments

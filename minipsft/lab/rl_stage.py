@@ -21,7 +21,7 @@ from .presets import PRESETS, RL_PRESETS, STARTS, cache_folder, same_preset
 from .records import RLJob, Run, Site
 from .results import finalize, load_results, save_folder
 from .rl import GRPOConfig, grpo
-from .runner import reproduce, run_jobs
+from .runner import reproduce, run_jobs, run_store
 from .worlds import make_world
 
 
@@ -56,48 +56,54 @@ def run_rl_one(job: RLJob) -> Run:
 
 
 def reproduce_rl(preset_name: str, out_dir, cache_dir=None, seeds=None, workers=None,
-                 device: str = "auto", finetune: dict | None = None, **overrides) -> dict:
+                 device: str = "auto", finetune: dict | None = None,
+                 max_minutes: float | None = None, overwrite: bool = False, **overrides) -> dict:
     """Fine-tune (or reuse an earlier fine-tuning of ``out_dir/finetune`` made with the same
     settings), then run GRPO from every start; write every results file and the figure into
     ``out_dir``. The runs from the base model go beside the fine-tuning runs. ``finetune``: any
     ``presets.Preset`` field (e.g. the files world's model and files); ``overrides``: any
-    ``RLPreset`` field."""
+    ``RLPreset`` field. Runs are saved as they end and the same call resumes (``max_minutes``,
+    ``overwrite``: as in ``runner.reproduce``)."""
+    deadline = None if max_minutes is None else time.time() + 60 * max_minutes
     if preset_name not in RL_PRESETS:
         raise ValueError(f"preset {preset_name!r}: choose one of {', '.join(RL_PRESETS)}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     rp = replace(RL_PRESETS[preset_name], **overrides)
-    unknown = set(rp.starts) - set(STARTS)
-    if unknown:
-        raise ValueError(f"starts {sorted(unknown)}: choose from {', '.join(STARTS)}")
+    if set(rp.starts) - set(STARTS):
+        raise ValueError(f"starts {sorted(set(rp.starts) - set(STARTS))}: choose from "
+                         f"{', '.join(STARTS)}")
     finetune = dict(finetune or {})
     finetune |= {k: v for k, v in dict(seeds=tuple(seeds or ()), workers=workers).items() if v}
     p = replace(PRESETS[preset_name], **finetune)
     world = make_world(p)  # checks the settings and the user's files first
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cache_dir = cache_folder(cache_dir)
     t0 = time.perf_counter()
     tuned = tuple(s for s in rp.starts if s != "base")
-    base_path = world.base_model(cache_dir, device)[0]  # (path, how, pretrained now)
+    base_path = world.base_model(cache_folder(cache_dir), device)[0]  # (path, how, pretrained)
     t_base = time.perf_counter() - t0
     site = Site(p, str(base_path), device, p.threads)
     base_jobs = [RLJob("base", seed, str(base_path), rp, site)
                  for seed in p.seeds if "base" in rp.starts]
+    store = run_store(out, preset_name, replace(p, arms=tuned), device, overwrite, asdict(rp))
     runs = []
     best = finetuned(out / "finetune", replace(p, arms=tuned)) if tuned else {}
     if best is None:
         # RL from the base needs no checkpoint: it runs in one more process beside the fine-tuning
         with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as side:
-            pending = [side.submit(run_rl_one, j) for j in base_jobs]
+            pending = side.submit(run_jobs, base_jobs, 1, "grpo from the base", run_rl_one, store,
+                                  deadline)
+            left = None if deadline is None else (deadline - time.time()) / 60
             ft = reproduce(preset_name, out / "finetune", cache_dir=cache_dir, device=device,
-                           save_best=True, **dict(finetune, arms=tuned))
-            runs += [f.result() for f in pending]
+                           save_best=True, max_minutes=left, overwrite=overwrite,
+                           **dict(finetune, arms=tuned))
+            runs += pending.result()
         best, base_jobs = ft["summary"]["best_checkpoints"], []
     t_ft = time.perf_counter() - t0
     jobs = base_jobs + [RLJob(s, seed, best[f"{s}-s{seed}"]["path"], rp, site)
                         for seed in p.seeds for s in tuned]
-    runs += run_jobs(jobs, p.workers, "grpo runs", fn=run_rl_one)
+    runs += run_jobs(jobs, p.workers, "grpo runs", fn=run_rl_one, store=store, deadline=deadline)
     runs.sort(key=lambda r: (r.job.seed, STARTS.index(r.job.start)))
     summary = {"preset": preset_name, "rl_config": asdict(rp), "finetune_config": asdict(p),
                "best_checkpoints": best, "wall_seconds": time.perf_counter() - t0,

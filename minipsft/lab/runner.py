@@ -7,13 +7,11 @@ processes, and writes ``DIR/results.json``, per-step histories, ``DIR/report.md`
 import statistics
 import time
 from collections import Counter, defaultdict
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import fields, replace
-from multiprocessing import get_context
+from dataclasses import asdict, fields, replace
+from functools import partial
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from . import toy
 from ..model import CausalLM
@@ -22,6 +20,7 @@ from .ablations import ABLATIONS, ablation_jobs
 from .presets import MAIN_MINUTES, Preset, arm_config, as_text, cache_folder, preset_of, same_preset
 from .records import Job, Run, Site
 from .results import load_results, write_results
+from .store import RunStore, run_saved
 from .worlds import make_world
 
 
@@ -113,24 +112,42 @@ class ClippedTokens:
                 "top_tokens": self.by_token.most_common(12)}
 
 
-def run_jobs(jobs: list, workers: int, desc: str, fn=run_one) -> list:
-    """``fn`` on every job (``run_one``: a ``Job``), ``workers`` processes at once; the runs in job
-    order."""
-    if workers <= 1:
-        return [fn(j) for j in tqdm(jobs, desc=desc)]
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        return list(tqdm(pool.map(fn, jobs), total=len(jobs), desc=desc))
+def run_jobs(jobs: list, workers: int, desc: str, fn=run_one, store: RunStore | None = None,
+             deadline: float | None = None) -> list:
+    """``fn`` on every job (``run_one``: a ``Job``) not saved in ``store`` yet, ``workers``
+    processes at once, each run saved as it finishes (store.py); the runs in job order."""
+    plain = run_saved(jobs, partial(plain_run, fn), lambda job: job.name, store, workers, desc,
+                      deadline)
+    return [Run(job, **run) for job, run in zip(jobs, plain)]
+
+
+def plain_run(fn, job) -> dict:
+    """``fn(job)``, a ``Run``, as the plain values a store keeps (everything but the job)."""
+    run = fn(job)
+    return {"records": run.records, "history": run.history, "seconds": run.seconds,
+            "clipped_tokens": run.clipped_tokens, "best": run.best}
+
+
+def run_store(out: Path, name: str, p: Preset, device: str, overwrite: bool,
+              rl_config: dict | None = None) -> RunStore:
+    """The store of a results folder's runs, with the settings that change a result."""
+    config = {k: v for k, v in asdict(p).items() if k not in ("workers", "threads")}
+    settings = {"preset": name, "preset_config": as_text(config), "device": device}
+    return RunStore(out, settings | ({"rl_config": rl_config} if rl_config else {}), overwrite)
 
 
 def reproduce(preset_name: str, out_dir, cache_dir=None, seeds=None, workers=None, ablations=(),
               main=True, device: str = "auto", model=None, data_dir=None, save_best: bool = False,
-              **overrides) -> dict:
+              max_minutes: float | None = None, overwrite: bool = False, **overrides) -> dict:
     """Run the comparison (and ablations) and write every results file and figure into ``out_dir``.
     ``device="auto"``: the GPU when there is one, else the CPU. ``model``: the hub id or folder of
     the model to fine-tune (``gsm8k`` preset; the toy presets pretrain their own). ``data_dir``:
     local files instead of the hub (``real.LOCAL_FILES``). ``save_best``: keep each main run's
     best-ID epoch in ``out_dir/checkpoints/ARM-sSEED/`` (the RL stage starts there).
-    ``overrides``: any ``Preset`` field."""
+    ``overrides``: any ``Preset`` field. Each run is saved as it ends (``out_dir/runs/``): the
+    same call again runs only the missing ones (other settings are refused unless ``overwrite``);
+    after ``max_minutes`` no run starts and ``store.Unfinished`` says how many remain."""
+    deadline = None if max_minutes is None else time.time() + 60 * max_minutes
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     given = dict(model=model, data_dir=data_dir, seeds=None if seeds is None else tuple(seeds),
@@ -147,21 +164,24 @@ def reproduce(preset_name: str, out_dir, cache_dir=None, seeds=None, workers=Non
     print(f"base model: {base_path} ({how})")
     t_base = time.perf_counter() - t0
     site = Site(p, str(base_path), device, p.threads)
-    runs = main_runs(p, site, str(out / "checkpoints") if save_best else None) if main else []
-    for name in ablations:
-        runs += run_jobs([replace(j, site=site) for j in jobs[name]], p.workers, f"ablation {name}")
     name = preset_name if isinstance(preset_name, str) else p.world
+    store = run_store(out, name, p, device, overwrite)
+    save_best = str(out / "checkpoints") if save_best else None
+    runs = main_runs(p, site, save_best, store, deadline) if main else []
+    for group in ablations:
+        runs += run_jobs([replace(j, site=site) for j in jobs[group]], p.workers,
+                         f"ablation {group}", store=store, deadline=deadline)
     return write_results(out, p, name, runs, base_path, not pretrained,
                          time.perf_counter() - t0, t_base)
 
 
-def main_runs(p: Preset, site: Site, save_best: str | None) -> list:
+def main_runs(p: Preset, site: Site, save_best: str | None, store=None, deadline=None) -> list:
     """The main comparison: every arm at every seed, then ``sft_small``, whose lr is ``p.lr``
     times PSFT's over SFT's weight drift after epoch 1 at the same seed."""
     jobs = [Job(arm, s, "main", arm, arm_config(p, arm), site, save_best=save_best,
                 clip_analysis=(arm == "psft" and s == p.seeds[0] and p.world == "toy"))
             for s in p.seeds for arm in p.arms if arm != "sft_small"]
-    runs = run_jobs(jobs, p.workers, "main runs")
+    runs = run_jobs(jobs, p.workers, "main runs", store=store, deadline=deadline)
 
     def drift(arm, seed):  # after epoch 1
         run = next(r for r in runs if r.job.arm == arm and r.job.seed == seed)
@@ -171,7 +191,8 @@ def main_runs(p: Preset, site: Site, save_best: str | None) -> list:
         ratio = drift("psft", s) / drift("sft", s)
         small.append(Job("sft_small", s, "main", "sft_small", site=site, save_best=save_best,
                          config=arm_config(p, "sft_small", lr=p.lr * ratio), step_ratio=ratio))
-    return runs + run_jobs(small, p.workers, "sft at psft's step size")
+    return runs + run_jobs(small, p.workers, "sft at psft's step size", store=store,
+                           deadline=deadline)
 
 
 def reproduce_or_load(preset_name: str, out_dir, ablations=(), main=True, **kw) -> dict:

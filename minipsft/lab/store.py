@@ -23,8 +23,11 @@ class Unfinished(Exception):
     """The time budget ran out with runs left; the same command finishes them."""
 
     def __init__(self, remaining: int, total: int):
-        super().__init__(f"{remaining} of {total} runs remain")
+        super().__init__(remaining, total)  # what a process pool pickles
         self.remaining, self.total = remaining, total
+
+    def __str__(self):
+        return f"{self.remaining} of {self.total} runs remain"
 
 
 def write_atomic(path: Path, text: str) -> None:
