@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
-# The prepared device session of issue 13: the GPU tests, then the gpu preset's base pretraining and
-# main comparison (what notebooks 03 + 04 run on one GPU), timed, into $OUT: env.log, test_gpu.log,
-# reproduce.log, timing.log and the results folder toy_<preset>/ (results.json, report.md,
-# histories/, figures) to commit as results/toy_gpu/ with the device name.
-#   On the device:   OUT=$OUT bash benchmarks/gpu_toy_session.sh
+# The prepared device session for the toy world: the GPU tests, then the gpu preset's base and main
+# comparison, in pieces. A device command may run 10 minutes and a window holds about 15, so the
+# comparison runs in calls of at most MINUTES (default 7) that resume one another: each call
+# pretrains or loads the base, starts runs until its budget is spent (each finished run is saved
+# in RESULTS/runs/ as it ends) and copies RESULTS to $OUT; the next call, with RESULTS carried back
+# into the working tree, runs only what remains. rc 0: the folder is complete; rc 3: call again.
+#   On the device:   OUT=$OUT bash benchmarks/gpu_toy_session.sh  (then again, until rc 0)
 #   Smoke, on a CPU: OUT=/tmp/s PRESET=smoke DEVICE=cpu SKIP_GPU_TESTS=1 bash benchmarks/gpu_toy_session.sh
-# REPRODUCE_S bounds the comparison (default 450 s: with the tests and the machine's start, the
-# session stays within the 9 minutes the issue allows).
+# Logs in $OUT: env.log, test_gpu.log, reproduce.log, timing.log; RESULTS (default
+# results/toy_<preset>/, with its base cache in RESULTS/.cache/) is what to commit, with the GPU
+# named, once complete.
 set -o pipefail  # "rc" below is python's exit status, not tee's
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 OUT=${OUT:?set OUT to the folder for the logs and the results}
 PRESET=${PRESET:-gpu}
 DEVICE=${DEVICE:-cuda}
+RESULTS=${RESULTS:-results/toy_$PRESET}
+MINUTES=${MINUTES:-7}
 mkdir -p "$OUT"
 {
   date -u
@@ -21,17 +26,20 @@ mkdir -p "$OUT"
 transformers.__version__, 'threads', torch.get_num_threads())"
 } > "$OUT/env.log" 2>&1
 cat "$OUT/env.log"
-if [ -z "${SKIP_GPU_TESTS:-}" ]; then
+if [ -z "${SKIP_GPU_TESTS:-}" ] && [ ! -d "$RESULTS/runs" ]; then  # the first call only
   timeout 120 "${PYTHON:-python}" -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$OUT/test_gpu.log" 2>&1
   echo "pytest rc $?" >> "$OUT/test_gpu.log"
   tail -3 "$OUT/test_gpu.log"
 fi
 start=$(date +%s)
-timeout "${REPRODUCE_S:-450}" "${PYTHON:-python}" -m minipsft reproduce --preset "$PRESET" --device "$DEVICE" \
-  --out "$OUT/toy_$PRESET" --cache "${CACHE:-/tmp/minipsft_session_cache}" 2>&1 \
-  | tr '\r' '\n' | grep -Ev "it/s\]?$|s/it\]?$" > "$OUT/reproduce.log"
+# the budget stops new runs; the hard limit leaves the runs in flight two minutes to finish
+timeout $(( ${MINUTES%.*} * 60 + 120 )) "${PYTHON:-python}" -m minipsft reproduce \
+  --preset "$PRESET" --device "$DEVICE" --out "$RESULTS" --cache "${CACHE:-$RESULTS/.cache}" \
+  --max-minutes "$MINUTES" 2>&1 | tr '\r' '\n' | grep -Ev "it/s\]?$|s/it\]?$" >> "$OUT/reproduce.log"
 rc=$?
 echo "preset $PRESET device $DEVICE: reproduce rc $rc, wall $(( $(date +%s) - start )) s" \
   | tee -a "$OUT/timing.log"
-tail -2 "$OUT/reproduce.log"
+grep -E "runs done|remain" "$OUT/reproduce.log" | tail -3
+mkdir -p "$OUT/$(basename "$RESULTS")" && cp -r "$RESULTS"/. "$OUT/$(basename "$RESULTS")"/
+[ "$rc" = 3 ] && echo "not complete yet: carry $RESULTS back and run this script again"
 exit $rc

@@ -8,17 +8,21 @@ from pathlib import Path
 ROOT = Path(__file__).parents[1]
 
 
-def test_the_gpu_session_script_runs_the_comparison_at_smoke_size_on_cpu(tmp_path):
+def test_the_gpu_session_script_runs_the_comparison_in_pieces_at_smoke_size_on_cpu(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path / "out"), PRESET="smoke", DEVICE="cpu",
-               SKIP_GPU_TESTS="1", CACHE=str(tmp_path / "cache"),
+               SKIP_GPU_TESTS="1", CACHE=str(tmp_path / "cache"), MINUTES="0",
+               RESULTS=str(tmp_path / "toy_smoke"),
                PYTHON=sys.executable)  # the running interpreter, not whichever is on PATH
-    done = subprocess.run(["bash", "benchmarks/gpu_toy_session.sh"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    first = subprocess.run(["bash", "benchmarks/gpu_toy_session.sh"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=600)  # a spent budget
+    assert first.returncode == 3 and "run this script again" in first.stdout, first.stdout[-2000:]
+    done = subprocess.run(["bash", "benchmarks/gpu_toy_session.sh"], cwd=ROOT,
+                          env=dict(env, MINUTES="8"), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     out = tmp_path / "out"
     summary = json.loads((out / "toy_smoke" / "results.json").read_text())["summary"]
-    assert summary["preset"] == "smoke" and not summary["base_loaded_from_cache"]
+    assert summary["preset"] == "smoke" and summary["base_loaded_from_cache"]  # the 1st call's
     assert (out / "toy_smoke" / "report.md").exists()
     timing = (out / "timing.log").read_text()
-    assert "preset smoke device cpu: reproduce rc 0, wall" in timing
+    assert "reproduce rc 3" in timing and "preset smoke device cpu: reproduce rc 0, wall" in timing
     assert "torch" in (out / "env.log").read_text()
