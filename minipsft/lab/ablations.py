@@ -11,8 +11,8 @@ from ..logprobs import heldout_eval
 from ..train import TrainConfig
 from .presets import Preset, arm_config
 from .records import Folder, Job
-from .reports import frontier_points, frontier_summary, matched_id, sign
-from .verdicts import at_last_epoch, boundary_effects, fmt, mean_std, paired, sawtooth_verdict
+from .reports import frontier_points, frontier_summary, matched_id
+from .verdicts import at_last_epoch, boundary_effects, fmt, mean_std, paired, sawtooth_claim
 from .worlds import ToyWorld
 
 
@@ -156,19 +156,14 @@ def heldout_near_boundaries(lm, world, cfg: TrainConfig, n_examples: int):
 
 
 def heldout_sawtooth_claims(folder: Folder) -> list:
-    effects = {a: boundary_effects(folder.runs, a, "heldout_entropy", "sawtooth")
-               for a in SAWTOOTH_ARMS}
-    tests = {a: sign(v) for a, v in effects.items()}
-    return [{
-        "claim": "3c. the saw-tooth on held-out demonstrations",
-        "numbers": f"entropy of {SAWTOOTH_ROWS} held-out ID demonstrations (never trained on), "
-                   f"measured at every step within {SAWTOOTH_STEPS} steps of each epoch boundary: "
-                   "the drop across a boundary minus the run's mean drop between two such steps "
-                   "inside an epoch "
-                   f"({len(effects['psft'])} boundaries over seeds): "
-                   + ", ".join(f"{a} {fmt(t)}" for a, t in tests.items()),
-        "rule": "as 3b, on the held-out set",
-        "verdict": sawtooth_verdict(tests)}]
+    return [sawtooth_claim(
+        "3c. the saw-tooth on held-out demonstrations",
+        f"entropy of {SAWTOOTH_ROWS} held-out ID demonstrations (never trained on), measured at "
+        f"every step within {SAWTOOTH_STEPS} steps of each epoch boundary: the drop across a "
+        "boundary minus the run's mean drop between two such steps inside an epoch (",
+        "as 3b, on the held-out set",
+        {a: boundary_effects(folder.runs, a, "heldout_entropy", "sawtooth")
+         for a in SAWTOOTH_ARMS})]
 
 
 # -------------------------------------------------------------------------------- the registry

@@ -12,10 +12,9 @@ from pathlib import Path
 
 from . import toy
 from .ablations import ABLATIONS
-from .reports import sign
 from .results import read_folder
 from .verdicts import (at_last_epoch, boundary_effects, by_seed, fmt, mean_std, paired,
-                       sawtooth_verdict, two_way)
+                       sawtooth_claim, two_way)
 
 __all__ = ["base_parameters", "claims", "claims_markdown"]
 HEADLINE = ("psft", "sft", "sft_paper")
@@ -83,19 +82,14 @@ def _last_epoch_claim(records, key: str, claim: str, numbers: str, rule: str) ->
 
 
 def _sawtooth_claim(runs) -> dict:
-    effects = {a: boundary_effects(runs, a) for a in HEADLINE}
-    tests = {a: sign(v) for a, v in effects.items()}
-    return {
-        "claim": "3b. SFT's entropy drops at each epoch boundary (saw-tooth)",
-        "numbers": "entropy drop from the last step of an epoch to the first of the next, minus "
-                   "the run's mean drop between two steps inside an epoch (training minibatches, "
-                   f"{len(effects['psft'])} boundaries over seeds): "
-                   + ", ".join(f"{a} {fmt(t)}" for a, t in tests.items()),
-        "rule": "a saw-tooth when the boundary effect is + (more than 2 standard errors); "
-                "reproduced when SFT has one in both regimes and PSFT none; measured on the "
-                "training minibatches (the first of an epoch was trained on in the epoch before), "
-                "not on a held-out set",
-        "verdict": sawtooth_verdict(tests)}
+    return sawtooth_claim(
+        "3b. SFT's entropy drops at each epoch boundary (saw-tooth)",
+        "entropy drop from the last step of an epoch to the first of the next, minus the run's "
+        "mean drop between two steps inside an epoch (training minibatches, ",
+        "a saw-tooth when the boundary effect is + (more than 2 standard errors); reproduced when "
+        "SFT has one in both regimes and PSFT none; measured on the training minibatches (the "
+        "first of an epoch was trained on in the epoch before), not on a held-out set",
+        {a: boundary_effects(runs, a) for a in HEADLINE})
 
 
 def _clipped_claim(ct: dict) -> dict:
@@ -151,35 +145,27 @@ def _rl_claims(path: Path) -> list:
 
 def _bases_claims(path: Path) -> list:
     summary = json.loads(path.read_text())
-    bases = list(summary["bases"])
-    cells = []
-    for name, c in summary["comparisons"].items():
-        signs = "/".join(d["sign"] if d else "n/a" for d in c["per_base"].values())
-        cells.append(f"{name}: {signs} ({c['verdict']})")
-    spread = summary["ood_at_matched_id"]
-    paper = summary["comparisons"]["psft - sft_paper"]
-    control = summary["comparisons"]["psft - sft"]
-    verdict = "not reproduced"
-    if paper["verdict"] == "+ on every base" and control["verdict"] == "+ on every base":
-        verdict = "reproduced on every base"
-    elif paper["verdict"] == "+ on every base":
-        wins = sum(d is not None and d["sign"] == "+" for d in control["per_base"].values())
-        verdict = ("partly: in the paper's recipe on every base; under the control on "
-                   f"{wins} of {len(bases)} bases")
+    bases, comparisons = summary["bases"], summary["comparisons"]
+    signs = "; ".join(f"{name}: " + "/".join(d["sign"] if d else "n/a"
+                                             for d in c["per_base"].values())
+                      + f" ({c['verdict']})" for name, c in comparisons.items())
+    spread = "; ".join(f"{a} " + ", ".join(f"{b} {v:.3f}" for b, v in row["per_base"].items())
+                       + f" (std across bases {row['std_across_bases']:.3f})"
+                       for a, row in summary["ood_at_matched_id"].items() if a in HEADLINE)
+    every, control = "+ on every base", comparisons["psft - sft"]
+    wins = sum(d is not None and d["sign"] == "+" for d in control["per_base"].values())
+    verdict = ("not reproduced" if comparisons["psft - sft_paper"]["verdict"] != every else
+               "reproduced on every base" if control["verdict"] == every else
+               f"partly: in the paper's recipe on every base; under the control on {wins} of "
+               f"{len(bases)} bases")
     return [{
         "claim": "2c. OOD accuracy beats SFT, over independently pretrained bases",
         "numbers": f"bases pretrained with seeds {', '.join(bases)} (data seeds per base: "
-                   + ", ".join(str(len(summary["bases"][b]["matched_id"]["arms"]["psft"]["seeds"]))
-                               for b in bases)
-                   + "); OOD at matched ID (mean over data seeds) per base: "
-                   + "; ".join(f"{a} " + ", ".join(f"{b} {v:.3f}" for b, v in
-                                                   row["per_base"].items())
-                               + f" (std across bases {row['std_across_bases']:.3f})"
-                               for a, row in spread.items() if a in ("psft", "sft", "sft_paper"))
-                   + "; matched-ID levels "
-                   + ", ".join(f"{summary['bases'][b]['matched_id']['level']:.2f}" for b in bases)
-                   + ". Signs per base (n/a: an arm missed the level on a seed): "
-                   + "; ".join(cells),
+                   + ", ".join(str(len(b["matched_id"]["arms"]["psft"]["seeds"]))
+                               for b in bases.values())
+                   + f"); OOD at matched ID (mean over data seeds) per base: {spread}; matched-ID "
+                   "levels " + ", ".join(f"{b['matched_id']['level']:.2f}" for b in bases.values())
+                   + f". Signs per base (n/a: an arm missed the level on a seed): {signs}",
         "rule": "per base the sign rule on seed-paired differences; reproduced when PSFT is higher "
                 "than both SFTs on every base",
         "verdict": verdict}]
@@ -213,12 +199,11 @@ def claims(results_dir="results", main="toy_cpu", ablations="toy_cpu_ablations",
             size = f"{base_parameters(root / other) / 1e6:.2f}M"
             first = f"{base_parameters(root / folder) / 1e6:.2f}M"
             second = {r["claim"]: r for r in claims_of(root / other)}
-            for row in found:
-                if row["claim"] in second:
-                    row["second"] = {"size": size, "first_size": first,
-                                     "numbers": second[row["claim"]]["numbers"],
-                                     "verdict": second[row["claim"]]["verdict"]}
-                    row["same_at_both_sizes"] = row["second"]["verdict"] == row["verdict"]
+            for row in (r for r in found if r["claim"] in second):
+                there = second[row["claim"]]
+                row["second"] = {"size": size, "first_size": first, "numbers": there["numbers"],
+                                 "verdict": there["verdict"]}
+                row["same_at_both_sizes"] = there["verdict"] == row["verdict"]
         rows += found
     if (root / bases / "across_bases.json").exists():
         rows += _bases_claims(root / bases / "across_bases.json")

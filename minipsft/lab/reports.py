@@ -1,6 +1,5 @@
 """Numbers from results files: the matched-ID comparison, the sign rule every verdict uses, the
-lr frontier, the comparison across bases, and the markdown reports. Pure functions of the records
-that ``experiments.py`` writes (nothing here trains or loads a model)."""
+lr frontier, the comparison across bases, and the markdown reports (nothing here trains)."""
 import json
 import math
 import random
@@ -62,33 +61,23 @@ def frontier_summary(records, resamples: int = 1000, seed: int = 0) -> dict:
     out = {}
     for other in (a for a in points if a != "psft"):
         gap, level = largest_gap(points, "psft", other, levels)
-        draws = []
-        for _ in range(resamples):
-            sample = [rng.choice(seeds) for _ in seeds]
-            draws.append(largest_gap(frontier_points(records, sample), "psft", other, levels)[0])
-        if level is None:  # the two frontiers share no ID level from 0.50 up
-            out[other] = None
-            continue
-        draws.sort()
-        out[other] = {"gap": gap, "at_id": level, "ci95": [draws[int(0.025 * resamples)],
-                                                           draws[int(0.975 * resamples) - 1]]}
+        draws = sorted(largest_gap(frontier_points(records, [rng.choice(seeds) for _ in seeds]),
+                                   "psft", other, levels)[0] for _ in range(resamples))
+        # None: the two frontiers share no ID level from 0.50 up
+        out[other] = None if level is None else {
+            "gap": gap, "at_id": level,
+            "ci95": [draws[int(0.025 * resamples)], draws[int(0.975 * resamples) - 1]]}
     return out
 
 
 # ------------------------------------------------------------------------------------------ results
-def _mean_std(xs):
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return float("nan"), float("nan")
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
 def fmt_mean_std(xs, digits=3):
     """``mean ± std`` of the values that are not None; ``-`` when there are none (never nan)."""
-    if all(x is None for x in xs):
+    xs = [x for x in xs if x is not None]
+    if not xs:
         return "-"
-    m, s = _mean_std(xs)
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
+    std = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{statistics.fmean(xs):.{digits}f} ± {std:.{digits}f}"
 
 
 _fmt = fmt_mean_std  # the reports' shorthand
@@ -113,19 +102,14 @@ def matched_id(records: list, arms) -> dict:
     level = math.floor(min(best[a] for a in learning) * 20) / 20
     out = {"level": level, "not_learning": [a for a in best if a not in learning], "arms": {}}
     for a, c in curves.items():
-        seeds = sorted({x["seed"] for rs in c.values() for x in rs})
-        hits = []
-        for s in seeds:
-            rs = sorted((x for rs in c.values() for x in rs if x["seed"] == s),
-                        key=lambda x: x["epoch"])
-            first = next((x for x in rs if x["id_acc"] >= level and x["epoch"] > 0), None)
-            if first:
-                hits.append(first)
+        rows = sorted((x for rs in c.values() for x in rs), key=lambda x: x["epoch"])
+        seeds = sorted({x["seed"] for x in rows})
+        firsts = (next((x for x in rows if x["seed"] == s and x["epoch"] > 0
+                        and x["id_acc"] >= level), None) for s in seeds)
+        hits = [h for h in firsts if h]
         out["arms"][a] = {"reached": f"{len(hits)}/{len(seeds)}",
-                          "seeds": [h["seed"] for h in hits],
-                          "epoch": [h["epoch"] for h in hits],
-                          "id_acc": [h["id_acc"] for h in hits],
-                          "ood_acc": [h.get("ood_acc") for h in hits]}  # a world may have no OOD
+                          "seeds": [h["seed"] for h in hits],  # .get: a world may have no OOD
+                          **{k: [h.get(k) for h in hits] for k in ("epoch", "id_acc", "ood_acc")}}
     return out
 
 
@@ -140,11 +124,7 @@ def sign(diffs) -> dict:
     diffs = list(diffs)
     mean = statistics.fmean(diffs)
     se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.inf
-    verdict = "="
-    if mean > 2 * se:
-        verdict = "+"
-    elif mean < -2 * se:
-        verdict = "-"
+    verdict = "+" if mean > 2 * se else "-" if mean < -2 * se else "="
     return {"diff": mean, "se": se, "seeds": len(diffs), "sign": verdict}
 
 
@@ -153,7 +133,7 @@ def paired_difference(m: dict, arm: str, other: str) -> dict | None:
     and order for every arm), by the sign rule (``sign``). None when either arm missed the level
     on a seed, or the two ran different seeds."""
     a, b = m["arms"].get(arm), m["arms"].get(other)
-    if not a or not b or not _every_seed(a) or not _every_seed(b):
+    if not (_every_seed(a) and _every_seed(b)):
         return None
     ood_a, ood_b = (dict(zip(x["seeds"], x["ood_acc"])) for x in (a, b))
     if set(ood_a) != set(ood_b) or None in ood_a.values() or None in ood_b.values():
@@ -161,8 +141,8 @@ def paired_difference(m: dict, arm: str, other: str) -> dict | None:
     return sign(ood_a[s] - ood_b[s] for s in sorted(ood_a))
 
 
-def _every_seed(arm: dict) -> bool:
-    reached, seeds = arm["reached"].split("/")
+def _every_seed(arm: dict | None) -> bool:
+    reached, seeds = arm["reached"].split("/") if arm else ("0", "0")
     return reached == seeds != "0"
 
 
@@ -185,11 +165,9 @@ def across_bases(folders) -> dict:
         bases[str(seed)] = {"folder": str(folder), "matched_id": summary["matched_id"]}
     table = {}
     for arm in dict.fromkeys(a for b in bases.values() for a in b["matched_id"]["arms"]):
-        per_base = {}
-        for name, b in bases.items():
-            hit = b["matched_id"]["arms"].get(arm)
-            if hit and _every_seed(hit):  # an arm that missed the level on a seed: no mean
-                per_base[name] = statistics.fmean(hit["ood_acc"])
+        hits = {name: b["matched_id"]["arms"].get(arm) for name, b in bases.items()}
+        # an arm that missed the level on a seed: no mean
+        per_base = {k: statistics.fmean(h["ood_acc"]) for k, h in hits.items() if _every_seed(h)}
         if not per_base:
             continue
         means = list(per_base.values())
@@ -199,9 +177,8 @@ def across_bases(folders) -> dict:
     for arm, other in BASE_COMPARISONS:
         per_base = {k: paired_difference(b["matched_id"], arm, other) for k, b in bases.items()}
         signs = {d["sign"] if d else None for d in per_base.values()}
-        verdict = "mixed"
-        if len(signs) == 1 and None not in signs:  # the same sign on every base
-            verdict = f"{signs.pop()} on every base"
+        one = len(signs) == 1 and None not in signs  # the same sign on every base
+        verdict = f"{signs.pop()} on every base" if one else "mixed"
         comparisons[f"{arm} - {other}"] = {"per_base": per_base, "verdict": verdict}
     return {"bases": bases, "ood_at_matched_id": table, "comparisons": comparisons,
             "rule": "per base: + or - when the seed-paired mean difference of OOD at matched ID "
@@ -211,29 +188,23 @@ def across_bases(folders) -> dict:
 
 def across_bases_report(summary: dict) -> str:
     """Markdown of ``across_bases``."""
-    bases = list(summary["bases"])
-    lines = ["# The main comparison on independently pretrained bases", "",
-             "OOD accuracy at matched ID (each base's own level), mean over data seeds; "
-             "bases named by their pretraining seed; n/a: the arm missed the level on a seed. "
-             "Mean and std across the bases where it is given.", "",
-             "| arm | " + " | ".join(f"base {b}" for b in bases) + " | mean | std across bases |",
-             "|---|" + "---|" * (len(bases) + 2)]
-    for arm, row in summary["ood_at_matched_id"].items():
-        cells = [f"{row['per_base'][b]:.3f}" if b in row["per_base"] else "n/a" for b in bases]
-        lines.append(f"| {arm} | " + " | ".join(cells)
-                     + f" | {row['mean']:.3f} | {row['std_across_bases']:.3f} |")
-    lines += ["", "Levels: " + ", ".join(f"base {b} {v['matched_id']['level']:.2f}"
-                                          for b, v in summary["bases"].items()), "",
-              f"Rule: {summary['rule']}.", "",
-              "| difference | " + " | ".join(f"base {b}" for b in bases) + " | verdict |",
-              "|---|" + "---|" * (len(bases) + 1)]
-    for name, c in summary["comparisons"].items():
-        cells = []
-        for b in bases:
-            d = c["per_base"][b]
-            cells.append("n/a" if d is None else f"{d['diff']:+.3f} ± {d['se']:.3f} ({d['sign']})")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {c['verdict']} |")
-    return "\n".join(lines) + "\n"
+    bases = [f"base {b}" for b in summary["bases"]]
+    means = [_row([arm, *(f"{row['per_base'][b]:.3f}" if b in row["per_base"] else "n/a"
+                          for b in summary["bases"]),
+                   f"{row['mean']:.3f}", f"{row['std_across_bases']:.3f}"])
+             for arm, row in summary["ood_at_matched_id"].items()]
+    diffs = [_row([name, *("n/a" if d is None else f"{d['diff']:+.3f} ± {d['se']:.3f} ({d['sign']})"
+                           for d in c["per_base"].values()), c["verdict"]])
+             for name, c in summary["comparisons"].items()]
+    return "\n".join(["# The main comparison on independently pretrained bases", "",
+                      "OOD accuracy at matched ID (each base's own level), mean over data seeds; "
+                      "bases named by their pretraining seed; n/a: the arm missed the level on a "
+                      "seed. Mean and std across the bases where it is given.", "",
+                      *_table(["arm", *bases, "mean", "std across bases"], means), "",
+                      "Levels: " + ", ".join(f"{b} {v['matched_id']['level']:.2f}"
+                                             for b, v in zip(bases, summary["bases"].values())),
+                      "", f"Rule: {summary['rule']}.", "",
+                      *_table(["difference", *bases, "verdict"], diffs)]) + "\n"
 
 
 def report(summary: dict, records: list, grad_max: dict | None = None) -> str:
@@ -267,8 +238,11 @@ def report(summary: dict, records: list, grad_max: dict | None = None) -> str:
 
 def _section(title: str, intro: str | None, header: str, rows: list) -> list:
     """A report section: the title, the intro (if any), then a table (``header``: ``a | b``)."""
-    return ([f"## {title}", ""] + ([intro, ""] if intro else [])
-            + [f"| {header} |", "|" + "---|" * (header.count("|") + 1)] + rows)
+    return [f"## {title}", ""] + ([intro, ""] if intro else []) + _table(header.split(" | "), rows)
+
+
+def _table(header: list, rows: list) -> list:
+    return [_row(header), "|" + "---|" * len(header), *rows]
 
 
 def _row(cells) -> str:
@@ -288,8 +262,8 @@ def _per_epoch_table(main: list, matched: dict, words) -> list:
             rs = [r for r in main if r["method"] == arm and r["epoch"] == e]
             if rs:
                 rows.append(_row([arm, e] + [_fmt([r.get(k) for r in rs]) for k in keys]
-                                 + [_fmt([r["train_entropy"] for r in rs]) if e else "",
-                                    _fmt([r["clipfrac"] for r in rs]) if e else ""]))
+                                 + [_fmt([r[k] for r in rs]) if e else ""
+                                    for k in ("train_entropy", "clipfrac")]))
     return _section("Per epoch (main comparison)", None,
                     " | ".join(["arm", "epoch", *keys, "train_entropy", "clipfrac"]), rows)
 

@@ -3,7 +3,7 @@ sign rule (``reports.sign``: a difference counts when its seed-paired mean is mo
 standard errors from zero), the saw-tooth's boundary effect, and how each is written."""
 import statistics
 
-from .reports import sign
+from .reports import fmt_mean_std as mean_std, sign
 
 
 def by_seed(records, key: str, epoch: int, **where) -> dict:
@@ -17,12 +17,6 @@ def at_last_epoch(records, key: str = "id_acc", **where) -> dict:
     return by_seed(records, key, max(r["epoch"] for r in records), **where)
 
 
-def mean_std(values) -> str:
-    values = list(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.3f} ± {std:.3f}"
-
-
 def paired(a: dict, b: dict) -> dict:
     """The sign rule on ``a - b`` over the seeds both have."""
     return sign(a[s] - b[s] for s in sorted(a) if s in b)
@@ -34,11 +28,10 @@ def fmt(d: dict) -> str:
 
 def two_way(paper: dict, control: dict) -> str:
     """The verdict of "PSFT is higher" against the paper-recipe SFT and against the control."""
-    if paper["sign"] == "+" and control["sign"] == "+":
-        return "reproduced"
-    if paper["sign"] == "+":
-        return "partly: in the paper's recipe, not under the control (same lr and schedule)"
-    return "not reproduced"
+    if paper["sign"] != "+":
+        return "not reproduced"
+    return ("reproduced" if control["sign"] == "+" else
+            "partly: in the paper's recipe, not under the control (same lr and schedule)")
 
 
 def boundary_effects(runs, arm: str, key: str = "entropy", group: str = "main") -> list:
@@ -56,12 +49,17 @@ def boundary_effects(runs, arm: str, key: str = "entropy", group: str = "main") 
     return effects
 
 
-def sawtooth_verdict(tests: dict) -> str:
-    """The saw-tooth's verdict from the sign rule on each arm's boundary effects."""
-    if tests["psft"]["sign"] == "+":
-        return "not reproduced (PSFT's entropy drops at the boundaries too)"
-    if tests["sft_paper"]["sign"] == "+" and tests["sft"]["sign"] == "+":
-        return "reproduced"
-    if tests["sft_paper"]["sign"] == "+":
-        return "partly: in the paper-recipe SFT, not in SFT at PSFT's lr and schedule"
-    return "not detectable at this noise"
+def sawtooth_claim(claim: str, numbers: str, rule: str, effects: dict) -> dict:
+    """A saw-tooth row of the claims table, from each arm's boundary effects (``psft``, ``sft``,
+    ``sft_paper``) under the sign rule; ``numbers`` leads the boundary count."""
+    tests = {a: sign(v) for a, v in effects.items()}
+    signs = {a: t["sign"] for a, t in tests.items()}
+    verdict = "not detectable at this noise"
+    if signs["psft"] == "+":
+        verdict = "not reproduced (PSFT's entropy drops at the boundaries too)"
+    elif signs["sft_paper"] == "+":
+        verdict = ("reproduced" if signs["sft"] == "+" else
+                   "partly: in the paper-recipe SFT, not in SFT at PSFT's lr and schedule")
+    numbers += f"{len(effects['psft'])} boundaries over seeds): "
+    numbers += ", ".join(f"{a} {fmt(t)}" for a, t in tests.items())
+    return {"claim": claim, "numbers": numbers, "rule": rule, "verdict": verdict}
