@@ -20,9 +20,8 @@ def _band(ax, xs, ys_by_seed, color, label, smooth=1, **kw):
     cols = [[y[i] for y in ys_by_seed] for i in range(n)]
     mean = [statistics.fmean(c) for c in cols]
     lo, hi = [min(c) for c in cols], [max(c) for c in cols]
-    if smooth > 1:
-        k = smooth
-        mean, lo, hi = ([statistics.fmean(s[max(0, i - k + 1):i + 1]) for i in range(n)]
+    if smooth > 1:  # a trailing moving average
+        mean, lo, hi = ([statistics.fmean(s[max(0, i - smooth + 1):i + 1]) for i in range(n)]
                         for s in (mean, lo, hi))
     ax.plot(xs[:n], mean, color=color, label=label, **kw)
     if len(ys_by_seed) > 1:
@@ -40,6 +39,30 @@ def _per_epoch(records, arm, key):
     return epochs, [[d[e] for e in epochs] for d in by_seed.values()]
 
 
+def _grid(n: int):
+    """A figure of ``n`` panels, three to a row."""
+    nrows = -(-n // 3)
+    fig, axes = plt.subplots(nrows, 3, figsize=(16, 4.25 * nrows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.remove()
+    return fig, axes
+
+
+def _axis(ax, key: str, title: str, xlabel: str) -> None:
+    """A metric's panel: its title and labels, accuracies on a 0-1 axis."""
+    nats = ("mean entropy (nats)" if "entropy" in key else
+            "nats per token" if key in ("ood_kl", "heldout_nll") else None)
+    ax.set(title=title, xlabel=xlabel, ylabel=nats or "accuracy")
+    if not nats:
+        ax.set_ylim(-0.02, 1.02)
+
+
+def _save(fig, path, dpi: int, rect=None) -> None:
+    fig.tight_layout(rect=rect)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def _finish_grid(fig, axes, ncol: int, title: str, path) -> None:
     """Grid lines, one shared legend below the panels, the title; save and close."""
     for ax in axes.flat:
@@ -47,9 +70,7 @@ def _finish_grid(fig, axes, ncol: int, title: str, path) -> None:
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=ncol, frameon=False)
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.05, 1, 0.96))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, 110, rect=(0, 0.05, 1, 0.96))
 
 
 def panels(records, words) -> list:
@@ -69,11 +90,7 @@ def epoch_stability(runs, arms, words, path):
     records = [x for r in main for x in r.records]
     arms = [a for a in arms if any(r.job.arm == a for r in main)]
     shown = panels(records, words)
-    ncols = 3
-    nrows = -(-(len(shown) + 1) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(16, 4.25 * nrows), squeeze=False)
-    for ax in axes.flat[len(shown) + 1:]:
-        ax.remove()
+    fig, axes = _grid(len(shown) + 1)
     ax = axes.flat[0]
     for arm in arms:
         hs = [r.history for r in main if r.job.arm == arm]
@@ -87,14 +104,7 @@ def epoch_stability(runs, arms, words, path):
             epochs, ys = _per_epoch(records, arm, key)
             if epochs:
                 _band(ax, epochs, ys, COLORS[arm], LABELS[arm], marker="o", markersize=3)
-        ylabel = "accuracy"
-        if "entropy" in key:
-            ylabel = "mean entropy (nats)"
-        elif key in ("ood_kl", "heldout_nll"):
-            ylabel = "nats per token"
-        ax.set(title=title, xlabel="epoch", ylabel=ylabel)
-        if ylabel == "accuracy":
-            ax.set_ylim(-0.02, 1.02)
+        _axis(ax, key, title, "epoch")
     seeds = len({r.job.seed for r in main})
     _finish_grid(fig, axes, len(arms), f"SFT vs PSFT across epochs {words.title} (mean over "
                  f"{seeds} seed(s), band = min-max)", path)
@@ -142,9 +152,7 @@ def tradeoff(records, arms, matched, words, path):
                         sorted(reached, key=lambda x: -statistics.fmean(x[1])))
     fig.suptitle(f"Forgetting for the same skill {words.title}: OOD at ID >= {level:.2f}: "
                  f"{finding}", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, 110)
 
 
 def ablations(records, words, path):
@@ -169,9 +177,7 @@ def ablations(records, words, path):
             ax.grid(alpha=0.3)
         row[0].legend(fontsize=8)
     fig.suptitle(f"PSFT ablations {words.title} (mean over seeds, band = min-max)")
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path, 100, rect=(0, 0, 1, 0.97))
 
 
 def frontier(points: dict, gaps: dict, path):
@@ -194,9 +200,7 @@ def frontier(points: dict, gaps: dict, path):
            xlabel="in-domain accuracy", ylabel="out-of-domain accuracy", xlim=(0.45, 1.0))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path, 100)
 
 
 START_COLORS = {"base": "tab:gray", "sft_paper": "tab:orange", "sft": "tab:red", "psft": "tab:blue"}
@@ -210,11 +214,7 @@ def rl_after_finetuning(runs, words, path):
     starts = [s for s in START_COLORS if any(r.job.start == s for r in runs)]
     records = [e for r in runs for e in r.records]
     shown = [(k, t) for k, t in panels(records, words) if k != "ood_kl"]
-    ncols = 3
-    nrows = -(-(len(shown) + 2) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(16, 4.25 * nrows), squeeze=False)
-    for ax in axes.flat[len(shown) + 2:]:
-        ax.remove()
+    fig, axes = _grid(len(shown) + 2)
     for ax, key, title, ylabel in (
             (axes.flat[0], "reward", "Reward of the rollouts (share correct)", "reward"),
             (axes.flat[1], "entropy", "Token entropy of the sampled completions",
@@ -229,11 +229,7 @@ def rl_after_finetuning(runs, words, path):
             evs = [r.records for r in runs if r.job.start == s]
             _band(ax, [e["step"] for e in evs[0]], [[e[key] for e in ev] for ev in evs],
                   START_COLORS[s], START_LABELS[s], marker="o", markersize=3)
-        accuracy = "entropy" not in key
-        ax.set(title=title, xlabel="RL step",
-               ylabel="accuracy" if accuracy else "mean entropy (nats)")
-        if accuracy:
-            ax.set_ylim(-0.02, 1.02)
+        _axis(ax, key, title, "RL step")
     seeds = len({r.job.seed for r in runs})
     _finish_grid(fig, axes, len(starts), f"GRPO after fine-tuning {words.title} (mean over "
                  f"{seeds} seed(s), band = min-max)", path)

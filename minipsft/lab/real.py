@@ -97,12 +97,8 @@ def gsm8k_reward(row: dict, completion: str) -> float:
 def truthfulqa_items(raw: list) -> list:
     """TruthfulQA ``multiple_choice`` rows -> items ``{"prompt", "choices", "label"}`` (MC1: one
     true answer)."""
-    items = []
-    for r in raw:
-        targets = r["mc1_targets"]
-        items.append({"prompt": f"Q: {r['question']}\nA:", "choices": list(targets["choices"]),
-                      "label": list(targets["labels"]).index(1)})
-    return items
+    return [{"prompt": f"Q: {r['question']}\nA:", "choices": list(r["mc1_targets"]["choices"]),
+             "label": list(r["mc1_targets"]["labels"]).index(1)} for r in raw]
 
 
 def arc_items(raw: list) -> list:
@@ -146,24 +142,19 @@ LOCAL_FILES = {"gsm8k_train": "gsm8k_train.jsonl", "gsm8k_test": "gsm8k_test.jso
                "truthfulqa": "truthfulqa_mc.jsonl", "arc": "arc_challenge.jsonl"}
 
 
-def _path(data_dir, key):
-    return None if data_dir is None else f"{data_dir}/{LOCAL_FILES[key]}"
-
-
 def world_data(n_train: int, n_eval: int, n_ood: int, data_dir=None) -> dict:
     """The GSM8K experiment's data: training rows, held-out test rows and the OOD items, from the
     hub or from ``data_dir`` (files named as in ``LOCAL_FILES``, in the hub schemas)."""
-    return {
-        "train": gsm8k_rows(load_split("openai/gsm8k", "main", "train",
-                                       _path(data_dir, "gsm8k_train"), n_train)),
-        "test": gsm8k_rows(load_split("openai/gsm8k", "main", "test",
-                                      _path(data_dir, "gsm8k_test"), n_eval)),
-        "ood": {"truthfulqa": truthfulqa_items(load_split("truthfulqa/truthful_qa",
-                                                          "multiple_choice", "validation",
-                                                          _path(data_dir, "truthfulqa"), n_ood)),
-                "arc": arc_items(load_split("allenai/ai2_arc", "ARC-Challenge", "test",
-                                            _path(data_dir, "arc"), n_ood))},
-    }
+    def load(key, name, config, split, n):
+        return load_split(name, config, split,
+                          None if data_dir is None else f"{data_dir}/{LOCAL_FILES[key]}", n)
+    gsm8k = ("openai/gsm8k", "main")
+    return {"train": gsm8k_rows(load("gsm8k_train", *gsm8k, "train", n_train)),
+            "test": gsm8k_rows(load("gsm8k_test", *gsm8k, "test", n_eval)),
+            "ood": {"truthfulqa": truthfulqa_items(load("truthfulqa", "truthfulqa/truthful_qa",
+                                                        "multiple_choice", "validation", n_ood)),
+                    "arc": arc_items(load("arc", "allenai/ai2_arc", "ARC-Challenge", "test",
+                                          n_ood))}}
 
 
 class Evaluator:

@@ -92,16 +92,25 @@ class ToyWorld:
         return toy.id_rows(n, seed=20_000 + seed)  # ID prompts never used in fine-tuning
 
 
+class _GivenModel:
+    """A world that fine-tunes a given model (``p.model``, a hub id or folder) in its own dtype."""
+    dtype = None
+
+    def base_model(self, cache_dir, device) -> tuple:
+        return self.p.model, "given", False
+
+    def max_new_tokens(self) -> int:
+        return self.p.max_new_tokens
+
+
 # ------------------------------------------------------------------------------------------- GSM8K
-class GSM8KWorld:
+class GSM8KWorld(_GivenModel):
     """A hub (or local) model on GSM8K, with TruthfulQA MC1 and ARC-Challenge out of domain
     (``real.py``); the data from the hub or from ``p.data_dir``."""
 
     words = Words(title="on GSM8K", id_name="GSM8K", ood_name="TruthfulQA MC1 and ARC-Challenge",
                   metrics={"id_acc": "In-domain: GSM8K exact match (greedy)",
-                           "ood_acc": "Out-of-domain: mean of TruthfulQA and ARC",
-                           **ENTROPY})
-    dtype = None  # the model's own
+                           "ood_acc": "Out-of-domain: mean of TruthfulQA and ARC", **ENTROPY})
 
     def __init__(self, p):
         if not p.model:
@@ -116,18 +125,12 @@ class GSM8KWorld:
             self._data = real.world_data(p.n_train, p.n_id_eval, p.ood_per_task, p.data_dir)
         return self._data
 
-    def base_model(self, cache_dir, device) -> tuple:
-        return self.p.model, "given", False
-
     def train_rows(self, seed: int) -> list:
         return self.data()["train"]  # the seed changes the data order only
 
     def evaluator(self, base):
         d = self.data()
         return real.Evaluator(base, d["test"], d["ood"], self.p.max_new_tokens, self.p.max_length)
-
-    def max_new_tokens(self) -> int:
-        return self.p.max_new_tokens
 
     def reward(self, row: dict, completion: str) -> float:
         return real.gsm8k_reward(row, completion)
@@ -196,14 +199,12 @@ def _is_choice_file(path) -> bool:
     return "choices" in read_json_rows(Path(path))[0]
 
 
-class FilesWorld:
+class FilesWorld(_GivenModel):
     """The user's own data: training rows and held-out test rows in TRL's formats (prompt-completion
     or messages), scored by exact match of the answer (``answer_extractor``); OOD sets given as
     ``name=path``, each multiple-choice JSONL (``prompt``, ``choices``, ``label``; scored by the
     summed log-likelihood of each choice, as ``real.mc_accuracy``) or more prompt/answer rows
-    (exact match); any hub id or local folder as the model."""
-
-    dtype = None
+    (exact match); any hub id or local folder as the model; ``n_*`` = 0 keeps every row."""
 
     def __init__(self, p):
         if not p.model or not p.train_file or not p.test_file:
@@ -211,8 +212,8 @@ class FilesWorld:
                              "(--model, --train, --test)")
         self.p = p
         self.extract = answer_extractor(p.answer)
-        self.train = self._first(load_rows(p.train_file), p.n_train)
-        self.test = self._first(load_rows(p.test_file), p.n_id_eval)
+        self.train = load_rows(p.train_file)[:p.n_train or None]
+        self.test = load_rows(p.test_file)[:p.n_id_eval or None]
         for i, row in enumerate(self.test, start=1):  # a regex that misses scores 0 silently
             if self.extract(_prompt_and_reference(row)[1]) is None:
                 raise DataError(f"{p.test_file}: row {i}: answer={p.answer!r} finds no answer in "
@@ -226,9 +227,9 @@ class FilesWorld:
                 raise ValueError(f"OOD set {spec!r}: the name {name!r} is taken (names must differ"
                                  " from each other and from 'acc')")
             if _is_choice_file(path):
-                self.ood_choice[name] = self._first(load_choice_items(path), p.ood_per_task)
+                self.ood_choice[name] = load_choice_items(path)[:p.ood_per_task or None]
             else:
-                self.ood_exact[name] = self._first(load_rows(path), p.ood_per_task)
+                self.ood_exact[name] = load_rows(path)[:p.ood_per_task or None]
         self.words = FilesWorld.words_for(vars(p))
 
     @staticmethod
@@ -241,22 +242,18 @@ class FilesWorld:
                      metrics={"id_acc": f"In-domain: exact match on {test} (greedy)",
                               "ood_acc": f"Out-of-domain: mean of {', '.join(names)}", **ENTROPY})
 
-    @staticmethod
-    def _first(rows: list, n: int) -> list:
-        return rows[:n] if n else rows  # n = 0: every row
-
-    def base_model(self, cache_dir, device) -> tuple:
-        return self.p.model, "given", False
-
     def train_rows(self, seed: int) -> list:
         return self.train  # the seed changes the data order only
+
+    def matches(self, text: str, reference: str) -> bool:
+        """Whether ``text`` has an answer and it is the reference's."""
+        answer = self.extract(text)
+        return answer is not None and answer == self.extract(reference)
 
     def exact_match(self, lm, rows: list) -> float:
         prompts, references = zip(*(_prompt_and_reference(r) for r in rows))
         outputs = lm.generate(list(prompts), max_new_tokens=self.p.max_new_tokens, batch_size=32)
-        hits = [self.extract(o) is not None and self.extract(o) == self.extract(ref)
-                for o, ref in zip(outputs, references)]
-        return sum(hits) / len(hits)
+        return sum(map(self.matches, outputs, references)) / len(rows)
 
     def evaluator(self, base):
         heldout = base.encode(self.test, max_length=self.p.max_length)
@@ -275,13 +272,9 @@ class FilesWorld:
             return out
         return evaluate
 
-    def max_new_tokens(self) -> int:
-        return self.p.max_new_tokens
-
     def reward(self, row: dict, completion: str) -> float:
         """1.0 when the extracted answer equals the reference's exactly, else 0.0."""
-        answer = self.extract(completion)
-        return float(answer is not None and answer == self.extract(_prompt_and_reference(row)[1]))
+        return float(self.matches(completion, _prompt_and_reference(row)[1]))
 
     def rl_prompts(self, n: int, seed: int) -> list:
         return self.train[:n]
