@@ -51,16 +51,16 @@ __all__ = ["PSFTConfig", "PSFTTrainer"]
 @dataclass
 class PSFTConfig(SFTConfig):
     """``SFTConfig`` plus PSFT's settings."""
-    eps_low: float = field(default=0.2, metadata={"help": "lower clip of the ratio (never acts "
-                                                          "with PSFT's A = 1)"})
-    eps_high: float = field(default=0.28, metadata={"help": "upper clip: tokens whose ratio "
-                                                            "passed 1 + eps_high get no gradient "
-                                                            "(official 0.28)"})
-    refresh_steps: int = field(default=8, metadata={"help": "optimizer steps per pi_old "
-                                                            "snapshot (official batch 256 / "
-                                                            "minibatch 32 = 8); 1 is exactly SFT"})
-    sft_warmup_steps: int = field(default=0, metadata={"help": "plain-SFT optimizer steps "
-                                                               "before PSFT starts"})
+    eps_low: float = field(default=0.2, metadata={
+        "help": "lower clip of the ratio (never acts with PSFT's A = 1)"})
+    eps_high: float = field(default=0.28, metadata={
+        "help": "upper clip: tokens whose ratio passed 1 + eps_high get no gradient "
+                "(official 0.28)"})
+    refresh_steps: int = field(default=8, metadata={
+        "help": "optimizer steps per pi_old snapshot (official batch 256 / minibatch 32 = 8); 1 is "
+                "exactly SFT"})
+    sft_warmup_steps: int = field(default=0, metadata={
+        "help": "plain-SFT optimizer steps before PSFT starts"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -149,34 +149,27 @@ class PSFTTrainer(SFTTrainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         inputs["use_cache"] = False
         outputs = model(**inputs, fused_lm_head=True)
-        mask = outputs.label_mask
-        logp = outputs.log_probs
+        mask, logp = outputs.label_mask, outputs.log_probs
         if logp_old is None:  # the snapshot's own step: its forward is log pi_old (ratio 1)
             logp_old = logp.detach()
         loss, metrics = LOSSES["psft"].loss(logp, mask, logp_old, None, args)
-        # TRL's normalisation: token sum over the micro-batch / tokens of the whole optimizer step
-        # (all ranks)
+        # as TRL: the micro-batch's token sum over the whole optimizer step's tokens (all ranks)
         n_local = mask.sum()
         num_tokens = n_local if num_items_in_batch is None else num_items_in_batch
         loss = loss * n_local / torch.as_tensor(num_tokens).clamp(min=1)
         if args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
-
-        # diagnostics, token-weighted over the micro-batches and ranks of each logging window
-        # (as minipsft's loop)
+        # diagnostics, token-weighted over the micro-batches and ranks of a logging window (as ours)
         gather = self.accelerator.gather_for_metrics
-        sums = {"clipfrac": metrics["clipfrac"], "ratio_mean": metrics["ratio_mean"],
-                "approx_kl": metrics["approx_kl"]}
-        sums = {k: torch.as_tensor(v * metrics["num_tokens"], device=n_local.device)
-                for k, v in sums.items()}
+        sums = {k: torch.as_tensor(metrics[k] * metrics["num_tokens"], device=n_local.device)
+                for k in ("clipfrac", "ratio_mean", "approx_kl")}
         if outputs.entropy is not None:
             sums["entropy"] = (outputs.entropy.detach().float() * mask).sum()
         if outputs.is_top1 is not None:
             sums["mean_token_accuracy"] = (outputs.is_top1.float() * mask).sum()
+        sums["_tokens"] = n_local.detach()
         for k, v in sums.items():
             self._psft_sums[k] = self._psft_sums.get(k, 0.0) + gather(v).sum().item()
-        self._psft_sums["_tokens"] = (self._psft_sums.get("_tokens", 0.0)
-                                      + gather(n_local.detach()).sum().item())
         ratio_max = gather(torch.as_tensor(metrics["ratio_max"],
                                            device=n_local.device)).max().item()
         self._psft_sums["ratio_max"] = max(self._psft_sums.get("ratio_max", 0.0), ratio_max)

@@ -88,15 +88,13 @@ def gsm8k_accuracy(lm, rows: list, max_new_tokens: int = 320, batch_size: int = 
 
 
 def gsm8k_reward(row: dict, completion: str) -> float:
-    """Verifiable reward for GRPO on ``gsm8k_rows``: 1.0 when the final answer matches exactly,
-    else 0.0."""
+    """GRPO's verifiable reward on ``gsm8k_rows``: 1.0 for the exact final answer, else 0.0."""
     return float(extract_answer(completion) == row["final"])
 
 
 # --------------------------------------------------------------------------------- multiple choice
 def truthfulqa_items(raw: list) -> list:
-    """TruthfulQA ``multiple_choice`` rows -> items ``{"prompt", "choices", "label"}`` (MC1: one
-    true answer)."""
+    """TruthfulQA ``multiple_choice`` rows -> MC1 items ``{"prompt", "choices", "label"}``."""
     return [{"prompt": f"Q: {r['question']}\nA:", "choices": list(r["mc1_targets"]["choices"]),
              "label": list(r["mc1_targets"]["labels"]).index(1)} for r in raw]
 

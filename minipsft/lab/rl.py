@@ -41,8 +41,8 @@ class GRPOConfig:
     group_size: int = setting(8, "completions sampled per prompt; advantages are normalised within "
                                  "each group")
     minibatch_size: int = setting(32, "sequences per optimizer step: prompts_per_step * group_size "
-                                      "/ minibatch_size "
-                                 "steps per rollout, all against the same pi_old (the sampler)")
+                                      "/ minibatch_size steps per rollout, all against the same "
+                                      "pi_old (the sampler)")
     ppo_epochs: int = setting(1, "passes over each rollout batch")
     lr: float = setting(1e-5, "AdamW learning rate (constant)")
     eps_low: float = setting(0.2, "lower clip: acts on negative-advantage tokens whose ratio fell "
@@ -134,7 +134,6 @@ def grpo(lm, prompts: list, reward_fn, cfg: GRPOConfig, eval_fn=None, out_dir=No
                        order[cfg.prompts_per_step:])
         pairs, rewards = _sample(lm, rows, reward_fn, cfg, step)
         history.append(_update(lm, opt, ref, pairs, rewards, cfg, gen, step))
-        # sampled tokens per second of the whole step: sampling, scoring and updates
         history[-1]["tokens_per_s"] = sum(len(c) for _, c in pairs) / (time.perf_counter() - t0)
         if on_step is not None:
             on_step(history[-1])
@@ -191,16 +190,15 @@ def _update(lm, opt, ref, pairs: list, rewards, cfg: GRPOConfig, gen, step: int)
     minibatches = [lm.collate([examples[i] for i in idx]) for idx in mb_idx]
     with torch.no_grad():  # pi_old: the sampler's log-probs (and entropy)
         old = [lm.token_logprobs(mb, with_entropy=True) for mb in minibatches]
-        ref_lp = ([lm.token_logprobs(mb, model=ref)[0] for mb in minibatches]
-                  if ref is not None else None)
+        ref_lp = [None if ref is None else lm.token_logprobs(mb, model=ref)[0]
+                  for mb in minibatches]
     parts, grad_norms = [], []
     for _ in range(cfg.ppo_epochs):  # several optimizer steps on the same rollout
         for j, (idx, mb) in enumerate(zip(mb_idx, minibatches)):
             a = adv[idx].to(lm.device)
             if cfg.kl_coef == 0 and bool((a.abs() < 1e-8).all()):
                 continue  # no gradient here; an AdamW step would still move the weights
-            metrics, grad_norm = _optimizer_step(lm, opt, mb, old[j][0], a,
-                                                 ref_lp[j] if ref is not None else None, cfg, step)
+            metrics, grad_norm = _optimizer_step(lm, opt, mb, old[j][0], a, ref_lp[j], cfg, step)
             parts.append(metrics)
             grad_norms.append(grad_norm)
     n_completion = sum(len(c) for _, c in pairs)

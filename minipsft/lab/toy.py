@@ -53,6 +53,8 @@ ID_TASK = "rev_long"
 # the ID teacher's random reflection words: entropy above zero there
 OPENERS = ("wait", "check", "hmm")
 CONNECTIVES = ("ok", "good")
+# word lengths to reverse: the prior task, the ID task, and pretraining's partial skill of it
+REVERSALS = {"rev": (3, 6), "rev_long": (8, 11), "rev_pretrain": (7, 9)}
 
 
 # ------------------------------------------------------------------------------------------- tasks
@@ -65,10 +67,8 @@ def _task(name: str, rng: random.Random):
     if name == "add":
         a, b = _small(rng), _small(rng)
         return f"add {a} {b}", {str(a + b)}
-    if name in ("rev_long", "rev_pretrain"):
-        # fine-tuning: 8-11 letters; pretraining has 7-9 (a partial skill)
-        w = "".join(rng.choice(LETTERS)
-                    for _ in range(rng.randint(8, 11) if name == "rev_long" else rng.randint(7, 9)))
+    if name in REVERSALS:
+        w = "".join(rng.choice(LETTERS) for _ in range(rng.randint(*REVERSALS[name])))
         return f"rev {w}", {w[::-1]}
     if name == "sub":
         a, b = sorted((_small(rng), _small(rng)), reverse=True)
@@ -76,9 +76,6 @@ def _task(name: str, rng: random.Random):
     if name == "max":
         xs = [rng.randrange(100) for _ in range(rng.randint(3, 4))]
         return "max " + " ".join(map(str, xs)), {str(max(xs))}
-    if name == "rev":
-        w = "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 6)))
-        return f"rev {w}", {w[::-1]}
     if name == "sort":
         w = "".join(rng.choice(LETTERS[:10]) for _ in range(rng.randint(3, 6)))
         return f"sort {w}", {"".join(sorted(w))}
@@ -116,18 +113,18 @@ def completion_roles(text: str) -> list:
             + ["content" if c.isdigit() else "format" for c in tail])
 
 
-def id_row(rng: random.Random) -> dict:
-    body, answers = _task(ID_TASK, rng)
-    return {"prompt": body + ":", "completion": chain_of_thought(body.split()[1], rng),
-            "task": ID_TASK, "answers": sorted(answers), "paren": False}
+def id_row(rng: random.Random, task: str = ID_TASK) -> dict:
+    body, answers = _task(task, rng)
+    completion = (chain_of_thought(body.split()[1], rng) if task == ID_TASK
+                  else _styled(next(iter(answers)), False, rng))
+    return {"prompt": body + ":", "completion": completion, "task": ID_TASK,
+            "answers": sorted(answers), "paren": False}
 
 
 def id_direct_row(rng: random.Random) -> dict:
     """A 7-9 letter reversal answered directly (5% of pretraining): the base can do the shorter half
     of the ID task (8-11 letters) and fails the longer half, so it starts with some ID skill."""
-    body, answers = _task("rev_pretrain", rng)
-    return {"prompt": body + ":", "completion": _styled(next(iter(answers)), False, rng),
-            "task": ID_TASK, "answers": sorted(answers), "paren": False}
+    return id_row(rng, "rev_pretrain")
 
 
 def pretrain_rows(n: int, seed: int, id_direct_rate: float = 0.05) -> list:
@@ -144,11 +141,8 @@ def id_rows(n: int, seed: int) -> list:
 def ood_rows(per_task: int, seed: int) -> list:
     """Held-out prompts of every prior task, with and without the ``()`` instruction."""
     rng = random.Random(seed)
-    rows = []
-    for name in PRIOR_TASKS:
-        for paren in (False, True):
-            rows += [prior_row(name, rng, paren_rate=float(paren)) for _ in range(per_task)]
-    return rows
+    return [prior_row(name, rng, paren_rate=float(paren))
+            for name in PRIOR_TASKS for paren in (False, True) for _ in range(per_task)]
 
 
 _NUMBER = re.compile(r"\d+")
@@ -276,8 +270,7 @@ def param_distance(model, base_model) -> float:
 
 
 def answer_tokens(rows) -> int:
-    """How many tokens a generation may take: the longest answer (one token per character) plus
-    a margin."""
+    """How many tokens a generation may take: the longest answer (a token a character) + 4."""
     return max(len(r["completion"]) for r in rows) + 4
 
 
