@@ -149,9 +149,8 @@ def _every_seed(arm: dict | None) -> bool:
 def across_bases(folders) -> dict:
     """The main comparison's OOD at matched ID on each base (one results folder per independently
     pretrained base, ``Preset.pretrain_seed``): per base and arm the seeds' mean, the spread of
-    those means across bases, and each of ``BASE_COMPARISONS`` per base (``paired_difference``)
-    with a verdict over bases: ``+ on every base`` (or ``-``, ``=``) when every base gives that
-    sign, else ``mixed``."""
+    those means across bases, and each of ``BASE_COMPARISONS`` per base with a verdict over bases
+    (``rule`` below)."""
     bases = {}
     for folder in folders:
         summary = json.loads((Path(folder) / "results.json").read_text())["summary"]
@@ -225,14 +224,12 @@ def report(summary: dict, records: list, grad_max: dict | None = None) -> str:
             lines += ["", "sft_small lr = lr x (PSFT drift / SFT drift after epoch 1): ratio per "
                       "seed " + ", ".join(f"{k}: {v:.3f}"
                                           for k, v in summary["sft_small_step_ratio"].items())]
-    if summary.get("clipped_tokens"):
-        lines += ["", *_clipped_tokens_table(summary["clipped_tokens"])]
-    if abl:
-        lines += ["", *_ablations_table(abl, grad_max or {})]
-    if summary.get("frontier"):
-        lines += ["", *_frontier_table(summary["frontier"])]
-    if summary.get("aggregation_matched_id"):
-        lines += ["", *_aggregation_table(summary["aggregation_matched_id"])]
+    for found, table in ((summary.get("clipped_tokens"), _clipped_tokens_table),
+                         (abl, lambda rs: _ablations_table(rs, grad_max or {})),
+                         (summary.get("frontier"), _frontier_table),
+                         (summary.get("aggregation_matched_id"), _aggregation_table)):
+        if found:
+            lines += ["", *table(found)]
     return "\n".join(lines) + "\n"
 
 
