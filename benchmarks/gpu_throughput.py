@@ -6,7 +6,7 @@ weights built from its config: no hub), side by side in one run, and the PSFT/SF
     python benchmarks/gpu_throughput.py --matrix --seq-len 1024   # eager/compiled x head x 16/32
 
 The output head (the vocabulary projection and log-softmax, ~8% of the FLOPs with a 151,936-token
-vocabulary): "fused" computes each chunk's gradient in the forward pass (model.fused_head_loss,
+vocabulary): "fused" computes each chunk's gradient in the forward pass (fused.fused_head_loss,
 CausalLM(fused_head=True)), "keep" keeps the chunks' logits for backward (the GPU default when they
 fit), "recompute" recomputes them in backward.
 MFU counts 6 * parameters FLOPs per trained token (the usual estimate, attention excluded) against

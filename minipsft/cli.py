@@ -139,8 +139,9 @@ def main(argv=None) -> None:
     try:
         run(args)
     except Unfinished as stop:  # the time budget ran out: the same command finishes the folder
+        again = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--overwrite"]
         print(f"stopped after {args.max_minutes:g} minutes: {stop}; the same command finishes "
-              f"them: python -m minipsft {shlex.join(argv if argv is not None else sys.argv[1:])}")
+              f"them: python -m minipsft {shlex.join(again)}")
         sys.exit(3)
     except EXPECTED_ERRORS as e:
         if debug:

@@ -70,7 +70,7 @@ def _per_token(advantages, logp: torch.Tensor) -> torch.Tensor:
 
 
 # Per-token loss terms: each loss below is the token-mean of its terms over the mask. The fused
-# output-head path (model.fused_head_loss) takes these terms and differentiates them chunk by chunk.
+# output-head path (fused.fused_head_loss) takes these terms and differentiates them chunk by chunk.
 
 def surrogate_terms(logp, logp_old, advantages, eps_low: float = 0.2, eps_high: float = 0.28):
     """``-min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)`` per token, r = exp(logp - logp_old)."""

@@ -188,13 +188,6 @@ class CausalLM:
         return GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k,
                                 **special)
 
-    @property
-    def hf_model(self):
-        """The transformers model itself (under a PEFT wrapper, its base model)."""
-        if hasattr(self.model, "get_base_model"):
-            return self.model.get_base_model()
-        return self.model
-
     def _stop_ids(self) -> list:
         """The tokenizer's EOS and any end tokens the model's generation_config lists (Llama-3's
         ``<|eot_id|>``, Gemma's ``<end_of_turn>``): generation stops at any of them."""

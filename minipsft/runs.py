@@ -156,6 +156,9 @@ def load_checkpoint(path: Path, device) -> dict:
     except Exception as e:  # pickle.UnpicklingError and whatever a crafted file raises
         raise ValueError(f"{path} is not a minipsft checkpoint holding only tensors and plain "
                          f"values; refused to load it ({type(e).__name__})") from None
+    if not isinstance(ck, dict) or "state" not in ck:
+        raise ValueError(f"{path} is a checkpoint of an older minipsft (or not one): it cannot be "
+                         "resumed; start the run again (--overwrite)")
     ck["state"] = json.loads(ck["state"])
     return ck
 

@@ -81,7 +81,7 @@ class TrainConfig:
     checkpoint_every: int = setting(0, "with an output folder, save a resumable checkpoint every N "
                                        "batches "
                                   "(always after each epoch)")
-    progress: bool = setting(True, "show a tqdm progress bar")
+    progress: bool = setting(True, "show a tqdm progress bar (runs.Progress or runs.RunFolder)")
 
     def check(self) -> None:
         """Refuse settings that cannot run, naming the setting."""
@@ -220,7 +220,7 @@ def merge_metrics(parts: list) -> dict:
     return out
 
 
-def train(lm, examples: list, cfg: TrainConfig, eval_fn=None, on_step=None, token_hook=None,
+def train(lm, examples: list, cfg: TrainConfig, *, eval_fn=None, on_step=None, token_hook=None,
           run: Run | None = None) -> dict:
     """Fine-tune ``lm`` in place on encoded ``examples``; return ``{"history", "evals"}``.
 

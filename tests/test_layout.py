@@ -1,6 +1,8 @@
 """The package's shape (issue 23): three floors, each importing only from below; no function over
 60 lines, no module over 400, no line over 100 characters; the core within 700 lines."""
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).parents[1] / "minipsft"
@@ -85,3 +87,12 @@ def test_no_module_imports_another_modules_private_names():
                 private += [f"{_name(path)}: {a.name}" for a in node.names
                             if a.name.startswith("_") and not a.name.startswith("__")]
     assert not private, private
+
+
+def test_importing_the_core_loads_no_lab_cli_trl_or_peft():
+    code = ("import sys, minipsft.losses, minipsft.logprobs, minipsft.train; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('trl', 'peft') "
+            "or m.startswith(('minipsft.lab', 'minipsft.cli', 'minipsft.trl_trainer'))))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=PACKAGE.parent, check=True).stdout.strip()
+    assert loaded == "[]", loaded

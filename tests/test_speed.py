@@ -11,7 +11,7 @@ import torch
 
 from conftest import tiny_lm
 from test_architectures import CONFIGS, build_model
-from minipsft import speed
+from minipsft import fused, speed
 from minipsft.losses import LOSSES
 from minipsft.model import CausalLM
 from minipsft.train import Objective, TrainConfig, merge_metrics, micro_batches, micro_step
@@ -68,6 +68,7 @@ def _wrap(model, **settings):
 @pytest.mark.parametrize("method", list(LOSSES))
 def test_every_speed_path_equals_the_reference(name, method, monkeypatch):
     monkeypatch.setattr(speed, "CHUNK_ELEMENTS", 4 * 3 * 61)  # three positions a chunk
+    monkeypatch.setattr(fused, "CHUNK_ELEMENTS", 4 * 3 * 61)
     model = build_model(name)  # eval mode: no dropout (gpt2), the same math on every path
     batch = _batch()
     expected = _step(_wrap(model, speed=False), batch, method, 0)
@@ -79,7 +80,9 @@ def test_every_speed_path_equals_the_reference(name, method, monkeypatch):
 
 
 @pytest.mark.parametrize("method", list(LOSSES))
-def test_every_speed_path_equals_the_reference_with_lora(method):
+def test_every_speed_path_equals_the_reference_with_lora(method, monkeypatch):
+    monkeypatch.setattr(speed, "CHUNK_ELEMENTS", 2 * 3 * 61)  # several chunks a micro-batch
+    monkeypatch.setattr(fused, "CHUNK_ELEMENTS", 2 * 3 * 61)
     model = build_model("llama")
     batch = _batch()
 

@@ -27,7 +27,7 @@ class Unfinished(Exception):
         self.remaining, self.total = remaining, total
 
     def __str__(self):
-        return f"{self.remaining} of {self.total} runs remain"
+        return f"{self.remaining} of {self.total} runs of this stage remain"
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -103,8 +103,13 @@ def run_saved(jobs: list, fn, key, store: RunStore | None, workers: int, desc: s
                 if not running:
                     break
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                failed = [f for f in finished if f.exception() is not None]
                 for future in finished:
-                    keep(running.pop(future), future.result())
+                    job = running.pop(future)
+                    if future.exception() is None:
+                        keep(job, future.result())
+                if failed:  # the runs saved; the others in flight finish when the pool closes
+                    raise failed[0].exception()
     bar.close()
     missing = sum(saved.get(key(j)) is None for j in jobs)
     if missing:
