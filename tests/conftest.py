@@ -44,3 +44,10 @@ def saved_model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_model")
     tiny_lm().save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def smoke_cache(tmp_path_factory):
+    """One base-model cache for every test that runs the smoke preset: its base is pretrained
+    once per session (deterministic: the same weights as a fresh pretraining)."""
+    return tmp_path_factory.mktemp("smoke_cache")

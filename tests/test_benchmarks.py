@@ -9,9 +9,10 @@ from pathlib import Path
 ROOT = Path(__file__).parents[1]
 
 
-def test_the_gpu_session_script_runs_the_comparison_in_pieces_at_smoke_size_on_cpu(tmp_path):
+def test_the_gpu_session_script_runs_the_comparison_in_pieces_at_smoke_size_on_cpu(tmp_path,
+                                                                                   smoke_cache):
     env = dict(os.environ, OUT=str(tmp_path / "out"), PRESET="smoke", DEVICE="cpu",
-               SKIP_GPU_TESTS="1", CACHE=str(tmp_path / "cache"), MINUTES="0",
+               SKIP_GPU_TESTS="1", CACHE=str(smoke_cache), MINUTES="0",
                RESULTS=str(tmp_path / "toy_smoke"),
                PYTHON=sys.executable)  # the running interpreter, not whichever is on PATH
     first = subprocess.run(["bash", "benchmarks/gpu_toy_session.sh"], cwd=ROOT,
@@ -25,7 +26,7 @@ def test_the_gpu_session_script_runs_the_comparison_in_pieces_at_smoke_size_on_c
     with tarfile.open(out / "toy_smoke.tar.gz") as packed:  # one file back from the device
         packed.extractall(out, filter="data")
     summary = json.loads((out / "toy_smoke" / "results.json").read_text())["summary"]
-    assert summary["preset"] == "smoke" and summary["base_loaded_from_cache"]  # the 1st call's
+    assert summary["preset"] == "smoke" and summary["base_loaded_from_cache"]
     assert (out / "toy_smoke" / "report.md").exists()
     timing = (out / "timing.log").read_text()
     assert "reproduce rc 3" in timing and "preset smoke device cpu: reproduce rc 0, wall" in timing

@@ -10,11 +10,11 @@ FIXTURE = Path(__file__).parent / "fixtures" / "pinned_smoke_run.json"
 HISTORY_KEYS = ("loss", "entropy", "clipfrac", "grad_norm")
 
 
-def pinned_run(tmp_path) -> dict:
+def pinned_run(tmp_path, cache=None) -> dict:
     from minipsft.lab.results import load_results
     from minipsft.lab.runner import reproduce
 
-    res = reproduce("smoke", tmp_path / "out", cache_dir=tmp_path / "cache",
+    res = reproduce("smoke", tmp_path / "out", cache_dir=cache or tmp_path / "cache",
                     arms=("psft", "sft_paper"), epochs=2, workers=1, device="cpu")
     records = [{k: v for k, v in r.items() if isinstance(v, (int, float, str))}
                for r in res["records"]]
@@ -33,9 +33,9 @@ def _close(a, b) -> bool:
     return a == b
 
 
-def test_a_smoke_run_gives_the_pinned_numbers(tmp_path):
+def test_a_smoke_run_gives_the_pinned_numbers(tmp_path, smoke_cache):
     pinned = json.loads(FIXTURE.read_text())
-    now = pinned_run(tmp_path)
+    now = pinned_run(tmp_path, smoke_cache)
     assert len(now["records"]) == len(pinned["records"])
     for new, old in zip(now["records"], pinned["records"]):
         for key, value in old.items():

@@ -28,8 +28,8 @@ def _result(out) -> tuple:
     return res["records"], histories
 
 
-def test_a_killed_reproduce_resumes_to_the_uninterrupted_result(tmp_path, capsys):
-    cache = tmp_path / "cache"
+def test_a_killed_reproduce_resumes_to_the_uninterrupted_result(tmp_path, capsys, smoke_cache):
+    cache = smoke_cache
     reproduce("smoke", tmp_path / "full", cache_dir=cache, **SMALL)
     out = tmp_path / "cut"
     code = KILLED.format(out=str(out), cache=str(cache), small=SMALL)
@@ -51,9 +51,9 @@ def test_a_killed_reproduce_resumes_to_the_uninterrupted_result(tmp_path, capsys
     assert _result(out) == _result(tmp_path / "full")
 
 
-def test_the_cli_says_what_remains_and_the_command_that_finishes_it(tmp_path):
+def test_the_cli_says_what_remains_and_the_command_that_finishes_it(tmp_path, smoke_cache):
     argv = ["reproduce", "--preset", "smoke", "--out", str(tmp_path / "out"), "--cache",
-            str(tmp_path / "cache"), "--device", "cpu", "--seeds", "0", "--max-minutes", "0",
+            str(smoke_cache), "--device", "cpu", "--seeds", "0", "--max-minutes", "0",
             "--set", "epochs=1"]
     done = subprocess.run([sys.executable, "-m", "minipsft", *argv], capture_output=True,
                           text=True, timeout=600)

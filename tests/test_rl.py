@@ -132,10 +132,10 @@ def test_sampled_ids_stop_at_eos_and_decode_like_generate():
     assert texts == lm.generate(prompts, max_new_tokens=6)
 
 
-def test_reproduce_rl_smoke_writes_results_and_figure_and_resumes(tmp_path):
+def test_reproduce_rl_smoke_writes_results_and_figure_and_resumes(tmp_path, smoke_cache):
     out = tmp_path / "rl"
     argv = [sys.executable, "-m", "minipsft", "reproduce-rl", "--preset", "smoke", "--out", str(out),
-            "--cache", str(tmp_path / "cache"), "--set", "steps=4", "--set", "eval_every=2"]
+            "--cache", str(smoke_cache), "--set", "steps=4", "--set", "eval_every=2"]
     stopped = subprocess.run(argv + ["--max-minutes", "0"], capture_output=True, text=True, timeout=600)
     assert stopped.returncode == 3 and "runs remain" in stopped.stdout, stopped.stderr[-2000:]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)

@@ -118,10 +118,10 @@ def test_an_ablation_is_one_registry_entry(monkeypatch):
     jobs = ablation_jobs(p, "kl")
     assert [(j.setting, j.config.kl_coef) for j in jobs] == [("kl 0.1", 0.1), ("kl 1.0", 1.0)]
 
-def test_reproduce_smoke_writes_results_and_figures(tmp_path):
+def test_reproduce_smoke_writes_results_and_figures(tmp_path, smoke_cache):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "minipsft", "reproduce", "--preset", "smoke", "--out", str(out),
-                           "--cache", str(tmp_path / "cache")], capture_output=True, text=True, timeout=600)
+                           "--cache", str(smoke_cache)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((out / "results.json").read_text())
     records = data["records"]
