@@ -27,7 +27,7 @@ class Unfinished(Exception):
         self.remaining, self.total = remaining, total
 
     def __str__(self):
-        return f"{self.remaining} of {self.total} runs of this stage remain"
+        return f"{self.remaining} of {self.total} runs remain"
 
 
 def write_atomic(path: Path, text: str) -> None:
