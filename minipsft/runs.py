@@ -126,10 +126,15 @@ class RunFolder(Progress):
             raise NonFiniteLossError(f"{error}. Training stopped{kept}.") from None
 
 
+def partly_frozen(model) -> bool:
+    """Whether part of the model does not train (LoRA: the base under the adapter)."""
+    return not all(p.requires_grad for p in model.parameters())
+
+
 def model_state(model) -> dict:
     """What a checkpoint keeps of the model: every tensor, or only the trainable ones when part
     of the model is frozen (LoRA: the adapter, not a second copy of the base)."""
-    if all(p.requires_grad for p in model.parameters()):
+    if not partly_frozen(model):
         return model.state_dict()
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -172,8 +177,7 @@ def restore(ck: dict, lm, cfg: TrainConfig, state: TrainState) -> None:
         raise ValueError(f"cannot resume: settings differ from the checkpoint's: {refused} "
                          f"(only {', '.join(RESUME_CHANGEABLE)} may change when resuming)")
     model = lm.model
-    frozen_part = not all(p.requires_grad for p in model.parameters())
-    loaded = model.load_state_dict(ck["model"], strict=not frozen_part)
+    loaded = model.load_state_dict(ck["model"], strict=not partly_frozen(model))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if loaded.unexpected_keys or trainable & set(loaded.missing_keys):
         raise ValueError("cannot resume: the checkpoint's trainable weights do not match the "

@@ -106,14 +106,16 @@ def test_fused_head_matches_the_chunked_path_on_gpu(method, compile):
         noise = 0.2 * torch.rand(ids.shape, device="cuda")
         old = (token_logprobs(lm.model, ids, attn)[0] - noise) * attn
     chunk = 16 * 3 * len(lm.tokenizer)  # three positions per chunk: several chunks
-    logp, ent = token_logprobs(lm.model, ids, attn, with_entropy=True, chunk_elements=chunk)
+    logp, ent = token_logprobs(lm.model, ids, attn, with_entropy=True, chunk_elements=chunk,
+                               compile=lm.compile)
     objective = Objective(LOSSES[method], cfg, mask.float(), old, None)
     loss, _ = objective(logp)
     loss.backward()
     expected = [p.grad.float().clone() for p in lm.model.parameters()]
     lm.model.zero_grad()
     terms = objective_terms(objective)
-    f_loss, f_logp, f_ent = fused_head_loss(lm.model, ids, attn, mask, terms, True, chunk)
+    f_loss, f_logp, f_ent = fused_head_loss(lm.model, ids, attn, mask, terms, True, chunk,
+                                            compile=lm.compile)
     f_loss.backward()
     torch.testing.assert_close(f_loss, loss.detach(), atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(f_logp, logp.detach(), atol=2e-2, rtol=2e-2)
