@@ -9,7 +9,7 @@ import copy
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from . import chat, fused, logprobs, lora
+from . import chat, fused, gguf, logprobs, lora
 from .speed import compile_layers, token_logprobs as fast_token_logprobs
 from .devices import resolve_device, resolve_dtype
 from .errors import ModelLoadError, load_problem, local_problem
@@ -54,12 +54,14 @@ class CausalLM:
     @classmethod
     def from_pretrained(cls, name_or_path, device=None, dtype=None, attn_implementation="sdpa",
                         **settings):
-        """Load from a hub id or a local folder written by ``save_pretrained``; a model that
-        cannot be loaded raises ``ModelLoadError`` with a one-line reason. ``settings``: the
+        """Load from a hub id, a folder written by ``save_pretrained``, a GGUF file or a packaged
+        model's short name (gguf.py: ``smollm2-135m``); a model that cannot be loaded raises
+        ``ModelLoadError`` with a one-line reason. ``settings``: the
         constructor's (``compile``, ``speed``, ...) and transformers' ``from_pretrained``'s."""
         own = {k: settings.pop(k) for k in ("gradient_checkpointing", "compile", "keep_logits",
                                             "fused_head", "speed") if k in settings}
         dev = resolve_device(device)
+        name_or_path = gguf.plain_folder(name_or_path) or name_or_path
         problem = local_problem(str(name_or_path))
         if problem:
             raise ModelLoadError(problem)

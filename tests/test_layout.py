@@ -8,7 +8,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).parents[1] / "minipsft"
 CORE = ("losses", "logprobs", "train")
 BESIDE = ("errors", "devices", "char_tokenizer", "chat", "speed", "fused", "lora", "model",
-          "runs", "data")
+          "gguf", "runs", "data")
 TOP = ("cli", "trl_trainer", "__init__", "__main__")
 
 

@@ -107,13 +107,16 @@ def arc_items(raw: list) -> list:
 
 @torch.no_grad()
 def choice_logprobs(lm, items: list, batch_size: int = 16) -> list:
-    """Summed log-probability of each choice's tokens (with a leading space) after the prompt."""
+    """Summed log-probability of each choice's tokens after the prompt, joined as
+    lm-evaluation-harness joins them: after a text prompt with a space, after a chat prompt
+    (messages, ending in the assistant header) with nothing."""
     tok = lm.tokenizer
     examples, owner = [], []
     for k, item in enumerate(items):
         prompt = lm.prompt_ids(item["prompt"])
+        space = " " if isinstance(item["prompt"], str) else ""
         for choice in item["choices"]:
-            ids = tok(" " + choice, add_special_tokens=False)["input_ids"]
+            ids = tok(space + choice, add_special_tokens=False)["input_ids"]
             examples.append({"input_ids": prompt + ids,
                              "completion_mask": [0] * len(prompt) + [1] * len(ids)})
             owner.append(k)
@@ -129,10 +132,20 @@ def choice_logprobs(lm, items: list, batch_size: int = 16) -> list:
     return scores
 
 
-def mc_accuracy(lm, items: list, batch_size: int = 16) -> float:
+def mc_scores(lm, items: list, batch_size: int = 16) -> tuple:
+    """``(acc, acc_norm)`` as the harness scores ARC: the choice with the highest summed
+    log-likelihood, and with the highest log-likelihood per byte of the choice's text."""
     scores = choice_logprobs(lm, items, batch_size)
-    return sum(max(range(len(s)), key=s.__getitem__) == item["label"]
-               for s, item in zip(scores, items)) / len(items)
+    acc = norm = 0
+    for s, item in zip(scores, items):
+        per_byte = [v / len(c.encode()) for v, c in zip(s, item["choices"])]
+        acc += max(range(len(s)), key=s.__getitem__) == item["label"]
+        norm += max(range(len(s)), key=per_byte.__getitem__) == item["label"]
+    return acc / len(items), norm / len(items)
+
+
+def mc_accuracy(lm, items: list, batch_size: int = 16) -> float:
+    return mc_scores(lm, items, batch_size)[0]
 
 
 # -------------------------------------------------------------------------- the experiment's world

@@ -9,22 +9,24 @@ A world gives the runner (``runner.py``, and the RL stage, ``rl_stage.py``) five
                                      and ``max_new_tokens()`` per sample
   ``words``                          what its report and figures call things (``Words``)
 
-Three worlds: ``toy`` (a tiny model pretrained here, ``toy.py``), ``gsm8k`` (a hub model on GSM8K,
-TruthfulQA MC1 and ARC-Challenge, ``real.py``) and ``files`` (the user's own train/test files and
-model, exact match of the answer, optional OOD sets). A new task is one more class here plus its
-entry in ``WORLDS``.
+Four worlds: ``toy`` (a tiny model pretrained here, ``toy.py``), ``gsm8k`` (a hub model on GSM8K,
+TruthfulQA MC1 and ARC-Challenge, ``real.py``), ``handmade`` (a real model, SmolLM2-135M from a
+package by default, on tasks written for the project, ``handmade.py``) and ``files`` (the user's
+own train/test files and model, exact match of the answer, optional OOD sets). A new task is one
+more class here plus its entry in ``WORLDS``.
 """
 import re
+import statistics
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import real, toy
+from . import handmade, real, toy
 from ..data import load_rows, read_json_rows
 from ..errors import DataError
 from ..logprobs import heldout_eval
 
 __all__ = ["Words", "WORLDS", "make_world", "answer_extractor", "load_choice_items",
-           "world_words", "ToyWorld", "GSM8KWorld", "FilesWorld"]
+           "world_words", "ToyWorld", "GSM8KWorld", "FilesWorld", "HandmadeWorld"]
 
 
 @dataclass
@@ -280,7 +282,66 @@ class FilesWorld(_GivenModel):
         return self.train[:n]
 
 
-WORLDS = {"toy": ToyWorld, "gsm8k": GSM8KWorld, "files": FilesWorld}
+# ------------------------------------------------------------------------ handmade (no download)
+class HandmadeWorld(_GivenModel):
+    """A real model (``p.model``; the packaged SmolLM2-135M-Instruct by default) on tasks written
+    for the project (``handmade.py``): two-step word problems in domain (GSM8K's style, exact
+    match of ``#### N``); out of domain a knowledge multiple-choice set (``acc`` and the harness's
+    ``acc_norm``) and instructions with exact checks, whose mean is ``ood_acc``."""
+
+    words = Words(title="with SmolLM2-135M on word problems", id_name="word problems",
+                  ood_name="knowledge MC and instructions",
+                  metrics={"id_acc": "In-domain: word problems, exact match (greedy)",
+                           "ood_acc": "Out-of-domain: mean of knowledge and instructions",
+                           "ood_knowledge": "Knowledge multiple choice (acc)",
+                           "ood_instructions": "Instructions followed (IFEval analogue)",
+                           **ENTROPY},
+                  columns=("id_acc", "ood_acc", "ood_knowledge", "ood_knowledge_norm",
+                           "ood_instructions", "entropy"), per_set=False)
+    base_scores = {}  # the base's evaluation, the same for every arm and seed: made once
+
+    def __init__(self, p):
+        self.p = p
+        self.test = handmade.word_problems(p.n_id_eval, seed=1, instruction=real.INSTRUCTION)
+        self.instructions = handmade.instruction_rows()
+
+    def train_rows(self, seed: int) -> list:  # the seed changes the data order only
+        return handmade.word_problems(self.p.n_train, seed=0, instruction=real.INSTRUCTION)
+
+    def evaluate(self, lm, heldout) -> dict:
+        out = {"id_acc": real.gsm8k_accuracy(lm, self.test, self.p.max_new_tokens)}
+        out["ood_knowledge"], out["ood_knowledge_norm"] = real.mc_scores(
+            lm, handmade.knowledge_items())
+        replies = lm.generate([r["prompt"] for r in self.instructions], max_new_tokens=48)
+        out["ood_instructions"] = statistics.fmean(
+            map(handmade.follows_instruction, self.instructions, replies))
+        out["ood_acc"] = (out["ood_knowledge"] + out["ood_instructions"]) / 2
+        held = heldout_eval(lm, heldout)
+        out["heldout_nll"], out["entropy"] = held["heldout_nll"], held["heldout_entropy"]
+        return out
+
+    def evaluator(self, base):
+        heldout, calls = base.encode(self.test, max_length=self.p.max_length), []
+        key = (self.p.model, self.p.n_id_eval, self.p.max_new_tokens)
+
+        def evaluate(lm) -> dict:
+            calls.append(1)
+            if len(calls) > 1:  # after training: this model's own scores
+                return self.evaluate(lm, heldout)
+            if key not in self.base_scores:  # the untouched base, scored once per process
+                self.base_scores[key] = self.evaluate(lm, heldout)
+            return dict(self.base_scores[key])
+        return evaluate
+
+    def reward(self, row: dict, completion: str) -> float:
+        return real.gsm8k_reward(row, completion)
+
+    def rl_prompts(self, n: int, seed: int) -> list:
+        return handmade.word_problems(n, seed=20_000 + seed, instruction=real.INSTRUCTION)
+
+
+WORLDS = {"toy": ToyWorld, "gsm8k": GSM8KWorld, "files": FilesWorld,
+          "handmade": HandmadeWorld}
 
 
 def make_world(p):
