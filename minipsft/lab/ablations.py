@@ -1,8 +1,6 @@
-"""The ablations, in one place: each is one entry of ``ABLATIONS``, holding its runs and whatever
-the results folder, the figures and the claims table need for it. ``reproduce(...,
-ablations=NAMES)`` (``--ablations refresh eps warmup``) runs them beside or instead of the main
-comparison; each run's records carry the ablation's name as ``group`` and the run's label as
-``setting``. A new ablation is one more entry."""
+"""The ablations, in one place: each is one entry of ``ABLATIONS`` (``--ablations refresh eps``),
+holding its runs and whatever the results folder, the figures and the claims table need for it;
+its runs' records carry its name as ``group`` and the run's label as ``setting``."""
 from dataclasses import dataclass
 from typing import Callable
 
@@ -182,8 +180,7 @@ ABLATIONS = {
 
 
 def ablation_jobs(p: Preset, name: str) -> list:
-    """The jobs of ablation ``name`` under preset ``p``: each of its runs at every seed (without a
-    site: the runner adds it)."""
+    """The jobs of ablation ``name``: each of its runs at every seed (the runner adds the site)."""
     if name not in ABLATIONS:
         raise ValueError(f"unknown ablation {name!r}: choose from {', '.join(ABLATIONS)}")
     return [Job(arm, s, name, setting, arm_config(p, arm, **kw))

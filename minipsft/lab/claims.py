@@ -1,12 +1,6 @@
 """The paper's claims, checked by code: every number and verdict of the claims table is computed
-here from the committed results folders, by the rule written beside it.
-
-    python -m minipsft claims --results results --out results/claims.md
-
-Comparisons are paired by seed (a seed fixes the data sample and order for every arm) and use one
-sign rule (``reports.sign``): a difference counts when its seed-paired mean is more than 2
-standard errors from zero. A folder that is missing leaves its claims out.
-"""
+here from the committed results folders, by the rule written beside it (``python -m minipsft
+claims``); comparisons are paired by seed under one sign rule (``verdicts.py``)."""
 import json
 from pathlib import Path
 
@@ -181,12 +175,9 @@ def base_parameters(folder) -> int:
 def claims(results_dir="results", main="toy_cpu", ablations="toy_cpu_ablations",
            rl="toy_cpu_rl", bases="toy_cpu_bases", sawtooth="toy_cpu_sawtooth",
            second_size="toy_cpu_wide") -> list:
-    """Rows ``{"claim", "numbers", "rule", "verdict"}`` from the results folders that exist
-    (``bases``: the ``across-bases`` summary of the main comparison on several bases;
-    ``sawtooth``: the ``--ablations sawtooth`` runs, held-out entropy around epoch boundaries).
-    ``second_size``: the main comparison on a larger base (and ``SECOND_sawtooth``, its saw-tooth
-    runs): each claim they give also gets their numbers and verdict as ``second``, and
-    ``same_at_both_sizes``."""
+    """Rows ``{"claim", "numbers", "rule", "verdict"}`` from the results folders that exist.
+    ``second_size``: the main comparison on a larger base (and ``SECOND_sawtooth``): each claim
+    they give also gets their numbers and verdict as ``second``, and ``same_at_both_sizes``."""
     root = Path(results_dir)
     pairs = ((main, second_size, _main_claims), (ablations, None, _ablation_claims),
              (rl, None, _rl_claims), (sawtooth, f"{second_size}_sawtooth", _ablation_claims))
