@@ -81,11 +81,8 @@ def warmup_claims(folder: Folder) -> list:
     id_diff, ood_diff = (paired(at_last_epoch(folder.records, key, setting=warm),
                                 at_last_epoch(folder.records, key, setting="no warm-up"))
                          for key in ("id_acc", "ood_acc"))
-    verdict = "not reproduced"
-    if id_diff["sign"] == "+" and ood_diff["sign"] == "-":
-        verdict = "reproduced"
-    elif id_diff["sign"] == "=" and ood_diff["sign"] == "=":
-        verdict = "not reproduced (no measurable effect)"
+    verdict = {("+", "-"): "reproduced", ("=", "="): "not reproduced (no measurable effect)"}.get(
+        (id_diff["sign"], ood_diff["sign"]), "not reproduced")
     return [{"claim": "4c. an SFT warm-up: a little more ID, a little less OOD",
              "numbers": f"{warm} minus none, last epoch: ID {fmt(id_diff)}, OOD {fmt(ood_diff)}",
              "rule": "reproduced when ID rises (+) and OOD falls (-)",

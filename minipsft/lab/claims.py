@@ -27,7 +27,14 @@ def _main_claims(path: Path) -> list:
                               "3. entropy stays higher than SFT's over the epochs",
                               "training-minibatch entropy in the last epoch: ",
                               "as claim 2, on the last epoch's mean training-minibatch entropy"),
-            _sawtooth_claim(folder.runs)]
+            sawtooth_claim(
+                "3b. SFT's entropy drops at each epoch boundary (saw-tooth)",
+                "entropy drop from the last step of an epoch to the first of the next, minus the "
+                "run's mean drop between two steps inside an epoch (training minibatches, ",
+                "a saw-tooth when the boundary effect is + (more than 2 standard errors); "
+                "reproduced when SFT has one in both regimes and PSFT none; measured on the "
+                "training minibatches (the first of an epoch was trained on in the epoch before), "
+                "not on a held-out set", {a: boundary_effects(folder.runs, a) for a in HEADLINE})]
     ct = folder.summary["clipped_tokens"]
     return rows + ([_clipped_claim(ct)] if ct else [])
 
@@ -74,16 +81,6 @@ def _last_epoch_claim(records, key: str, claim: str, numbers: str, rule: str) ->
                        f"{fmt(paper)}, minus SFT {fmt(control)}",
             "rule": rule, "verdict": two_way(paper, control)}
 
-
-def _sawtooth_claim(runs) -> dict:
-    return sawtooth_claim(
-        "3b. SFT's entropy drops at each epoch boundary (saw-tooth)",
-        "entropy drop from the last step of an epoch to the first of the next, minus the run's "
-        "mean drop between two steps inside an epoch (training minibatches, ",
-        "a saw-tooth when the boundary effect is + (more than 2 standard errors); reproduced when "
-        "SFT has one in both regimes and PSFT none; measured on the training minibatches (the "
-        "first of an epoch was trained on in the epoch before), not on a held-out set",
-        {a: boundary_effects(runs, a) for a in HEADLINE})
 
 
 def _clipped_claim(ct: dict) -> dict:

@@ -67,9 +67,8 @@ def write_results(out: Path, p: Preset, preset_name: str, runs: list, base_path,
 
 
 def finalize(out_dir) -> list:
-    """Derive everything that follows from a results folder's records (either stage): the
-    matched-ID comparison and each ablation's summary (into results.json), the figures and
-    report.md. Re-runnable: no training involved. Returns the figures' file names."""
+    """Derive from a results folder's records (either stage) the matched-ID comparison and each
+    ablation's summary (into results.json), the figures and report.md; the figures' names."""
     out = Path(out_dir)
     folder = read_folder(out)
     if folder.stage is RLJob:
