@@ -1,8 +1,6 @@
-"""The ablations, in one place: each is one entry of ``ABLATIONS``, holding its runs and whatever
-the results folder, the figures and the claims table need for it. ``reproduce(...,
-ablations=NAMES)`` (``--ablations refresh eps warmup``) runs them beside or instead of the main
-comparison; each run's records carry the ablation's name as ``group`` and the run's label as
-``setting``. A new ablation is one more entry."""
+"""The ablations, in one place: each is one entry of ``ABLATIONS`` (``--ablations refresh eps``),
+holding its runs and whatever the results folder, the figures and the claims table need for it;
+its runs' records carry its name as ``group`` and the run's label as ``setting``."""
 from dataclasses import dataclass
 from typing import Callable
 
@@ -83,11 +81,8 @@ def warmup_claims(folder: Folder) -> list:
     id_diff, ood_diff = (paired(at_last_epoch(folder.records, key, setting=warm),
                                 at_last_epoch(folder.records, key, setting="no warm-up"))
                          for key in ("id_acc", "ood_acc"))
-    verdict = "not reproduced"
-    if id_diff["sign"] == "+" and ood_diff["sign"] == "-":
-        verdict = "reproduced"
-    elif id_diff["sign"] == "=" and ood_diff["sign"] == "=":
-        verdict = "not reproduced (no measurable effect)"
+    verdict = {("+", "-"): "reproduced", ("=", "="): "not reproduced (no measurable effect)"}.get(
+        (id_diff["sign"], ood_diff["sign"]), "not reproduced")
     return [{"claim": "4c. an SFT warm-up: a little more ID, a little less OOD",
              "numbers": f"{warm} minus none, last epoch: ID {fmt(id_diff)}, OOD {fmt(ood_diff)}",
              "rule": "reproduced when ID rises (+) and OOD falls (-)",
@@ -182,8 +177,7 @@ ABLATIONS = {
 
 
 def ablation_jobs(p: Preset, name: str) -> list:
-    """The jobs of ablation ``name`` under preset ``p``: each of its runs at every seed (without a
-    site: the runner adds it)."""
+    """The jobs of ablation ``name``: each of its runs at every seed (the runner adds the site)."""
     if name not in ABLATIONS:
         raise ValueError(f"unknown ablation {name!r}: choose from {', '.join(ABLATIONS)}")
     return [Job(arm, s, name, setting, arm_config(p, arm, **kw))

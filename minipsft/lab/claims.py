@@ -1,12 +1,6 @@
 """The paper's claims, checked by code: every number and verdict of the claims table is computed
-here from the committed results folders, by the rule written beside it.
-
-    python -m minipsft claims --results results --out results/claims.md
-
-Comparisons are paired by seed (a seed fixes the data sample and order for every arm) and use one
-sign rule (``reports.sign``): a difference counts when its seed-paired mean is more than 2
-standard errors from zero. A folder that is missing leaves its claims out.
-"""
+here from the committed results folders, by the rule written beside it (``python -m minipsft
+claims``); comparisons are paired by seed under one sign rule (``verdicts.py``)."""
 import json
 from pathlib import Path
 
@@ -33,7 +27,14 @@ def _main_claims(path: Path) -> list:
                               "3. entropy stays higher than SFT's over the epochs",
                               "training-minibatch entropy in the last epoch: ",
                               "as claim 2, on the last epoch's mean training-minibatch entropy"),
-            _sawtooth_claim(folder.runs)]
+            sawtooth_claim(
+                "3b. SFT's entropy drops at each epoch boundary (saw-tooth)",
+                "entropy drop from the last step of an epoch to the first of the next, minus the "
+                "run's mean drop between two steps inside an epoch (training minibatches, ",
+                "a saw-tooth when the boundary effect is + (more than 2 standard errors); "
+                "reproduced when SFT has one in both regimes and PSFT none; measured on the "
+                "training minibatches (the first of an epoch was trained on in the epoch before), "
+                "not on a held-out set", {a: boundary_effects(folder.runs, a) for a in HEADLINE})]
     ct = folder.summary["clipped_tokens"]
     return rows + ([_clipped_claim(ct)] if ct else [])
 
@@ -80,16 +81,6 @@ def _last_epoch_claim(records, key: str, claim: str, numbers: str, rule: str) ->
                        f"{fmt(paper)}, minus SFT {fmt(control)}",
             "rule": rule, "verdict": two_way(paper, control)}
 
-
-def _sawtooth_claim(runs) -> dict:
-    return sawtooth_claim(
-        "3b. SFT's entropy drops at each epoch boundary (saw-tooth)",
-        "entropy drop from the last step of an epoch to the first of the next, minus the run's "
-        "mean drop between two steps inside an epoch (training minibatches, ",
-        "a saw-tooth when the boundary effect is + (more than 2 standard errors); reproduced when "
-        "SFT has one in both regimes and PSFT none; measured on the training minibatches (the "
-        "first of an epoch was trained on in the epoch before), not on a held-out set",
-        {a: boundary_effects(runs, a) for a in HEADLINE})
 
 
 def _clipped_claim(ct: dict) -> dict:
@@ -181,12 +172,9 @@ def base_parameters(folder) -> int:
 def claims(results_dir="results", main="toy_cpu", ablations="toy_cpu_ablations",
            rl="toy_cpu_rl", bases="toy_cpu_bases", sawtooth="toy_cpu_sawtooth",
            second_size="toy_cpu_wide") -> list:
-    """Rows ``{"claim", "numbers", "rule", "verdict"}`` from the results folders that exist
-    (``bases``: the ``across-bases`` summary of the main comparison on several bases;
-    ``sawtooth``: the ``--ablations sawtooth`` runs, held-out entropy around epoch boundaries).
-    ``second_size``: the main comparison on a larger base (and ``SECOND_sawtooth``, its saw-tooth
-    runs): each claim they give also gets their numbers and verdict as ``second``, and
-    ``same_at_both_sizes``."""
+    """Rows ``{"claim", "numbers", "rule", "verdict"}`` from the results folders that exist.
+    ``second_size``: the main comparison on a larger base (and ``SECOND_sawtooth``): each claim
+    they give also gets their numbers and verdict as ``second``, and ``same_at_both_sizes``."""
     root = Path(results_dir)
     pairs = ((main, second_size, _main_claims), (ablations, None, _ablation_claims),
              (rl, None, _rl_claims), (sawtooth, f"{second_size}_sawtooth", _ablation_claims))

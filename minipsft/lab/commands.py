@@ -1,7 +1,6 @@
 """The lab's commands on the command line: ``python -m minipsft reproduce | compare | across-bases |
 claims | reproduce-rl``, their flags and what each runs. ``cli.py`` adds them beside ``train``
-(``add_commands``) and runs them (``COMMANDS``).
-"""
+(``add_commands``) and runs them (``COMMANDS``)."""
 import argparse
 import dataclasses
 import json
@@ -28,8 +27,7 @@ def examples(*lines) -> str:
 
 
 def add_commands(sub, options: dict) -> None:
-    """Add the lab's commands to ``sub`` (an ``add_subparsers``); ``options`` go to each parser
-    (the CLI's help format and shared flags)."""
+    """Add the lab's commands to ``sub`` (an ``add_subparsers``), ``options`` to each parser."""
     for add in (_add_reproduce, _add_compare, _add_across_bases, _add_claims, _add_reproduce_rl):
         add(sub, options)
 
@@ -55,11 +53,12 @@ def _add_run_flags(parser: argparse.ArgumentParser, required: bool = True) -> No
 _NOT_SETTABLE = ("base", "arms", "seeds", "starts")
 
 
-def _set_help(preset_class, where: str) -> str:
+def _add_set(parser, preset_class, where: str) -> None:
     names = [f.name for f in dataclasses.fields(preset_class) if f.name not in _NOT_SETTABLE]
-    return ("override a preset setting (repeatable), e.g. --set lr=2e-6; fields: "
-            + ", ".join(names) + f" (each preset's values: {where})")
-
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="FIELD=VALUE",
+                        help="override a preset setting (repeatable), e.g. --set lr=2e-6; fields: "
+                             + ", ".join(names) + f" (each preset's values: {where})")
 
 
 def _add_reproduce(sub, options: dict) -> None:
@@ -96,8 +95,7 @@ def _add_reproduce(sub, options: dict) -> None:
                    help="gsm8k preset: local files instead of the hub (gsm8k_train.jsonl, "
                         "gsm8k_test.jsonl, truthfulqa_mc.jsonl, arc_challenge.jsonl in the hub "
                         "schemas)")
-    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                   help=_set_help(Preset, "--list-presets"))
+    _add_set(r, Preset, "--list-presets")
 
 
 ARM_NAMES = [a for a in ARMS if a != "sft_small"]  # sft_small needs psft and sft beside it
@@ -142,9 +140,7 @@ def _add_compare(sub, options: dict) -> None:
     c.add_argument("--sft-paper-lr", type=float, default=PRESETS["files"].sft_paper_lr,
                    help="the paper-recipe SFT's lr")
     _add_run_flags(c)
-    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                   help=_set_help(Preset, "python -m minipsft reproduce --list-presets, "
-                                          "preset 'files'"))
+    _add_set(c, Preset, "python -m minipsft reproduce --list-presets, preset 'files'")
 
 
 def _add_across_bases(sub, options: dict) -> None:
@@ -197,8 +193,7 @@ def _add_reproduce_rl(sub, options: dict) -> None:
                    help="smoke (<1 min, CI), cpu (3 seeds, ~15 min on 2 cores with the base model "
                         "cached), gpu (larger, one GPU) (default: cpu)")
     _add_run_flags(g)
-    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                   help=_set_help(RLPreset, "presets.RL_PRESETS"))
+    _add_set(g, RLPreset, "presets.RL_PRESETS")
 
 
 # ------------------------------------------------------------------------------ running them
@@ -219,8 +214,7 @@ def preset_overrides(pairs, preset_class=None) -> dict:
         key, _, value = pair.partition("=")
         if key not in types or key in _NOT_SETTABLE or not value:
             raise SystemExit(f"error: --set {pair!r}: use FIELD=VALUE with a number, true/false "
-                             "or text field of "
-                             f"{(preset_class or Preset).__name__}")
+                             f"or text field of {(preset_class or Preset).__name__}")
         kind = types[key]
         if kind is bool:
             if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
@@ -237,9 +231,7 @@ def preset_overrides(pairs, preset_class=None) -> dict:
 def _list_presets() -> None:
     for name, preset in PRESETS.items():
         values = {k: v for k, v in dataclasses.asdict(preset).items() if k != "base"}
-        base = "a given model (--model)"
-        if preset.base is not None:
-            base = dataclasses.asdict(preset.base)
+        base = dataclasses.asdict(preset.base) if preset.base else "a given model (--model)"
         print(f"{name}:\n  base: {base}\n  " + ", ".join(f"{k}={v}" for k, v in values.items()))
 
 

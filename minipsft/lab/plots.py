@@ -84,8 +84,7 @@ def panels(records, words) -> list:
 
 
 def epoch_stability(runs, arms, words, path):
-    """Training entropy per step, then each of the world's metrics per epoch (``words.metrics``,
-    one panel each, only those with data)."""
+    """Training entropy per step, then each of the world's metrics with data per epoch."""
     main = [r for r in runs if r.job.group == "main"]
     records = [x for r in main for x in r.records]
     arms = [a for a in arms if any(r.job.arm == a for r in main)]
@@ -111,9 +110,8 @@ def epoch_stability(runs, arms, words, path):
 
 
 def tradeoff(records, arms, matched, words, path):
-    """Left: OOD against ID accuracy along training, a thin line per seed and a thick one for the
-    mean. Right: OOD at the common ID level (``matched``), a bar per arm (mean, std over seeds,
-    one dot per seed). The title says the finding: each arm's OOD at that level."""
+    """Left: OOD against ID along training (a thin line per seed, a thick one for the mean). Right:
+    OOD at the common ID level (``matched``), a bar per arm; the title says each arm's."""
     fig, (ax, bars) = plt.subplots(1, 2, figsize=(13, 6), width_ratios=(1.35, 1))
     for arm in arms:
         epochs, ys_id = _per_epoch(records, arm, "id_acc")
@@ -181,8 +179,7 @@ def ablations(records, words, path):
 
 
 def frontier(points: dict, gaps: dict, path):
-    """Every (arm, lr, epoch) point (means over seeds) and each arm's frontier; the title says the
-    largest gap between PSFT's frontier and SFT's (PSFT's schedule and lr)."""
+    """Every (arm, lr, epoch) point and each arm's frontier; the title says PSFT's gap to SFT's."""
     fig, ax = plt.subplots(figsize=(8.5, 6.5))
     levels = [0.5 + 0.005 * i for i in range(100)]
     for arm, pts in points.items():
@@ -209,8 +206,7 @@ START_LABELS = {"base": "base model", "sft_paper": "SFT (paper recipe) -> RL",
 
 
 def rl_after_finetuning(runs, words, path):
-    """Rollout reward and sample entropy per RL step, then the world's metrics at each evaluation
-    (only those with data); one colour per starting point, mean over seeds with a min-max band."""
+    """Rollout reward and sample entropy per RL step, then the world's metrics per evaluation."""
     starts = [s for s in START_COLORS if any(r.job.start == s for r in runs)]
     records = [e for r in runs for e in r.records]
     shown = [(k, t) for k, t in panels(records, words) if k != "ood_kl"]

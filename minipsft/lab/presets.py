@@ -31,11 +31,10 @@ STARTS = ("base", "sft_paper", "sft", "psft")
 
 @dataclass
 class Preset:
-    """Sizes of one reproduction. ``lr`` is PSFT's (and the controlled arms'); ``sft_paper_lr`` the
-    paper-recipe SFT's (20x, as the official 2e-5 vs 1e-6). Batch/minibatch mirror the official
-    256/32 (8 steps per snapshot). The cpu preset's lr was chosen on SFT alone (seed 0), before any
-    PSFT run of this world: at 3e-4 SFT reached its ID plateau at epoch 2, at 1e-4 around epoch 4
-    (as the paper's SFT did), so 1e-4."""
+    """Sizes of one reproduction. ``lr`` is PSFT's (and the controlled arms'), ``sft_paper_lr`` the
+    paper-recipe SFT's (20x, as the official 2e-5 vs 1e-6); batch/minibatch mirror the official
+    256/32. The cpu lr was chosen on SFT alone (seed 0) before any PSFT run: at 1e-4 SFT reached its
+    ID plateau around epoch 4, as the paper's SFT did (at 3e-4: epoch 2)."""
     base: toy.BaseConfig | None
     n_train: int = 1024
     n_id_eval: int = 256
@@ -121,10 +120,9 @@ MAIN_MINUTES = {"quick": "1.3 min on 2 CPU cores", "smoke": "1 min on 2 CPU core
 
 @dataclass
 class RLPreset:
-    """Sizes of the RL stage. The fine-tuning before it uses ``PRESETS`` of the same name. The cpu
-    lr (1e-4, the fine-tuning lr) was tried on the base model alone before any run from a
-    checkpoint: GRPO took the base's ID accuracy from 0.43 to 0.74 in 60 steps with OOD
-    unchanged."""
+    """Sizes of the RL stage (its fine-tuning: ``PRESETS`` of the same name). The cpu lr was tried
+    on the base alone before any run from a checkpoint: GRPO took its ID accuracy from 0.43 to 0.74
+    in 60 steps with OOD unchanged."""
     steps: int = 60
     prompts_per_step: int = 16
     group_size: int = 8
@@ -145,6 +143,7 @@ RL_PRESETS = {
     "files": RLPreset(steps=20, prompts_per_step=8, group_size=4, minibatch_size=8, lr=1e-6,
                       eval_every=5, n_prompts=256),
 }
+
 
 def as_text(settings: dict) -> dict:
     """Paths in Preset settings as text, as results.json holds them (``ood_files`` as a tuple)."""
@@ -183,21 +182,19 @@ def cache_folder(cache_dir=None) -> Path:
 
 def arm_config(p: Preset, arm: str, **overrides) -> TrainConfig:
     """The training config of ``arm`` under preset ``p`` (``overrides``: any TrainConfig field)."""
-    common = dict(epochs=p.epochs, batch_size=p.batch_size, minibatch_size=p.minibatch_size,
-                  lr=p.lr, kl_coef=p.kl_coef, micro_batch_size=p.micro_batch_size,
-                  length_bucketing=p.length_bucketing, loss_aggregation=p.loss_aggregation,
-                  lr_warmup_batches=p.lr_warmup_batches, progress=False)
-    method = arm if arm in LOSSES else "sft"  # sft_paper and sft_small are SFT
-    cfg = TrainConfig(method=method, **common)
+    cfg = TrainConfig(method=arm if arm in LOSSES else "sft",  # sft_paper and sft_small are SFT
+                      epochs=p.epochs, batch_size=p.batch_size, minibatch_size=p.minibatch_size,
+                      lr=p.lr, kl_coef=p.kl_coef, micro_batch_size=p.micro_batch_size,
+                      length_bucketing=p.length_bucketing, loss_aggregation=p.loss_aggregation,
+                      lr_warmup_batches=p.lr_warmup_batches, progress=False)
     if arm == "sft_paper":
         cfg = replace(cfg, minibatch_size=p.batch_size, lr=p.sft_paper_lr)
     return replace(cfg, **overrides)
 
 
 def same_preset(saved: dict, p: Preset) -> bool:
-    """Whether a results folder's ``preset_config`` holds ``p``'s settings. Settings added to Preset
-    after the folder was written count as their defaults there; ``workers`` and ``threads`` never
-    change a result."""
+    """Whether a results folder's ``preset_config`` holds ``p``'s settings (fields added since count
+    as their defaults; ``workers`` and ``threads`` never change a result)."""
     defaults = json.loads(json.dumps({f.name: f.default for f in fields(Preset)
                                       if f.default is not MISSING}))
     current = json.loads(json.dumps(asdict(p)))

@@ -18,9 +18,8 @@ class Site:
 
 @dataclass(frozen=True)
 class Job:
-    """One fine-tuning run: ``arm`` at data seed ``seed``, in ``group`` (``main``, or the name of an
-    ablation) under ``setting`` (its label there; the arm's name in ``main``). A job read back from
-    a folder has these four; a job to run has its ``config`` and ``site`` too."""
+    """One fine-tuning run: ``arm`` at data seed ``seed``, in ``group`` (``main``, or an ablation)
+    under ``setting`` (its label there); a job to run also has its ``config`` and ``site``."""
     arm: str
     seed: int
     group: str

@@ -17,8 +17,7 @@ def arms_of(records) -> list:
 
 # ------------------------------------------------------------------------------------ frontier
 def frontier_points(records, seeds=None) -> dict:
-    """arm -> [(mean ID, mean OOD, lr, epoch)] over ``seeds`` (default: all), one point per lr and
-    epoch after the start: every place a run of that arm passed through."""
+    """arm -> [(mean ID, mean OOD, lr, epoch)] over ``seeds`` (default: all), epochs after 0."""
     cells = defaultdict(list)
     for r in records:
         if r["epoch"] > 0:
@@ -40,8 +39,7 @@ def frontier_value(points, level: float):
 
 
 def largest_gap(points: dict, arm: str, other: str, levels) -> tuple:
-    """(gap, level): the largest ``frontier_arm(x) - frontier_other(x)`` over the ID levels both
-    frontiers reach."""
+    """(gap, level): the largest ``arm``-minus-``other`` frontier gap over ``levels`` both reach."""
     best = (float("-inf"), None)
     for x in levels:
         a, b = frontier_value(points[arm], x), frontier_value(points[other], x)
@@ -51,9 +49,8 @@ def largest_gap(points: dict, arm: str, other: str, levels) -> tuple:
 
 
 def frontier_summary(records, resamples: int = 1000, seed: int = 0) -> dict:
-    """At equal ID, the largest OOD gap between PSFT's frontier and each other arm's, with a
-    bootstrap over seeds (the seeds resampled with replacement, jointly for every run, since a
-    seed fixes the data sample and order for every arm): the point estimate and a 95% interval."""
+    """At equal ID, the largest OOD gap between PSFT's frontier and each other arm's, with a 95%
+    interval from resampling the seeds jointly for every run (a seed fixes the data for all)."""
     levels = [round(0.5 + 0.01 * i, 2) for i in range(50)]  # ID 0.50 .. 0.99
     seeds = sorted({r["seed"] for r in records})
     points = frontier_points(records)
@@ -84,10 +81,8 @@ _fmt = fmt_mean_std  # the reports' shorthand
 
 
 def matched_id(records: list, arms) -> dict:
-    """OOD accuracy at the first epoch each arm reaches a common ID level: the highest level
-    (rounded down to 0.05) that every *learning* arm reaches on average, i.e. the lowest of their
-    best mean ID accuracies. An arm whose mean ID never rises above the base model's is not
-    learning the task: it is listed, but does not set the level."""
+    """OOD accuracy at the first epoch each arm reaches the highest ID level (rounded down to 0.05)
+    every *learning* arm reaches on average (mean ID ever above the base's; others are listed)."""
     curves = {a: defaultdict(list) for a in arms}
     for r in records:
         if r["method"] in curves:
@@ -118,9 +113,8 @@ BASE_COMPARISONS = (("psft", "sft_paper"), ("psft", "sft"), ("psft", "sft_small"
 
 
 def sign(diffs) -> dict:
-    """The sign rule every verdict uses: the seed-paired mean difference, its standard error and
-    ``+``/``-`` when the mean is more than 2 standard errors above/below zero, else ``=`` (one
-    seed: no standard error, so ``=``)."""
+    """The sign rule every verdict uses: ``+``/``-`` when the mean of the seed-paired differences
+    is more than 2 standard errors above/below zero, else ``=`` (always with one seed)."""
     diffs = list(diffs)
     mean = statistics.fmean(diffs)
     se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.inf
@@ -129,9 +123,8 @@ def sign(diffs) -> dict:
 
 
 def paired_difference(m: dict, arm: str, other: str) -> dict | None:
-    """OOD at matched ID of ``arm`` minus ``other``'s, paired by seed (a seed fixes the data sample
-    and order for every arm), by the sign rule (``sign``). None when either arm missed the level
-    on a seed, or the two ran different seeds."""
+    """``sign`` of OOD at matched ID of ``arm`` minus ``other``'s, paired by seed; None when either
+    missed the level on a seed, or the two ran different seeds."""
     a, b = m["arms"].get(arm), m["arms"].get(other)
     if not (_every_seed(a) and _every_seed(b)):
         return None
@@ -147,10 +140,8 @@ def _every_seed(arm: dict | None) -> bool:
 
 
 def across_bases(folders) -> dict:
-    """The main comparison's OOD at matched ID on each base (one results folder per independently
-    pretrained base, ``Preset.pretrain_seed``): per base and arm the seeds' mean, the spread of
-    those means across bases, and each of ``BASE_COMPARISONS`` per base with a verdict over bases
-    (``rule`` below)."""
+    """OOD at matched ID per base (a folder each, ``Preset.pretrain_seed``) and arm, its spread
+    across bases, and each of ``BASE_COMPARISONS`` per base with a verdict over bases."""
     bases = {}
     for folder in folders:
         summary = json.loads((Path(folder) / "results.json").read_text())["summary"]
@@ -247,8 +238,7 @@ def _row(cells) -> str:
 
 
 def _per_epoch_table(main: list, matched: dict, words) -> list:
-    """Every main arm (in ARMS order: ``finalize``) at every epoch: the world's columns (never a
-    column without values), then the training entropy and clip fraction."""
+    """Every main arm at every epoch: the world's columns that hold values, entropy, clipfrac."""
     keys = list(words.columns)
     if words.per_set:
         keys += sorted({k for r in main for k in r if k.startswith("ood_")} - set(keys))
@@ -286,8 +276,7 @@ def _clipped_tokens_table(ct: dict) -> list:
 
 
 def _ablations_table(abl: list, grad_max: dict) -> list:
-    """Per ablation setting: the last epoch, the best-ID epoch of each seed, and the largest
-    gradient norm of each seed's run (``grad_max``, keyed by group, setting and seed)."""
+    """Per ablation setting: the last epoch, each seed's best-ID epoch and largest grad norm."""
     last, rows = max(r["epoch"] for r in abl), []
     for group in dict.fromkeys(r["group"] for r in abl):
         for setting in dict.fromkeys(r["setting"] for r in abl if r["group"] == group):
@@ -328,8 +317,7 @@ def _aggregation_table(variants: dict) -> list:
 
 
 def rl_report(summary: dict, records: list, runs: list = ()) -> str:
-    """Markdown: the best-ID checkpoints RL started from, the rollout statistics per start (from the
-    step histories of ``runs``), then every evaluation; mean ± std over seeds."""
+    """Markdown: the checkpoints RL started from, the rollouts per start, every evaluation."""
     rp = summary["rl_config"]
     starts = list(dict.fromkeys(r["start"] for r in records))  # runs are saved in STARTS order
     words = world_words(summary["finetune_config"])

@@ -1,7 +1,6 @@
 """Results folders, of either stage: ``results.json`` (a summary and every run's eval records) and
-``histories/NAME.jsonl`` (each run's steps), JSON on disk and typed records (``records.py``) in
-memory; and what ``finalize`` derives from the files again, with no training: the matched-ID
-comparison and each ablation's summary (into results.json), the figures and report.md."""
+``histories/NAME.jsonl`` (each run's steps), typed records (``records.py``) in memory; and what
+``finalize`` derives from the files again, with no training."""
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -51,8 +50,7 @@ def load_results(out_dir) -> dict:
 
 def write_results(out: Path, p: Preset, preset_name: str, runs: list, base_path, cached, wall,
                   t_base) -> dict:
-    """Write a fine-tuning results folder (summary, records, histories), finalize it and read it
-    back."""
+    """Write a fine-tuning results folder, finalize it and read it back."""
     summary = {"preset": preset_name, "preset_config": asdict(p), "base_model": str(base_path),
                "base_loaded_from_cache": cached, "wall_seconds": wall, "pretrain_seconds": t_base,
                "run_seconds": {f"{r.job.setting}-s{r.job.seed}": r.seconds for r in runs},
@@ -69,9 +67,8 @@ def write_results(out: Path, p: Preset, preset_name: str, runs: list, base_path,
 
 
 def finalize(out_dir) -> list:
-    """Derive everything that follows from a results folder's records (either stage): the
-    matched-ID comparison and each ablation's summary (into results.json), the figures and
-    report.md. Re-runnable: no training involved. Returns the figures' file names."""
+    """Derive from a results folder's records (either stage) the matched-ID comparison and each
+    ablation's summary (into results.json), the figures and report.md; the figures' names."""
     out = Path(out_dir)
     folder = read_folder(out)
     if folder.stage is RLJob:
@@ -88,7 +85,7 @@ def finalize(out_dir) -> list:
             summary.update(ablation.summarize(mine))
     (out / "results.json").write_text(json.dumps({"summary": summary, "records": records},
                                                  indent=1))
-    figures = make_figures(out)
+    figures = make_figures(out, folder)
     grad_max = {(r.job.group, r.job.setting, r.job.seed):
                 max((h["grad_norm"] for h in r.history), default=None) for r in folder.runs}
     (out / "report.md").write_text(report(summary, records, grad_max))
@@ -103,10 +100,8 @@ def _finalize_rl(out: Path, folder: Folder) -> list:
     return ["rl_after_finetuning.png"]
 
 
-def make_figures(out_dir) -> list:
-    """(Re)draw every figure of a fine-tuning results folder from its files."""
-    out = Path(out_dir)
-    folder = read_folder(out)
+def make_figures(out: Path, folder: Folder) -> list:
+    """(Re)draw every figure of a finalized fine-tuning results folder."""
     summary, records = folder.summary, folder.records
     words = world_words(summary["preset_config"])
     main = [r for r in records if r["group"] == "main"]

@@ -12,11 +12,8 @@ current policy, score them with a verifiable reward, freeze the sampler as ``pi_
 under no grad), then take one optimizer step per minibatch of ``minibatch_size`` sequences. With
 signed advantages both clip bounds act now: ``clipfrac_high`` (A > 0, ratio > 1 + eps_high) and
 ``clipfrac_low`` (A < 0, ratio < 1 - eps_low). Defaults follow DAPO: eps 0.2/0.28 (clip-higher),
-token-mean loss, no KL term (``kl_coef`` adds the k3 estimate of KL(pi || pi_start)).
-
-A group whose rewards are all equal has ``A = 0`` on every token: no gradient. A minibatch made only
-of such groups (and no KL term) is skipped, since an AdamW step on a zero gradient would still move
-the weights (momentum, weight decay).
+token-mean loss, no KL term (``kl_coef`` adds the k3 estimate of KL(pi || pi_start)). A group whose
+rewards are all equal has ``A = 0`` on every token: no gradient.
 """
 import json
 import time
@@ -88,8 +85,7 @@ def group_advantages(rewards: torch.Tensor, scale: bool = True) -> torch.Tensor:
 
 
 def _prompt(row: dict):
-    """The prompt of a row: ``prompt`` (text or messages), or a conversation's turns before the
-    last."""
+    """The prompt of a row: ``prompt`` (text or messages), or ``messages`` but the last turn."""
     if row.get("prompt") is not None:
         return row["prompt"]
     if row.get("messages"):
@@ -101,17 +97,11 @@ def grpo(lm, prompts: list, reward_fn, cfg: GRPOConfig, eval_fn=None, out_dir=No
          on_step=None) -> dict:
     """Train ``lm`` in place with GRPO; return ``{"history": [...], "evals": [...]}``.
 
-    ``prompts``: rows with a ``"prompt"`` (a string or chat messages) or ``"messages"`` (the turns
-    before the last are the prompt, e.g. ``real.gsm8k_rows``) and whatever ``reward_fn`` needs.
-    ``reward_fn(row, completion_text) -> float`` (here 1.0 for a right answer, else 0.0).
-    ``history``: one record per rollout step with ``reward``, ``accuracy`` (share of samples with a
-    positive reward), ``entropy`` (mean token entropy of the sampler on its samples), ``clipfrac``,
-    ``clipfrac_high``, ``clipfrac_low``, ``ratio_mean``, ``approx_kl``, ``completion_length``,
-    ``zero_adv_groups`` (share of groups with equal rewards), ``grad_norm``, ``tokens_per_s``
-    (sampled tokens per second of the whole step: sampling, scoring and updates).
-    ``eval_fn(lm) -> dict`` runs at step 0, every ``eval_every`` steps and at the end. With
-    ``out_dir``: ``history.jsonl``, ``evals.jsonl``, ``config.json`` and ``final/``.
-    """
+    ``prompts``: rows with a ``prompt`` or ``messages`` (``_prompt``) and whatever
+    ``reward_fn(row, completion_text) -> float`` needs. ``history``: a record per rollout step
+    (``_update``: reward, accuracy, sampler entropy, clip fractions, ...; ``tokens_per_s`` of the
+    whole step). ``eval_fn(lm) -> dict`` runs at step 0, every ``eval_every`` steps and at the end.
+    With ``out_dir``: ``history.jsonl``, ``evals.jsonl``, ``config.json`` and ``final/``."""
     cfg.check()
     if not prompts:
         raise ValueError("no prompts to sample from")
@@ -147,8 +137,7 @@ def grpo(lm, prompts: list, reward_fn, cfg: GRPOConfig, eval_fn=None, out_dir=No
 
 
 def _evaluate(lm, eval_fn, step: int, evals: list) -> None:
-    """Append ``eval_fn``'s record at ``step`` (if any), taken in eval mode; leave the model in
-    train mode."""
+    """Append ``eval_fn``'s record at ``step`` (in eval mode); leave the model in train mode."""
     if eval_fn is not None:
         lm.model.eval()
         evals.append({"step": step, **eval_fn(lm)})
@@ -156,8 +145,7 @@ def _evaluate(lm, eval_fn, step: int, evals: list) -> None:
 
 
 def _sample(lm, rows: list, reward_fn, cfg: GRPOConfig, step: int) -> tuple:
-    """The rollout: ``group_size`` samples per prompt of ``rows`` from the current policy (their
-    prompt and completion token ids, a group after the other), and their verifiable rewards."""
+    """The rollout: ``group_size`` samples (token ids) per prompt of ``rows``, and their rewards."""
     pairs = lm.sample_ids([_prompt(r) for r in rows for _ in range(cfg.group_size)],
                           cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature,
                           batch_size=256)
@@ -178,9 +166,8 @@ def _sample(lm, rows: list, reward_fn, cfg: GRPOConfig, step: int) -> tuple:
 
 
 def _update(lm, opt, ref, pairs: list, rewards, cfg: GRPOConfig, gen, step: int) -> dict:
-    """Score each sample against its group, freeze the sampler as pi_old, take the optimizer steps
-    of ``ppo_epochs`` passes over the rollout in minibatches; return the step's record (all but
-    ``tokens_per_s``)."""
+    """Score each sample against its group, freeze the sampler as pi_old, take ``ppo_epochs``
+    passes of minibatch steps; return the step's record (all but ``tokens_per_s``)."""
     adv = group_advantages(rewards.view(-1, cfg.group_size), cfg.scale_rewards)
     zero_groups = (adv.abs() < 1e-8).all(dim=1)
     adv = adv.flatten()
@@ -217,8 +204,7 @@ def _update(lm, opt, ref, pairs: list, rewards, cfg: GRPOConfig, gen, step: int)
 
 def _optimizer_step(lm, opt, mb: dict, logp_old, advantages, logp_ref, cfg: GRPOConfig,
                     step: int) -> tuple:
-    """One optimizer step on a minibatch: the clipped surrogate (plus ``kl_coef`` times the k3
-    penalty against ``logp_ref``); returns its metrics and the gradient norm."""
+    """One optimizer step: the clipped surrogate (+ ``kl_coef`` x k3 KL); metrics, grad norm."""
     mask = mb["completion_mask"]
     logp = lm.token_logprobs(mb)[0]
     loss, metrics = clipped_surrogate(logp, logp_old, advantages, mask, cfg.eps_low, cfg.eps_high)

@@ -1,11 +1,7 @@
-"""The RL stage (paper claim 6): GRPO after fine-tuning.
-
-``reproduce-rl`` (``reproduce_rl``) fine-tunes ``psft``, ``sft_paper`` and ``sft`` as
-``runner.reproduce`` does, keeping each run's best-ID epoch (the paper started RL there), then
-runs GRPO (``rl.grpo``) from the base and from each checkpoint with the same prompts, steps and
-sampling seed, reward = the world's checker. It writes the same kind of folder as the fine-tuning
-(``records.save_folder``), and ``results.finalize`` rebuilds its report and figure from its files.
-"""
+"""The RL stage (paper claim 6): ``reproduce-rl`` fine-tunes ``psft``, ``sft_paper`` and ``sft`` as
+``runner.reproduce`` does, keeping each run's best-ID epoch (the paper started RL there), then runs
+GRPO (``rl.grpo``) from the base and from each checkpoint with the same prompts, steps and sampling
+seed, reward = the world's checker, into a results folder (``results.save_folder``)."""
 import json
 import statistics
 import time
@@ -26,9 +22,8 @@ from .worlds import make_world
 
 
 def run_rl_one(job: RLJob) -> Run:
-    """GRPO from one starting model and seed, with the world's prompts, reward and evaluator; eval
-    records (with the mean rollout reward and entropy since the previous evaluation) and the
-    per-step history."""
+    """GRPO from one start and seed: eval records (with the mean rollout reward and entropy since
+    the previous evaluation) and the per-step history."""
     site, rp = job.site, job.rl
     torch.set_num_threads(site.threads)
     world = make_world(site.preset)
@@ -44,8 +39,7 @@ def run_rl_one(job: RLJob) -> Run:
     result = grpo(lm, prompts, world.reward, cfg, eval_fn=evaluator)
     hist, records, prev = result["history"], [], 0
     for ev in result["evals"]:
-        # step 0: the first rollout (sampled before any update); later: the rollouts since the
-        # last eval
+        # step 0: the first rollout (before any update); later: the rollouts since the last eval
         window = (hist[:1] if ev["step"] == 0
                   else [h for h in hist if prev < h["step"] <= ev["step"]])
         records.append({"start": job.start, "seed": job.seed, **ev,
@@ -58,12 +52,9 @@ def run_rl_one(job: RLJob) -> Run:
 def reproduce_rl(preset_name: str, out_dir, cache_dir=None, seeds=None, workers=None,
                  device: str = "auto", finetune: dict | None = None,
                  max_minutes: float | None = None, overwrite: bool = False, **overrides) -> dict:
-    """Fine-tune (or reuse an earlier fine-tuning of ``out_dir/finetune`` made with the same
-    settings), then run GRPO from every start; write every results file and the figure into
-    ``out_dir``. The runs from the base model go beside the fine-tuning runs. ``finetune``: any
-    ``presets.Preset`` field (e.g. the files world's model and files); ``overrides``: any
-    ``RLPreset`` field. Runs are saved as they end and the same call resumes (``max_minutes``,
-    ``overwrite``: as in ``runner.reproduce``)."""
+    """Fine-tune (or reuse ``out_dir/finetune`` made with the same settings), then run GRPO from
+    every start into ``out_dir``. ``finetune``: ``Preset`` fields; ``overrides``: ``RLPreset``
+    fields. The same call resumes (``max_minutes``, ``overwrite``: as ``runner.reproduce``)."""
     deadline = None if max_minutes is None else time.time() + 60 * max_minutes
     if preset_name not in RL_PRESETS:
         raise ValueError(f"preset {preset_name!r}: choose one of {', '.join(RL_PRESETS)}")
@@ -118,9 +109,8 @@ def reproduce_rl(preset_name: str, out_dir, cache_dir=None, seeds=None, workers=
 
 
 def finetuned(folder: Path, p) -> dict | None:
-    """The best-ID checkpoints of an earlier fine-tuning stage in ``folder`` when it was made with
-    the same settings and every checkpoint is still there (so RL settings can change without
-    fine-tuning again)."""
+    """The best-ID checkpoints in ``folder`` when made with the same settings and all still there
+    (so RL settings can change without fine-tuning again)."""
     path = folder / "results.json"
     if not path.exists():
         return None

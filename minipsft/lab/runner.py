@@ -1,9 +1,7 @@
-"""The runner: a world (the toy world, or GSM8K for a real model) + the training loop -> a results
-folder. ``python -m minipsft reproduce --preset cpu --out DIR`` pretrains (or loads) the base
-model, then fine-tunes it with every arm (``presets.py``) and ablation (``ablations.py``) from the
-same base, on the same data and data order per seed, evaluating after every epoch, in a pool of
-processes, and writes ``DIR/results.json``, per-step histories, ``DIR/report.md`` and the figures
-(``results.py``). ``--preset gsm8k --model ID`` runs on a given model instead (``real.py``)."""
+"""The runner: a world + the training loop -> a results folder. ``python -m minipsft reproduce
+--preset cpu --out DIR`` pretrains (or loads) the base, fine-tunes it with every arm and ablation
+on the same data and order per seed, evaluating every epoch in a pool of processes, and writes the
+results folder (``results.py``). ``--preset gsm8k --model ID`` runs on a given model instead."""
 import statistics
 import time
 from collections import Counter, defaultdict
@@ -48,8 +46,7 @@ def run_one(job: Job) -> Run:
 
 
 def eval_records(job: Job, cfg, result: dict) -> list:
-    """The rows of results.json for one run: each evaluation, with the mean training-minibatch
-    entropy and clip fraction of the epoch before it."""
+    """One run's rows of results.json: each evaluation, with its epoch's entropy and clipfrac."""
     by_epoch = defaultdict(list)
     for r in result["history"]:
         by_epoch[r["epoch"]].append(r)
@@ -80,9 +77,8 @@ def keep_best(evaluator, path: Path, best: dict):
 
 
 class ClippedTokens:
-    """Counts which completion tokens PSFT's clip stops (ratio > 1 + eps_high), by role
-    (``toy.completion_roles``): ``format`` (the teacher's style words and separators, EOS) or
-    ``content`` (the letter count and the answer): the toy analogue of the paper's finding that
+    """Counts the completion tokens PSFT's clip stops (ratio > 1 + eps_high) by role
+    (``toy.completion_roles``; EOS is ``format``): the toy analogue of the paper's finding that
     clipped tokens are mostly "thinking-pattern" words."""
 
     def __init__(self, tokenizer, eps_high: float):
@@ -114,8 +110,7 @@ class ClippedTokens:
 
 def run_jobs(jobs: list, workers: int, desc: str, fn=run_one, store: RunStore | None = None,
              deadline: float | None = None) -> list:
-    """``fn`` on every job (``run_one``: a ``Job``) not saved in ``store`` yet, ``workers``
-    processes at once, each run saved as it finishes (store.py); the runs in job order."""
+    """``fn`` (a job -> a ``Run``) on every job not saved in ``store`` yet (``store.run_saved``)."""
     plain = run_saved(jobs, partial(plain_run, fn), lambda job: job.name, store, workers, desc,
                       deadline)
     return [Run(job, **run) for job, run in zip(jobs, plain)]
@@ -123,9 +118,7 @@ def run_jobs(jobs: list, workers: int, desc: str, fn=run_one, store: RunStore | 
 
 def plain_run(fn, job) -> dict:
     """``fn(job)``, a ``Run``, as the plain values a store keeps (everything but the job)."""
-    run = fn(job)
-    return {"records": run.records, "history": run.history, "seconds": run.seconds,
-            "clipped_tokens": run.clipped_tokens, "best": run.best}
+    return {k: v for k, v in vars(fn(job)).items() if k != "job"}
 
 
 def run_store(out: Path, name: str, p: Preset, device: str, overwrite: bool,
@@ -140,13 +133,10 @@ def reproduce(preset_name: str, out_dir, cache_dir=None, seeds=None, workers=Non
               main=True, device: str = "auto", model=None, data_dir=None, save_best: bool = False,
               max_minutes: float | None = None, overwrite: bool = False, **overrides) -> dict:
     """Run the comparison (and ablations) and write every results file and figure into ``out_dir``.
-    ``device="auto"``: the GPU when there is one, else the CPU. ``model``: the hub id or folder of
-    the model to fine-tune (``gsm8k`` preset; the toy presets pretrain their own). ``data_dir``:
-    local files instead of the hub (``real.LOCAL_FILES``). ``save_best``: keep each main run's
-    best-ID epoch in ``out_dir/checkpoints/ARM-sSEED/`` (the RL stage starts there).
-    ``overrides``: any ``Preset`` field. Each run is saved as it ends (``out_dir/runs/``): the
-    same call again runs only the missing ones (other settings are refused unless ``overwrite``);
-    after ``max_minutes`` no run starts and ``store.Unfinished`` says how many remain."""
+    ``model``, ``data_dir``, ``overrides``: ``Preset`` fields. ``save_best``: keep each main run's
+    best-ID epoch in ``out_dir/checkpoints/ARM-sSEED/`` (the RL stage starts there). Each run is
+    saved as it ends (``out_dir/runs/``): the same call again runs only the missing ones (other
+    settings are refused unless ``overwrite``); after ``max_minutes`` no run starts."""
     deadline = None if max_minutes is None else time.time() + 60 * max_minutes
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

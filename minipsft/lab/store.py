@@ -1,11 +1,7 @@
-"""Long experiments survive a kill: every finished run is saved the moment it ends, and the same
-command run again loads the saved runs and runs only the missing ones.
-
-``OUT/runs/settings.json`` holds the settings the runs were made with (a later call with other
-settings is refused, naming the fields, unless ``overwrite``); ``OUT/runs/KEY.json`` one run
-each, written to a temporary file and renamed (atomic). A time budget stops starting new runs
-after a deadline; the runs in flight finish and are saved.
-"""
+"""Long experiments survive a kill: every finished run is saved the moment it ends
+(``OUT/runs/KEY.json``, atomic), and the same command run again runs only the missing ones; one
+with other settings (``OUT/runs/settings.json``) is refused, naming the fields, unless
+``overwrite``. After a deadline no new run starts; the runs in flight finish and are saved."""
 import json
 import os
 import shutil
@@ -73,8 +69,7 @@ def run_saved(jobs: list, fn, key, store: RunStore | None, workers: int, desc: s
               deadline: float | None = None) -> list:
     """``fn(job)`` for every job not saved in ``store`` yet (``key(job)`` names it), each result
     saved as it finishes; the results in the order of ``jobs``. No run starts after ``deadline``
-    (``time.time()``); when runs remain then, ``Unfinished`` is raised once those in flight are
-    saved."""
+    (``time.time()``); then ``Unfinished`` is raised once those in flight are saved."""
     saved = {key(j): store.load(key(j)) for j in jobs} if store else {}
     todo = [j for j in jobs if saved.get(key(j)) is None]
     print(f"{desc}: {len(jobs) - len(todo)} of {len(jobs)} runs done, {len(todo)} to run")

@@ -2,31 +2,25 @@
 
 Design (each piece is there because the paper's effects depend on it):
 
-* **Prior capabilities.** A tiny Llama-style model is pretrained from scratch on six small tasks
+* **Prior capabilities.** A tiny Llama-style model is pretrained from scratch on six tasks
   (``add``/``sub``/``max`` of 1- and 2-digit numbers, ``rev``erse a 3-6 letter word, ``sort`` a
-  string, ``pick`` any letter of a word) plus some 7-9 letter reversals answered directly. The six
-  tasks are the model's prior capabilities; their held-out accuracy is the OOD score (the analogue
-  of the paper's general benchmarks).
+  string, ``pick`` any letter of a word) plus some 7-9 letter reversals answered directly; the six
+  tasks' held-out accuracy is the OOD score (the analogue of the paper's general benchmarks).
 * **Instructions and format.** 30% of pretraining prompts end in ``()``, asking for the answer in
-  parentheses: the toy analogue of IFEval's format instructions, scored separately (``ood_format``).
-* **A stochastic teacher.** Answers come in two styles (``82`` or ``it is 82``) and ``pick`` has
-  several right answers, so the true conditional entropy is above zero and entropy collapse is
-  measurable against it.
-* **An off-policy in-domain task.** Fine-tuning data are reversals of 8-11 letter words
-  (``rev szycidpq:``) the base does only partly (it saw 7-9 letter ones), demonstrated in a style it
-  never saw: the answer followed by a "reflection" (``qpdicyzs;wait 8 letters ok``, the two words
-  drawn at random), like a stronger model's reasoning with its "wait" and "alternatively". The
-  style tokens are shared by every demonstration and rise fast; they can bleed into the prior tasks
-  (a ``()`` prompt answered ``(ab);hmm 2 letters ok`` breaks the format) - the way fine-tuning
-  erodes prior skills in the paper. (A preamble *before* the answer was tried first: it moved the
-  answer away from the prompt, broke the base's position-based reversal, and no arm learned the
-  task.)
-* **Finite data revisited.** A fixed set of demonstrations is trained on for several epochs, so
+  parentheses: the analogue of IFEval's format instructions, scored as ``ood_format``.
+* **A stochastic teacher.** Two answer styles (``82`` or ``it is 82``) and several right ``pick``
+  answers: the true conditional entropy is above zero, so entropy collapse is measurable.
+* **An off-policy in-domain task.** Reversals of 8-11 letter words (``rev szycidpq:``), which the
+  base does only partly (it saw 7-9 letters), demonstrated in a style it never saw: the answer, then
+  a "reflection" (``qpdicyzs;wait 8 letters ok``, two words drawn at random) like a stronger model's
+  "wait". The shared style tokens rise fast and can bleed into the prior tasks (``(ab);hmm 2
+  letters ok`` breaks a ``()`` answer), as fine-tuning erodes prior skills in the paper. (A
+  preamble *before* the answer broke the base's position-based reversal: no arm learned the task.)
+* **Finite data revisited.** A fixed set of demonstrations trained on for several epochs, so
   memorising it (and its random style choices) is possible, as in multi-epoch SFT.
 
 Answers are scored without the reflection tail, so a change of style alone is not an error.
-Everything is generated from seeds, so the world, the base model and every run are reproducible.
-The tokenizer is a real Hugging Face tokenizer (``model.char_tokenizer``) saved with the model.
+Everything comes from seeds; the tokenizer (``char_tokenizer``) is saved with the model.
 """
 import hashlib
 import json
@@ -100,14 +94,12 @@ def prior_row(name: str, rng: random.Random, paren_rate: float = 0.3) -> dict:
 
 
 def chain_of_thought(word: str, rng: random.Random) -> str:
-    """The ID teacher's style: the answer, then a "reflection" that checks it
-    (``qpdicyzs;wait 8 letters ok``)."""
+    """The ID teacher's style: the answer, then a "reflection" (``qpdicyzs;wait 8 letters ok``)."""
     return f"{word[::-1]};{rng.choice(OPENERS)} {len(word)} letters {rng.choice(CONNECTIVES)}"
 
 
 def completion_roles(text: str) -> list:
-    """Role of each character of an ID demonstration: ``content`` (the answer and the letter count)
-    or ``format`` (``;``, the reflection words, spaces)."""
+    """Each character's role in an ID demonstration: ``content`` (answer, count) or ``format``."""
     answer, tail = text.split(";", 1)
     return (["content"] * len(answer) + ["format"]
             + ["content" if c.isdigit() else "format" for c in tail])
@@ -149,9 +141,8 @@ _NUMBER = re.compile(r"\d+")
 
 
 def is_correct(row: dict, output: str) -> bool:
-    """Check a generated answer. A reflection tail (``;wait ...``) is ignored, so a change of style
-    alone is not an error (but it breaks a ``()`` answer). Numeric tasks: the last number. Others:
-    the answer itself, with an optional ``it is``. ``()`` prompts also need the parentheses."""
+    """Check a generated answer, reflection tail ignored: numeric tasks by the last number, others
+    with an optional ``it is``; ``()`` prompts need the parentheses around it all."""
     text = output.strip()
     if row["paren"]:
         if not (text.startswith("(") and text.endswith(")")):
@@ -178,8 +169,7 @@ class BaseConfig:
     max_position: int = 96
 
     def key(self) -> str:
-        """Hash of the settings, the alphabet and a sample of the pretraining data, so that a change
-        to the tasks or the teacher also invalidates the cache."""
+        """Hash of the settings, alphabet and a data sample: new tasks invalidate the cache."""
         world = {"config": asdict(self), "alphabet": ALPHABET,
                  "sample": pretrain_rows(500, self.pretrain_seed)}
         return hashlib.sha1(json.dumps(world, sort_keys=True).encode()).hexdigest()[:12]
@@ -205,13 +195,10 @@ SHIPPED_BASES = Path(__file__).parent / "bases"
 
 def pretrained_base(cfg: BaseConfig, cache_dir, progress: bool = True, device="cpu",
                     shipped: bool = True) -> tuple:
-    """The base model: loaded from ``cache_dir/base-<hash>`` or (``shipped=True``) from the bases
-    that come with the package, else pretrained (deterministic for a given thread count) and saved
-    in ``cache_dir``. Returns ``(CausalLM, path, loaded_not_pretrained)``.
-
-    A base is never half-written: it is saved into a temporary folder of this process, its
-    completion mark (``base_config.json``) last, then renamed into place; when two processes
-    pretrain the same base, the first rename wins. A folder without the mark is ignored."""
+    """``(CausalLM, path, loaded_not_pretrained)``: the base from ``cache_dir/base-<hash>`` or the
+    ``shipped`` bases, else pretrained (deterministic per thread count) and saved. Never
+    half-written: saved into a temporary folder, its mark (``base_config.json``) last, then renamed
+    into place (of two processes, the first wins); a folder without the mark is ignored."""
     path = Path(cache_dir) / f"base-{cfg.key()}"
     for folder in (path, SHIPPED_BASES / path.name) if shipped else (path,):
         if (folder / "base_config.json").exists():
@@ -247,8 +234,7 @@ def generate_accuracy(lm, rows, max_new_tokens: int) -> list:
 
 @torch.no_grad()
 def mean_kl(lm, base_model, examples, batch_size: int = 128) -> float:
-    """Exact per-token KL(pi || pi_base), summed over the (small) vocabulary, averaged over the
-    completion tokens of ``examples``."""
+    """Exact per-token KL(pi || pi_base) over the vocabulary, averaged over completion tokens."""
     total = n = 0.0
     for s in range(0, len(examples), batch_size):
         batch = lm.collate(examples[s:s + batch_size])
@@ -275,9 +261,8 @@ def answer_tokens(rows) -> int:
 
 
 class Evaluator:
-    """Everything measured at each evaluation: ID and OOD accuracy (greedy), held-out demonstration
-    NLL/entropy, entropy of the model's own samples, KL from the base on OOD demonstrations and the
-    relative weight distance from the base (``drift``)."""
+    """Each evaluation: ID/OOD accuracy (greedy), held-out NLL/entropy, the entropy of the model's
+    samples, KL from the base on OOD demonstrations and weight distance from it (``drift``)."""
 
     def __init__(self, base: CausalLM, id_eval: list, ood_eval: list, n_samples: int = 128,
                  seed: int = 0):

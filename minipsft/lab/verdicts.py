@@ -1,6 +1,5 @@
 """How the claims table reads results: values by seed, differences paired by seed under the one
-sign rule (``reports.sign``: a difference counts when its seed-paired mean is more than 2
-standard errors from zero), the saw-tooth's boundary effect, and how each is written."""
+sign rule (``reports.sign``), the saw-tooth's boundary effect, and how each is written."""
 import statistics
 
 from .reports import fmt_mean_std as mean_std, sign
@@ -35,9 +34,8 @@ def two_way(paper: dict, control: dict) -> str:
 
 
 def boundary_effects(runs, arm: str, key: str = "entropy", group: str = "main") -> list:
-    """Per epoch boundary of each run of ``arm``: (``key`` at the epoch's last step minus at the
-    next epoch's first) minus the run's mean such drop between two consecutive steps inside an
-    epoch; only steps that measured ``key`` count."""
+    """Per epoch boundary of each run of ``arm``: the drop of ``key`` across it minus the run's mean
+    drop between two steps inside an epoch (only steps that measured ``key``)."""
     effects = []
     for run in runs:
         if run.job.arm != arm or run.job.group != group:
