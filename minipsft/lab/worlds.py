@@ -311,7 +311,7 @@ class HandmadeWorld(_GivenModel):
     def evaluate(self, lm, heldout) -> dict:
         out = {"id_acc": real.gsm8k_accuracy(lm, self.test, self.p.max_new_tokens)}
         out["ood_knowledge"], out["ood_knowledge_norm"] = real.mc_scores(
-            lm, handmade.knowledge_items())
+            lm, handmade.knowledge_items()[:self.p.ood_per_task or None])
         replies = lm.generate([r["prompt"] for r in self.instructions], max_new_tokens=48)
         out["ood_instructions"] = statistics.fmean(
             map(handmade.follows_instruction, self.instructions, replies))
@@ -322,7 +322,7 @@ class HandmadeWorld(_GivenModel):
 
     def evaluator(self, base):
         heldout, calls = base.encode(self.test, max_length=self.p.max_length), []
-        key = (self.p.model, self.p.n_id_eval, self.p.max_new_tokens)
+        key = (self.p.model, self.p.n_id_eval, self.p.ood_per_task, self.p.max_new_tokens)
 
         def evaluate(lm) -> dict:
             calls.append(1)
