@@ -1,11 +1,7 @@
-"""Run plumbing, beside the loop: a run's folder (config, history, evaluations, checkpoints, the
-final model), resuming from it exactly, a progress bar and the run's summary. The loop reaches it
-through ``train.Run``'s hooks.
-
-A checkpoint is data, not code: ``checkpoint.pt`` holds tensors and plain values only (the run's
-position, history and settings as JSON text) and is loaded with ``weights_only=True``, so a file
-copied from elsewhere cannot run code on ``--resume``.
-"""
+"""Run plumbing, reached through ``train.Run``'s hooks: a run's folder, resuming from it exactly,
+a progress bar and the run's summary. A checkpoint is data, not code: tensors and plain values (the
+position, history and settings as JSON text) loaded with ``weights_only=True``, so a file copied
+from elsewhere cannot run code on ``--resume``."""
 import json
 import os
 import random
@@ -34,7 +30,7 @@ RESUME_CHANGEABLE = ("lr", "grad_clip")
 
 
 def check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse a folder that holds a run unless ``resume`` or ``overwrite`` (before a model is
+    """Refuse a folder holding a run unless ``resume`` or ``overwrite`` (checked before a model is
     loaded: a download can take minutes)."""
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other: continue the run or replace it")
@@ -56,8 +52,7 @@ def clear_run(out: Path) -> None:
 
 
 class Progress(Run):
-    """A tqdm bar over the run's optimizer steps (``TrainConfig.progress``), with the last step's
-    loss, entropy and clip fraction."""
+    """A tqdm bar over the optimizer steps, with the last step's loss, entropy and clip fraction."""
     bar = None
 
     def start(self, lm, cfg: TrainConfig, state: TrainState) -> bool:
@@ -77,10 +72,8 @@ class Progress(Run):
 
 class RunFolder(Progress):
     """A run kept in ``out``: ``config.json``, ``history.jsonl`` (a line per step, as it goes),
-    ``evals.jsonl``, ``checkpoint.pt`` (after every epoch and every ``checkpoint_every`` batches)
-    and ``final/`` (``save_pretrained``). ``resume=True`` continues from the checkpoint and gives
-    the uninterrupted run's result (another ``lr`` or ``grad_clip`` is allowed with a warning); a
-    folder that holds a run is refused unless ``resume`` or ``overwrite``."""
+    ``evals.jsonl``, ``checkpoint.pt`` (every epoch and every ``checkpoint_every`` batches) and
+    ``final/``. ``resume=True`` gives the uninterrupted run's result (see ``restore``)."""
 
     def __init__(self, out, resume: bool = False, overwrite: bool = False):
         self.out, self.resume, self.overwrite = Path(out), resume, overwrite
@@ -140,8 +133,7 @@ def model_state(model) -> dict:
 
 
 def save_checkpoint(path: Path, lm, cfg: TrainConfig, state: TrainState) -> None:
-    """Tensors and plain values only; written to a temporary file, then renamed (atomic: a crash
-    mid-save never leaves a broken checkpoint)."""
+    """Written to a temporary file, then renamed: a crash mid-save never leaves a broken one."""
     plain = {"epoch": state.epoch, "batch": state.batch, "step": state.step,
              "history": state.history, "evals": state.evals, "config": asdict(cfg),
              "python_rng": random.getstate()}
@@ -154,8 +146,7 @@ def save_checkpoint(path: Path, lm, cfg: TrainConfig, state: TrainState) -> None
 
 
 def load_checkpoint(path: Path, device) -> dict:
-    """A checkpoint's contents, its plain part parsed (``state``); refused, with the reason, when
-    the file holds anything but tensors and plain values."""
+    """A checkpoint's contents, its plain part parsed; refused unless tensors and plain values."""
     try:
         ck = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # pickle.UnpicklingError and whatever a crafted file raises
@@ -169,7 +160,8 @@ def load_checkpoint(path: Path, device) -> dict:
 
 
 def restore(ck: dict, lm, cfg: TrainConfig, state: TrainState) -> None:
-    """Put a checkpoint's weights, optimizer, schedule, RNG and position into ``state``."""
+    """Put a checkpoint's weights, optimizer, schedule, RNG and position into ``state``; another
+    ``lr`` or ``grad_clip`` (RESUME_CHANGEABLE) is allowed with a warning."""
     saved = ck["state"]
     diff = {k for k in saved["config"] if saved["config"][k] != getattr(cfg, k)} - RESUME_FREE
     refused = sorted(diff - set(RESUME_CHANGEABLE))
@@ -203,9 +195,8 @@ def restore(ck: dict, lm, cfg: TrainConfig, state: TrainState) -> None:
 
 
 def summarize(history: list, cfg: TrainConfig) -> dict:
-    """Run-level figures of a training history: final loss and NLL, mean tokens/s and, over the
-    PSFT steps, the mean clip fraction, the steps with any clipping and the largest ratio.
-    ``note`` says in words what a reader should know (e.g. that PSFT never clipped)."""
+    """Run-level figures of a history (final loss, clipping over the PSFT steps, ...) and a
+    ``note`` saying in words what a reader should know (e.g. that PSFT never clipped)."""
     psft = [r for r in history if LOSSES[r["method"]].snapshot]  # the clipped ones
     clipped = [r for r in psft if r["clipfrac"] > 0]
     last = history[-1]
