@@ -1,12 +1,8 @@
-"""The speed paths: the same log-probs as ``logprobs.token_logprobs``, faster or leaner.
-
-* log-probs from the decoder's hidden states, chunk by chunk through the output head, so that no
-  full [B, T, V] logits tensor is ever built (real vocabularies are 150k wide); each chunk's
-  logits kept for backward or recomputed (``keep_logits``), and compiled (``compile``);
-* the architecture logit scales (Cohere, Granite, Falcon-H1, Gemma-2's soft cap), checked once per
-  model against its own logits; a model whose head does something else falls back to its logits.
-The fused output head (gradients in the forward pass) is in ``fused.py``. ``CausalLM(speed=True)``
-turns these on; tests/test_speed.py proves them equal to the reference path.
+"""The speed paths: the same log-probs as ``logprobs.token_logprobs``, faster or leaner. They come
+from the decoder's hidden states chunk by chunk through the output head, so that no full [B, T, V]
+logits tensor is ever built (real vocabularies are 150k wide), with the architectures' logit
+scales and soft caps checked once per model against its own logits. ``CausalLM(speed=True)`` turns
+them on (the fused head is in fused.py); tests/test_speed.py proves them equal to the reference.
 """
 import functools
 import weakref
@@ -46,10 +42,8 @@ def compiled_chunk_logprobs(backend: str):
 
 
 def logit_scale(config) -> float:
-    """The factor a model multiplies its output head's logits by, read from its config the way
-    TRL's trainers read it: Cohere's ``logit_scale``, ``output_multiplier``, Falcon-H1's
-    ``lm_head_multiplier``; Granite and MiniCPM3 divide by ``logits_scaling`` (HyperCLOVA X
-    multiplies). 1.0 when none is set."""
+    """The factor a model multiplies its head's logits by, read from its config as TRL reads it
+    (Granite and MiniCPM3 divide by ``logits_scaling``; HyperCLOVA X multiplies); 1.0 if none."""
     for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
         value = getattr(config, name, None)
         if value is not None:
@@ -87,12 +81,10 @@ _FAST_HEADS = weakref.WeakKeyDictionary()
 
 
 def fast_head(model):
-    """The output head that turns the decoder's last hidden states into exactly the model's own
-    logits (a plain ``nn.Linear``, or a ``ScaledHead`` for models that scale or cap logits), or
-    None when none does; then log-probs come from the model's own (full) logits.
-
-    Checked once per model on a short input against ``model(...).logits``, so an architecture
-    that does something else to its logits (a hidden-state scale, say) is caught, not trusted."""
+    """The head (``nn.Linear`` or ``ScaledHead``) that turns the decoder's last hidden states into
+    exactly the model's own logits, or None. Checked once per model on a short input against
+    ``model(...).logits``, so an architecture that does something else (a hidden-state scale, say)
+    is caught, not trusted."""
     if model in _FAST_HEADS:
         return _FAST_HEADS[model]
     head = None
@@ -131,10 +123,8 @@ def decoder_hidden(model, input_ids, attention_mask):
 
 
 def _logits_fit(hidden, elements: int) -> bool:
-    """Whether keeping ``elements`` float32 logits for backward takes under half of the free GPU
-    memory."""
-    if not hidden.is_cuda:
-        # CPU runs are small and their memory is shared with everything else: stay lean
+    """Whether ``elements`` float32 logits take under half of the free GPU memory."""
+    if not hidden.is_cuda:  # CPU runs are small and share their memory: stay lean
         return False
     free, _ = torch.cuda.mem_get_info(hidden.device)
     return 4 * elements < free // 2
@@ -143,14 +133,11 @@ def _logits_fit(hidden, elements: int) -> bool:
 def token_logprobs(model, input_ids, attention_mask, with_entropy: bool = False,
                    chunk_elements: int | None = None, keep_logits: bool | None = None,
                    compile: str | None = None):
-    """``logprobs.token_logprobs``'s log-probs and entropies, the vocabulary projection run from
-    the hidden states in chunks of positions (the reference path itself for a model no
-    ``fast_head`` reproduces). With gradients on, what backward needs of each chunk's logits is
-    either kept (``keep_logits=True``) or recomputed in backward by activation checkpointing
-    (``False``: at most one chunk of logits is alive at a time, for one more vocabulary matmul per
-    chunk). ``None`` keeps them on a GPU whose free memory holds them twice over, else recomputes.
-    ``compile``: a torch.compile backend for the chunks (log-softmax, gather and entropy fused).
-    """
+    """``logprobs.token_logprobs``'s result, the head run on the hidden states in chunks of
+    positions (the reference path for a model with no ``fast_head``). With gradients on, each
+    chunk's logits are kept for backward (``keep_logits=True``) or recomputed there (``False``: one
+    chunk alive at a time, for one more vocabulary matmul); ``None`` keeps them on a GPU whose free
+    memory holds them twice over. ``compile``: a torch.compile backend for the chunks."""
     head = fast_head(model)
     if head is None:
         return logprobs.token_logprobs(model, input_ids, attention_mask, with_entropy)
