@@ -1,10 +1,7 @@
-"""Command line: ``python -m minipsft train --model ID --data FILE --method psft --out DIR``.
-
-Every ``TrainConfig`` field is a flag (``eps_high`` -> ``--eps-high``) with the field's help text.
-Errors are one line naming the thing and the fix; ``--debug`` (or ``MINIPSFT_DEBUG=1``) shows the
-traceback instead. The lab's commands (reproduce, compare, across-bases, claims, reproduce-rl)
-are in ``lab/commands.py``.
-"""
+"""Command line: ``python -m minipsft train --model ID --data FILE --method psft --out DIR``; every
+``TrainConfig`` field is a flag (``eps_high`` -> ``--eps-high``). Errors are one line naming the
+thing and the fix (``--debug`` or ``MINIPSFT_DEBUG=1``: the traceback). The lab's commands
+(reproduce, compare, across-bases, claims, reproduce-rl) are in ``lab/commands.py``."""
 import argparse
 import dataclasses
 import json
@@ -137,7 +134,7 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("MINIPSFT_DEBUG", "").lower() in ("1", "true", "yes")
     try:
-        run(args)
+        (_train_command if args.command == "train" else COMMANDS[args.command])(args)
     except Unfinished as stop:  # the time budget ran out: the same command finishes the folder
         again = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--overwrite"]
         print(f"stopped after {args.max_minutes:g} minutes: {stop}; the same command finishes "
@@ -147,14 +144,6 @@ def main(argv=None) -> None:
         if debug:
             raise
         sys.exit(f"error: {e}" + ("" if "\n" in str(e) else " (--debug shows the traceback)"))
-
-
-def run(args) -> None:
-    """Run the parsed command: ``train`` here, the lab's commands in ``lab.commands``."""
-    if args.command == "train":
-        _train_command(args)
-    else:
-        COMMANDS[args.command](args)
 
 
 def _train_command(args) -> None:
@@ -169,13 +158,10 @@ def _train_command(args) -> None:
     eval_rows = load_rows(args.eval_data) if args.eval_data else None
     lm = _load_model(args, cfg.seed)
     # every row is encoded before the first step: rows the model cannot train on fail fast
-    examples = lm.encode(rows, max_length=args.max_length,
-                         all_assistant_turns=args.all_assistant_turns)
-    eval_fn = None
-    if eval_rows:
-        heldout = lm.encode(eval_rows, max_length=args.max_length,
-                            all_assistant_turns=args.all_assistant_turns)
-        eval_fn = lambda lm: heldout_eval(lm, heldout)  # noqa: E731
+    kw = dict(max_length=args.max_length, all_assistant_turns=args.all_assistant_turns)
+    examples = lm.encode(rows, **kw)
+    heldout = lm.encode(eval_rows, **kw) if eval_rows else None
+    eval_fn = (lambda lm: heldout_eval(lm, heldout)) if eval_rows else None
     result = train(lm, examples, cfg, eval_fn=eval_fn, run=run)
     if args.lora_r and args.merge_lora:
         lm.save_merged(out / "merged")

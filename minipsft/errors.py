@@ -7,8 +7,7 @@ __all__ = ["DataError", "ModelLoadError", "local_problem", "load_problem"]
 
 
 class DataError(ValueError):
-    """A row that cannot be trained on: the message names the row (1-based, like a JSONL line) and
-    why."""
+    """A row that cannot be trained on: the message names the row (1-based) and why."""
 
     @classmethod
     def listing(cls, header: str, problems: list):
