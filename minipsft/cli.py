@@ -89,8 +89,7 @@ def _add_train(sub, options: dict) -> None:
                    help="continue from OUT/checkpoint.pt (a different --lr or --grad-clip is "
                         "allowed, e.g. lower after a NaN stop, with a warning)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace a run already in OUT (without it or --resume, such an OUT is "
-                        "refused)")
+                   help="replace a run already in OUT (refused without it or --resume)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in backward (less GPU memory, ~30%% more compute)")
     p.add_argument("--compile", action="store_true",
@@ -156,7 +155,14 @@ def _train_command(args) -> None:
     run = RunFolder(out, resume=args.resume, overwrite=args.overwrite)
     rows = load_rows(args.data)
     eval_rows = load_rows(args.eval_data) if args.eval_data else None
-    lm = _load_model(args, cfg.seed)
+    lm = CausalLM.from_pretrained(args.model, device=args.device, dtype=args.dtype,
+                                  gradient_checkpointing=args.gradient_checkpointing,
+                                  compile=args.compile)
+    if args.lora_r:
+        torch.manual_seed(cfg.seed)  # the adapter's initial weights follow --seed
+        targets = args.lora_target_modules
+        lm.add_lora(args.lora_r, args.lora_alpha, args.lora_dropout,
+                    targets[0] if targets == ["all-linear"] else targets)
     # every row is encoded before the first step: rows the model cannot train on fail fast
     kw = dict(max_length=args.max_length, all_assistant_turns=args.all_assistant_turns)
     examples = lm.encode(rows, **kw)
@@ -172,17 +178,3 @@ def _train_command(args) -> None:
           f"{summary['tokens_per_s']:,.0f} tokens/s; {out / 'summary.json'}")
     if summary["note"]:
         print(summary["note"])
-
-
-def _load_model(args, seed: int) -> CausalLM:
-    """The model of ``--model`` on its device and dtype, with a fresh LoRA adapter (initial
-    weights from ``seed``) when ``--lora-r``."""
-    lm = CausalLM.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                  gradient_checkpointing=args.gradient_checkpointing,
-                                  compile=args.compile)
-    if args.lora_r:
-        torch.manual_seed(seed)  # the adapter's initial weights follow --seed
-        targets = args.lora_target_modules
-        lm.add_lora(args.lora_r, args.lora_alpha, args.lora_dropout,
-                    targets[0] if targets == ["all-linear"] else targets)
-    return lm

@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 from .losses import LOSSES
 from .train import NonFiniteLossError, Run, TrainConfig, TrainState
 
-__all__ = ["Progress", "RunFolder", "check_run_folder", "load_checkpoint", "summarize",
-           "clear_run", "RUN_FILES", "RESUME_CHANGEABLE"]
+__all__ = ["Progress", "RunFolder", "load_checkpoint", "summarize", "RUN_FILES",
+           "RESUME_CHANGEABLE"]
 
 # what a run writes into its output folder (what --overwrite removes)
 RUN_FILES = ("history.jsonl", "evals.jsonl", "config.json", "checkpoint.pt", "checkpoint.tmp",
@@ -27,28 +27,6 @@ RESUME_FREE = {"progress", "eval_every", "checkpoint_every"}
 # settings that may differ with a warning (e.g. a lower lr after a NaN stop): same data, same
 # schedule of snapshots, but no longer the uninterrupted run
 RESUME_CHANGEABLE = ("lr", "grad_clip")
-
-
-def check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse a folder holding a run unless ``resume`` or ``overwrite`` (checked before a model is
-    loaded: a download can take minutes)."""
-    if resume and overwrite:
-        raise ValueError("resume and overwrite exclude each other: continue the run or replace it")
-    if any((out / f).exists() for f in RUN_FILES) and not (resume or overwrite):
-        raise FileExistsError(f"{out} already holds a run: add --resume to continue it or "
-                              "--overwrite to replace it (resume=True / overwrite=True)")
-    if resume and not (out / "checkpoint.pt").is_file():
-        raise FileNotFoundError(f"resume: there is no checkpoint at {out / 'checkpoint.pt'}")
-
-
-def clear_run(out: Path) -> None:
-    """Remove a run's files, so that nothing of an old run survives into a new one."""
-    for name in RUN_FILES:
-        target = out / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
 
 
 class Progress(Run):
@@ -76,15 +54,27 @@ class RunFolder(Progress):
     ``final/``. ``resume=True`` gives the uninterrupted run's result (see ``restore``)."""
 
     def __init__(self, out, resume: bool = False, overwrite: bool = False):
+        # checked here, before a model is loaded: a download can take minutes
         self.out, self.resume, self.overwrite = Path(out), resume, overwrite
-        check_run_folder(self.out, resume, overwrite)
         self.checkpoint = self.out / "checkpoint.pt"
         self.cfg, self.log = None, None
+        if resume and overwrite:
+            raise ValueError("resume and overwrite exclude each other: continue the run or "
+                             "replace it")
+        if any((self.out / f).exists() for f in RUN_FILES) and not (resume or overwrite):
+            raise FileExistsError(f"{self.out} already holds a run: add --resume to continue it or "
+                                  "--overwrite to replace it (resume=True / overwrite=True)")
+        if resume and not self.checkpoint.is_file():
+            raise FileNotFoundError(f"resume: there is no checkpoint at {self.checkpoint}")
 
     def start(self, lm, cfg: TrainConfig, state: TrainState) -> bool:
         self.cfg = cfg
-        if self.overwrite:
-            clear_run(self.out)
+        if self.overwrite:  # nothing of an old run survives into the new one
+            for target in (self.out / name for name in RUN_FILES):
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
         if self.resume:
             restore(load_checkpoint(self.checkpoint, lm.device), lm, cfg, state)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -124,22 +114,17 @@ def partly_frozen(model) -> bool:
     return not all(p.requires_grad for p in model.parameters())
 
 
-def model_state(model) -> dict:
-    """What a checkpoint keeps of the model: every tensor, or only the trainable ones when part
-    of the model is frozen (LoRA: the adapter, not a second copy of the base)."""
-    if not partly_frozen(model):
-        return model.state_dict()
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def save_checkpoint(path: Path, lm, cfg: TrainConfig, state: TrainState) -> None:
     """Written to a temporary file, then renamed: a crash mid-save never leaves a broken one."""
     plain = {"epoch": state.epoch, "batch": state.batch, "step": state.step,
              "history": state.history, "evals": state.evals, "config": asdict(cfg),
              "python_rng": random.getstate()}
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    model = lm.model  # partly frozen (LoRA): the adapter only, not a second copy of the base
+    weights = ({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+               if partly_frozen(model) else model.state_dict())
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": model_state(lm.model), "optimizer": state.optimizer.state_dict(),
+    torch.save({"model": weights, "optimizer": state.optimizer.state_dict(),
                 "scheduler": state.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
                 "cuda_rng": cuda, "state": json.dumps(plain)}, tmp)
     os.replace(tmp, path)

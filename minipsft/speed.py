@@ -122,14 +122,6 @@ def decoder_hidden(model, input_ids, attention_mask):
                                use_cache=False).last_hidden_state
 
 
-def _logits_fit(hidden, elements: int) -> bool:
-    """Whether ``elements`` float32 logits take under half of the free GPU memory."""
-    if not hidden.is_cuda:  # CPU runs are small and share their memory: stay lean
-        return False
-    free, _ = torch.cuda.mem_get_info(hidden.device)
-    return 4 * elements < free // 2
-
-
 def token_logprobs(model, input_ids, attention_mask, with_entropy: bool = False,
                    chunk_elements: int | None = None, keep_logits: bool | None = None,
                    compile: str | None = None):
@@ -148,8 +140,10 @@ def token_logprobs(model, input_ids, attention_mask, with_entropy: bool = False,
     B, T1 = targets.shape
     vocab = head.out_features
     step = max(1, chunk_elements // max(1, B * vocab))
-    recompute = torch.is_grad_enabled() and T1 > step and not (
-        keep_logits if keep_logits is not None else _logits_fit(hidden, B * T1 * vocab))
+    if keep_logits is None and torch.is_grad_enabled():  # under half the free GPU memory; CPU: lean
+        keep_logits = hidden.is_cuda and (4 * B * T1 * vocab
+                                          < torch.cuda.mem_get_info(hidden.device)[0] // 2)
+    recompute = torch.is_grad_enabled() and T1 > step and not keep_logits
     logps, ents = [], []
     chunk_fn = compiled_chunk_logprobs(compile) if compile else chunk_logprobs
     for s in range(0, T1, step):
