@@ -20,8 +20,7 @@ def render(tok, messages, add_generation_prompt: bool) -> str:
 
 
 def prompt_ids(tok, prompt) -> list:
-    """Token ids of a prompt: a string (tokenised with the tokenizer's special tokens, e.g. BOS)
-    or a list of chat messages (rendered with the chat template, generation prompt appended)."""
+    """Token ids of a prompt: a string (with special tokens, e.g. BOS) or chat messages."""
     if isinstance(prompt, str):
         return tok(prompt, add_special_tokens=True)["input_ids"]
     return tok(render(tok, prompt, True), add_special_tokens=False)["input_ids"]
@@ -51,8 +50,7 @@ def split(tok, row, all_turns: bool = False):
 
 
 def split_turns(tok, messages):
-    """Every assistant turn trained on: the conversation rendered turn by turn, each piece
-    tokenised on its own (as the last-turn case), assistant pieces masked 1."""
+    """Every assistant turn trained on: the conversation rendered and tokenised turn by turn."""
     pieces, done = [], ""  # (text, is_assistant) in order; `done` = text rendered so far
     for i, message in enumerate(messages):
         if message["role"] != "assistant":

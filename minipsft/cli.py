@@ -48,9 +48,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata["help"]
         if hints[f.name] is bool:
-            on_off = " (default: on)" if f.default else " (default: off)"
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                                help=help_text + on_off)
+                                help=f"{help_text} (default: {'on' if f.default else 'off'})")
         else:
             parser.add_argument(flag, type=hints[f.name], default=f.default, help=help_text,
                                 choices=tuple(LOSSES) if f.name == "method" else None)

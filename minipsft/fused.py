@@ -1,7 +1,6 @@
-"""A speed path: the fused output head. The loss's gradient is computed in the forward pass while
-each chunk's logits exist (Liger's fused linear cross-entropy, for any loss whose terms are
-per-token functions of log pi), so no chunk of logits is kept or recomputed for backward.
-``CausalLM(fused_head=True)`` trains through it; tests prove it equal to the reference path."""
+"""A speed path, ``CausalLM(fused_head=True)``: the loss's gradient computed in the forward pass
+while each chunk's logits exist (Liger's fused linear cross-entropy, for any loss whose terms are
+per-token functions of log pi); no logits are kept or recomputed for backward."""
 import functools
 
 import torch
@@ -35,10 +34,8 @@ def _compiled_fused(backend: str):
 
 
 class _FusedHeadLoss(torch.autograd.Function):
-    """The token-mean of per-token terms of log pi through the output head, chunk by chunk: one
-    vocabulary matmul forward and two for the gradients per chunk, no recomputation, one chunk of
-    logits alive at a time; backward only scales the stored gradients. ``terms(logp_chunk, cols)``
-    gives the terms of the target positions ``cols``."""
+    """Per chunk: one vocabulary matmul forward and two for the gradients, one chunk of logits alive
+    at a time; backward only scales the stored gradients."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, mask, terms, step, with_entropy, backend):

@@ -180,8 +180,7 @@ def restore(ck: dict, lm, cfg: TrainConfig, state: TrainState) -> None:
 
 
 def summarize(history: list, cfg: TrainConfig) -> dict:
-    """Run-level figures of a history (final loss, clipping over the PSFT steps, ...) and a
-    ``note`` saying in words what a reader should know (e.g. that PSFT never clipped)."""
+    """Run-level figures of a history and a ``note`` in words (e.g. that PSFT never clipped)."""
     psft = [r for r in history if LOSSES[r["method"]].snapshot]  # the clipped ones
     clipped = [r for r in psft if r["clipfrac"] > 0]
     last = history[-1]

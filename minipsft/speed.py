@@ -1,9 +1,6 @@
-"""The speed paths: the same log-probs as ``logprobs.token_logprobs``, faster or leaner. They come
-from the decoder's hidden states chunk by chunk through the output head, so that no full [B, T, V]
-logits tensor is ever built (real vocabularies are 150k wide), with the architectures' logit
-scales and soft caps checked once per model against its own logits. ``CausalLM(speed=True)`` turns
-them on (the fused head is in fused.py); tests/test_speed.py proves them equal to the reference.
-"""
+"""The speed paths: ``logprobs.token_logprobs``'s log-probs from the decoder's hidden states, chunk
+by chunk through the output head, so that no full [B, T, V] logits tensor is ever built (real
+vocabularies are 150k wide). ``CausalLM(speed=True)``; tests/test_speed.py proves them equal."""
 import functools
 import weakref
 
@@ -55,9 +52,8 @@ def logit_scale(config) -> float:
 
 
 class ScaledHead(torch.nn.Module):
-    """An output head as such models apply it: the linear map, times a scale (divided by
-    ``1 / scale`` where the model divides, as Granite does: the same rounding in bf16), then a soft
-    cap (Gemma-2's ``final_logit_softcapping``: ``cap * tanh(logits / cap)``)."""
+    """A head as such models apply it: the linear map, times a scale (divided by ``1 / scale``
+    where the model divides: the same bf16 rounding), then Gemma-2's soft cap."""
 
     def __init__(self, linear: torch.nn.Linear, scale: float = 1.0, softcap: float | None = None,
                  divide: bool = False):
@@ -82,9 +78,8 @@ _FAST_HEADS = weakref.WeakKeyDictionary()
 
 def fast_head(model):
     """The head (``nn.Linear`` or ``ScaledHead``) that turns the decoder's last hidden states into
-    exactly the model's own logits, or None. Checked once per model on a short input against
-    ``model(...).logits``, so an architecture that does something else (a hidden-state scale, say)
-    is caught, not trusted."""
+    exactly the model's own logits, or None: checked once per model against ``model(...).logits``,
+    so an architecture that does something else (a hidden-state scale, say) is caught."""
     if model in _FAST_HEADS:
         return _FAST_HEADS[model]
     head = None
@@ -160,8 +155,7 @@ def token_logprobs(model, input_ids, attention_mask, with_entropy: bool = False,
 
 
 def compile_layers(model, backend: str) -> None:
-    """"Regional" compilation: torch.compile each decoder layer in place. The layers share one
-    code object, so one graph is compiled and reused by all of them: seconds, where compiling the
-    whole model took minutes."""
+    """torch.compile each decoder layer in place: the layers share one code object, so one graph
+    serves them all (seconds, where compiling the whole model took minutes)."""
     for layer in model.get_decoder().layers:
         layer.compile(backend=backend, dynamic=True)

@@ -38,16 +38,13 @@ class TrainConfig:
     method: str = setting("psft", f"loss: {' | '.join(LOSSES)} (losses.LOSSES; one loop, one data "
                                   "order: only the loss differs)")
     epochs: int = setting(4, "passes over the data set")
-    lr: float = setting(1e-5, "peak AdamW learning rate (official: PSFT 1e-6, their SFT baseline "
-                              "2e-5)")
+    lr: float = setting(1e-5, "peak AdamW learning rate (official: PSFT 1e-6, SFT baseline 2e-5)")
     batch_size: int = setting(256, "demonstrations per pi_old snapshot (official 256); log pi_old "
                                    "is computed once per batch")
-    minibatch_size: int = setting(32, "demonstrations per optimizer step (official 32): "
-                                      "batch_size/minibatch_size "
-                                 "steps per snapshot; equal to batch_size, PSFT is exactly SFT")
-    micro_batch_size: int = setting(0, "demonstrations per forward/backward within a minibatch, "
-                                       "gradients accumulated "
-                                  "(saves memory, same result); 0 = the whole minibatch at once")
+    minibatch_size: int = setting(32, "demonstrations per optimizer step (official 32): batch_size/"
+                                      "minibatch_size steps per snapshot (1: PSFT is exactly SFT)")
+    micro_batch_size: int = setting(0, "demonstrations per forward/backward, gradients accumulated "
+                                       "(less memory, same result); 0 = the whole minibatch")
     eps_low: float = setting(0.2, "lower clip, ratio >= 1-eps_low (never acts when the advantage "
                                   "is positive)")
     eps_high: float = setting(0.28, "upper clip, ratio <= 1+eps_high (DAPO's clip-higher, as the "
@@ -62,9 +59,8 @@ class TrainConfig:
     weight_decay: float = setting(0.1, "AdamW weight decay")
     grad_clip: float = setting(1.0, "clip the global gradient norm to this (0 = off)")
     lr_warmup_steps: int = setting(0, "linear learning-rate warm-up, in optimizer steps")
-    lr_warmup_batches: int = setting(0, "linear lr warm-up counted in batches, as the official "
-                                        "verl recipe: batch b < N trains at lr * b / N (the "
-                                        "first at 0)")
+    lr_warmup_batches: int = setting(0, "linear lr warm-up in batches (the official verl recipe): "
+                                        "batch b < N trains at lr * b / N (the first at 0)")
     loss_aggregation: str = setting("token_mean", "token_mean: every completion token of a "
                                      "minibatch weighs the same (TRL's DAPO/BNPO); "
                                      "seq_mean_token_mean: every demonstration's token-mean weighs "

@@ -1,24 +1,17 @@
-"""PSFT inside TRL's ``SFTTrainer``, for multi-GPU runs on accelerate, DeepSpeed or FSDP
-(``pip install "minipsft[trl]"``; usage and the official recipe's settings in
-docs/trl-and-scaling.md). Importing ``minipsft`` itself never imports TRL.
+"""PSFT inside TRL's ``SFTTrainer``, for multi-GPU runs (usage, the official recipe's settings and
+what is checked: docs/trl-and-scaling.md). Only the training loss changes: ``LOSSES["psft"]`` on
+the completion tokens TRL masks, normalised as TRL's own loss, so ``refresh_steps=1`` is exactly
+TRL's ``loss_type="nll"``.
 
-Everything TRL does is kept; only the training loss changes: the registry's ``LOSSES["psft"]`` on
-the completion tokens TRL already masks (labels != -100), normalised like TRL's own loss (summed
-over tokens, divided by the tokens of the whole optimizer step across devices), so with
-``refresh_steps=1`` it is exactly TRL's ``loss_type="nll"``.
-
-**pi_old without a copy.** As in the official recipe (and TRL's GRPOTrainer), pi_old is a set of
-stored log-probs, not a model. At every optimizer step whose number is a multiple of
-``refresh_steps`` (and at the first PSFT step), the trainer fetches the micro-batches of the coming
-steps up to the next refresh (within the epoch) and scores the ones after the current step once
-with the current weights (no grad, dropout off); the current step's own forward is its log pi_old
-(ratio 1). ``global_step`` does not move during gradient accumulation, so accumulation never
-changes which weights count as pi_old. PEFT models (``peft_config=...``) train the adapter only.
-
-TRL counts ``refresh_steps`` in optimizer steps over the whole run, while minipsft's loop restarts
-its batches at each epoch: both agree when the data set size is a multiple of the batch (a window
-cut by an epoch's end refreshes at the next epoch's first step). A resume refreshes pi_old at its
-first step: save checkpoints at multiples of ``refresh_steps`` for an exact resume.
+pi_old is stored log-probs, not a model: at every ``refresh_steps``-th optimizer step (and the
+first PSFT step) the trainer fetches the micro-batches of the coming steps up to the next refresh
+(within the epoch) and scores those after the current step with the current weights (no grad,
+dropout off); the current step's own forward is its log pi_old (ratio 1). ``global_step`` does not
+move during gradient accumulation, so accumulation never changes which weights are pi_old. TRL
+counts ``refresh_steps`` over the whole run where minipsft's loop restarts its batches each epoch:
+both agree when the data set is a multiple of the batch (a window cut by an epoch's end refreshes
+at the next epoch's first step). A resume refreshes pi_old at its first step: save checkpoints at
+multiples of ``refresh_steps`` for an exact resume.
 """
 from dataclasses import dataclass
 
@@ -56,9 +49,8 @@ class PSFTConfig(SFTConfig):
 
 
 class PSFTTrainer(SFTTrainer):
-    """TRL's ``SFTTrainer`` with the PSFT loss against pi_old log-probs stored every
-    ``refresh_steps`` optimizer steps (see the module docstring). Logs ``clipfrac``,
-    ``ratio_mean``, ``ratio_max``, ``approx_kl`` and ``entropy`` through the Trainer's logging."""
+    """TRL's ``SFTTrainer`` with the PSFT loss; logs ``clipfrac``, ``ratio_mean``, ``ratio_max``,
+    ``approx_kl`` and ``entropy`` through the Trainer's logging."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
