@@ -24,8 +24,7 @@ from .runs import RunFolder, summarize
 from .train import NonFiniteLossError, TrainConfig, train
 
 
-# errors with a message a user can act on: one line, no traceback (OSError: missing files, a folder
-# that holds a run, permissions)
+# errors with a message a user can act on: one line, no traceback (OSError: a missing file, a run)
 EXPECTED_ERRORS = (DataError, ValueError, OSError, NonFiniteLossError)
 
 

@@ -29,8 +29,7 @@ def local_problem(name: str) -> str | None:
             return (f"model folder {name!r} has no config.json: not a saved model (a training run "
                     "saves its model in OUT/final/)")
         return None
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
-    if looks_local:
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:  # looks local
         return f"model folder {name!r} does not exist (check the path)"
     return None
 

@@ -193,9 +193,8 @@ def summarize(history: list, cfg: TrainConfig) -> dict:
     if psft and not clipped:
         out["note"] = (f"PSFT never clipped: the ratio never exceeded 1 + eps_high = "
                        f"{1 + cfg.eps_high:.2f} (largest {out['max_ratio']:.4f}), so at this lr "
-                       "and data size PSFT behaved nearly as SFT (each token's gradient "
-                       "weighted by a ratio near 1); raise the lr or the steps per snapshot "
-                       "(batch_size / minibatch_size)")
+                       "and data size PSFT behaved nearly as SFT (every ratio near 1); raise the "
+                       "lr or the steps per snapshot (batch_size / minibatch_size)")
     elif psft:
         out["note"] = (f"PSFT clipped on {len(clipped)} of {len(psft)} steps (mean clip fraction "
                        f"{out['mean_clipfrac']:.4f}). Its loss is -mean(clipped ratio), near -1 by "

@@ -12,9 +12,8 @@ from . import logprobs
 __all__ = ["token_logprobs", "compile_layers", "fast_head", "logit_scale", "ScaledHead",
            "decoder_hidden", "CHUNK_ELEMENTS", "CHUNK_ELEMENTS_GPU"]
 
-# Elements of one [rows, positions, vocab] float32 logits chunk: 2**25 floats (128 MiB) on CPU;
-# 2**28 (1 GiB) on GPU, where small chunks leave the vocabulary projection's matmuls too thin to be
-# fast.
+# Elements of one [rows, positions, vocab] float32 logits chunk: 2**25 (128 MiB) on CPU; 2**28
+# (1 GiB) on GPU, where small chunks leave the vocabulary projection's matmuls too thin to be fast.
 CHUNK_ELEMENTS = 2**25
 CHUNK_ELEMENTS_GPU = 2**28
 
@@ -139,13 +138,11 @@ def token_logprobs(model, input_ids, attention_mask, with_entropy: bool = False,
         keep_logits = hidden.is_cuda and (4 * B * T1 * vocab
                                           < torch.cuda.mem_get_info(hidden.device)[0] // 2)
     recompute = torch.is_grad_enabled() and T1 > step and not keep_logits
-    logps, ents = [], []
     chunk_fn = compiled_chunk_logprobs(compile) if compile else chunk_logprobs
-    for s in range(0, T1, step):
-        args = (hidden[:, s:s + step], targets[:, s:s + step], head, with_entropy)
-        lp, ent = checkpoint(chunk_fn, *args, use_reentrant=False) if recompute else chunk_fn(*args)
-        logps.append(lp)
-        ents.append(ent)
+    if recompute:  # backward recomputes each chunk's logits (activation checkpointing)
+        chunk_fn = functools.partial(checkpoint, chunk_fn, use_reentrant=False)
+    logps, ents = zip(*[chunk_fn(hidden[:, s:s + step], targets[:, s:s + step], head, with_entropy)
+                        for s in range(0, T1, step)])
     keep = attention_mask[:, 1:].bool()
     zero = hidden.new_zeros(B, 1, dtype=torch.float32)
     logp = torch.cat([zero, torch.cat(logps, 1).masked_fill(~keep, 0.0)], 1)

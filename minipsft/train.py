@@ -5,11 +5,8 @@ on ``seed`` and the epoch: every method sees the same demonstrations) and cut in
 ``batch_size``. For PSFT, the weights at the start of each batch are frozen as ``pi_old`` (its
 log-probs computed under no grad); the batch is cut into minibatches of ``minibatch_size``, one
 optimizer step each, so ``pi_old`` is refreshed every ``batch_size / minibatch_size`` steps. At a
-snapshot's own step the ratio is exactly 1 and PSFT's gradient *is* SFT's.
-
-The loop knows no task, no file and no GPU trick: it takes encoded examples (``CausalLM.encode``),
-an optional ``eval_fn(lm) -> dict`` (at the start and after every epoch) and an optional ``Run``
-(``runs.RunFolder``: files, checkpoints, resume, progress).
+snapshot's own step the ratio is exactly 1 and PSFT's gradient *is* SFT's. The loop knows no task,
+file or GPU trick: the outside reaches it through ``eval_fn`` and a ``Run`` (``runs.RunFolder``).
 """
 import math
 import time
