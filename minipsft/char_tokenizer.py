@@ -8,10 +8,8 @@ CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
 
 
 def char_tokenizer(alphabet: str, chat_template: str | None = None):
-    """A character-level Hugging Face tokenizer (built with `tokenizers`, saved and reloaded by
-    ``AutoTokenizer``): one token per character of ``alphabet`` plus ``<pad>``, ``<bos>``, ``<eos>``
-    and the ChatML markers; other characters map to ``<unk>``. ``chat_template="chatml"`` attaches a
-    ChatML template (and adds the characters of its role names to the alphabet)."""
+    """One token per character of ``alphabet``, the specials and the ChatML markers; others map to
+    ``<unk>``. ``chat_template="chatml"`` attaches ChatML (its role names join the alphabet)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 

@@ -20,17 +20,16 @@ def render(tok, messages, add_generation_prompt: bool) -> str:
 
 
 def prompt_ids(tok, prompt) -> list:
-    """Token ids of a prompt: a string (tokenised with the tokenizer's special tokens, e.g. BOS)
-    or a list of chat messages (rendered with the chat template, generation prompt appended)."""
+    """Token ids of a prompt: a string (with special tokens, e.g. BOS) or chat messages."""
     if isinstance(prompt, str):
         return tok(prompt, add_special_tokens=True)["input_ids"]
     return tok(render(tok, prompt, True), add_special_tokens=False)["input_ids"]
 
 
 def split(tok, row, all_turns: bool = False):
-    """(prompt ids, completion ids, completion mask) of one row in TRL's formats. The mask is 1
-    on the tokens trained on: the completion, or with ``all_turns`` every assistant turn of a
-    conversation (TRL's ``assistant_only_loss``)."""
+    """(prompt ids, completion ids, completion mask) of one row in TRL's formats: prompt and
+    completion strings (EOS appended) or message lists, or ``messages`` whose last assistant turn is
+    the completion (with ``all_turns``: every assistant turn, TRL's ``assistant_only_loss``)."""
     if row.get("messages") is not None and all_turns:
         return split_turns(tok, row["messages"])
     if row.get("messages") is not None:
@@ -51,8 +50,7 @@ def split(tok, row, all_turns: bool = False):
 
 
 def split_turns(tok, messages):
-    """Every assistant turn trained on: the conversation rendered turn by turn, each piece
-    tokenised on its own (as the last-turn case), assistant pieces masked 1."""
+    """Every assistant turn trained on: the conversation rendered and tokenised turn by turn."""
     pieces, done = [], ""  # (text, is_assistant) in order; `done` = text rendered so far
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
@@ -74,17 +72,9 @@ def split_turns(tok, messages):
 
 
 def encode(tok, rows, max_length: int, all_assistant_turns: bool = False) -> list:
-    """Rows -> examples ``{"input_ids": [...], "completion_mask": [...]}`` (1 on trained
-    tokens).
-
-    Formats (TRL's): ``{"prompt": str, "completion": str}`` (EOS appended to the completion),
-    ``{"messages": [...]}`` (the final assistant message is the completion, the rest the prompt,
-    via the chat template; with ``all_assistant_turns`` every assistant message is trained on,
-    as TRL's ``assistant_only_loss``), or ``{"prompt": [msgs], "completion": [msgs]}``.
-    Sequences longer than ``max_length`` lose their end; a row
-    left with no trained token is never trained on: all such rows are reported in one
-    ``DataError``.
-    """
+    """Rows in TRL's formats (``split``) -> examples ``{"input_ids", "completion_mask"}`` (1 on
+    trained tokens). Sequences longer than ``max_length`` lose their end; rows left with no trained
+    token are all reported in one ``DataError``."""
     examples, problems, cut = [], [], 0
     for i, row in enumerate(rows, start=1):
         try:
@@ -115,8 +105,7 @@ def encode(tok, rows, max_length: int, all_assistant_turns: bool = False) -> lis
 def collate(tok, examples, device) -> dict:
     """Right-pad a list of examples into tensors on the model's device."""
     T = max(len(e["input_ids"]) for e in examples)
-    pad = tok.pad_token_id
-    ids = torch.full((len(examples), T), pad, dtype=torch.long)
+    ids = torch.full((len(examples), T), tok.pad_token_id, dtype=torch.long)
     attn = torch.zeros((len(examples), T), dtype=torch.long)
     comp = torch.zeros((len(examples), T), dtype=torch.long)
     for b, e in enumerate(examples):

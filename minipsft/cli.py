@@ -1,10 +1,7 @@
-"""Command line: ``python -m minipsft train --model ID --data FILE --method psft --out DIR``.
-
-Every ``TrainConfig`` field is a flag (``eps_high`` -> ``--eps-high``) with the field's help text.
-Errors are one line naming the thing and the fix; ``--debug`` (or ``MINIPSFT_DEBUG=1``) shows the
-traceback instead. The lab's commands (reproduce, compare, across-bases, claims, reproduce-rl)
-are in ``lab/commands.py``.
-"""
+"""Command line: ``python -m minipsft train --model ID --data FILE --method psft --out DIR``; every
+``TrainConfig`` field is a flag (``eps_high`` -> ``--eps-high``). Errors are one line naming the
+thing and the fix (``--debug`` or ``MINIPSFT_DEBUG=1``: the traceback). The lab's commands
+(reproduce, compare, across-bases, claims, reproduce-rl) are in ``lab/commands.py``."""
 import argparse
 import dataclasses
 import json
@@ -27,8 +24,7 @@ from .runs import RunFolder, summarize
 from .train import NonFiniteLossError, TrainConfig, train
 
 
-# errors with a message a user can act on: one line, no traceback (OSError: missing files, a folder
-# that holds a run, permissions)
+# errors with a message a user can act on: one line, no traceback (OSError: a missing file, a run)
 EXPECTED_ERRORS = (DataError, ValueError, OSError, NonFiniteLossError)
 
 
@@ -51,9 +47,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata["help"]
         if hints[f.name] is bool:
-            on_off = " (default: on)" if f.default else " (default: off)"
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                                help=help_text + on_off)
+                                help=f"{help_text} (default: {'on' if f.default else 'off'})")
         else:
             parser.add_argument(flag, type=hints[f.name], default=f.default, help=help_text,
                                 choices=tuple(LOSSES) if f.name == "method" else None)
@@ -92,8 +87,7 @@ def _add_train(sub, options: dict) -> None:
                    help="continue from OUT/checkpoint.pt (a different --lr or --grad-clip is "
                         "allowed, e.g. lower after a NaN stop, with a warning)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace a run already in OUT (without it or --resume, such an OUT is "
-                        "refused)")
+                   help="replace a run already in OUT (refused without it or --resume)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in backward (less GPU memory, ~30%% more compute)")
     p.add_argument("--compile", action="store_true",
@@ -137,7 +131,7 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("MINIPSFT_DEBUG", "").lower() in ("1", "true", "yes")
     try:
-        run(args)
+        (_train_command if args.command == "train" else COMMANDS[args.command])(args)
     except Unfinished as stop:  # the time budget ran out: the same command finishes the folder
         again = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--overwrite"]
         print(f"stopped after {args.max_minutes:g} minutes: {stop}; the same command finishes "
@@ -147,14 +141,6 @@ def main(argv=None) -> None:
         if debug:
             raise
         sys.exit(f"error: {e}" + ("" if "\n" in str(e) else " (--debug shows the traceback)"))
-
-
-def run(args) -> None:
-    """Run the parsed command: ``train`` here, the lab's commands in ``lab.commands``."""
-    if args.command == "train":
-        _train_command(args)
-    else:
-        COMMANDS[args.command](args)
 
 
 def _train_command(args) -> None:
@@ -167,15 +153,19 @@ def _train_command(args) -> None:
     run = RunFolder(out, resume=args.resume, overwrite=args.overwrite)
     rows = load_rows(args.data)
     eval_rows = load_rows(args.eval_data) if args.eval_data else None
-    lm = _load_model(args, cfg.seed)
+    lm = CausalLM.from_pretrained(args.model, device=args.device, dtype=args.dtype,
+                                  gradient_checkpointing=args.gradient_checkpointing,
+                                  compile=args.compile)
+    if args.lora_r:
+        torch.manual_seed(cfg.seed)  # the adapter's initial weights follow --seed
+        targets = args.lora_target_modules
+        lm.add_lora(args.lora_r, args.lora_alpha, args.lora_dropout,
+                    targets[0] if targets == ["all-linear"] else targets)
     # every row is encoded before the first step: rows the model cannot train on fail fast
-    examples = lm.encode(rows, max_length=args.max_length,
-                         all_assistant_turns=args.all_assistant_turns)
-    eval_fn = None
-    if eval_rows:
-        heldout = lm.encode(eval_rows, max_length=args.max_length,
-                            all_assistant_turns=args.all_assistant_turns)
-        eval_fn = lambda lm: heldout_eval(lm, heldout)  # noqa: E731
+    kw = dict(max_length=args.max_length, all_assistant_turns=args.all_assistant_turns)
+    examples = lm.encode(rows, **kw)
+    heldout = lm.encode(eval_rows, **kw) if eval_rows else None
+    eval_fn = (lambda lm: heldout_eval(lm, heldout)) if eval_rows else None
     result = train(lm, examples, cfg, eval_fn=eval_fn, run=run)
     if args.lora_r and args.merge_lora:
         lm.save_merged(out / "merged")
@@ -186,17 +176,3 @@ def _train_command(args) -> None:
           f"{summary['tokens_per_s']:,.0f} tokens/s; {out / 'summary.json'}")
     if summary["note"]:
         print(summary["note"])
-
-
-def _load_model(args, seed: int) -> CausalLM:
-    """The model of ``--model`` on its device and dtype, with a fresh LoRA adapter (initial
-    weights from ``seed``) when ``--lora-r``."""
-    lm = CausalLM.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                  gradient_checkpointing=args.gradient_checkpointing,
-                                  compile=args.compile)
-    if args.lora_r:
-        torch.manual_seed(seed)  # the adapter's initial weights follow --seed
-        targets = args.lora_target_modules
-        lm.add_lora(args.lora_r, args.lora_alpha, args.lora_dropout,
-                    targets[0] if targets == ["all-linear"] else targets)
-    return lm

@@ -1,11 +1,6 @@
-"""Fine-tuning data files: JSONL or Parquet in TRL's formats, read with `datasets`,
-checked row by row.
-
-Formats: prompt-completion (``prompt``, ``completion``: strings, or lists of chat messages) and
-conversational (``messages``: a list of ``{"role", "content"}`` ending with the assistant's turn).
-Every problem is reported with its row number (1-based: row N is line N of a JSONL file) before
-any training starts; nothing is silently dropped.
-"""
+"""Fine-tuning data files: JSONL or Parquet in TRL's prompt-completion or conversational formats,
+checked row by row. Every problem is reported with its row number (1-based: row N is line N of a
+JSONL file) before any training starts; nothing is silently dropped."""
 import json
 from pathlib import Path
 
@@ -15,10 +10,8 @@ __all__ = ["load_rows", "read_json_rows", "check_rows", "DataError"]
 
 
 def load_rows(path) -> list:
-    """Read a ``.jsonl``/``.json`` or ``.parquet`` file into a list of dicts and check every row.
-
-    JSONL is parsed line by line, so a broken line is reported by its number with the parser's
-    reason; Parquet (and ``.json`` holding one list) is read with ``datasets``."""
+    """Read a ``.jsonl``/``.json`` or ``.parquet`` (with ``datasets``) file into a list of dicts
+    and check every row."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")

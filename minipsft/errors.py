@@ -7,8 +7,7 @@ __all__ = ["DataError", "ModelLoadError", "local_problem", "load_problem"]
 
 
 class DataError(ValueError):
-    """A row that cannot be trained on: the message names the row (1-based, like a JSONL line) and
-    why."""
+    """A row that cannot be trained on: the message names the row (1-based) and why."""
 
     @classmethod
     def listing(cls, header: str, problems: list):
@@ -30,8 +29,7 @@ def local_problem(name: str) -> str | None:
             return (f"model folder {name!r} has no config.json: not a saved model (a training run "
                     "saves its model in OUT/final/)")
         return None
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
-    if looks_local:
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:  # looks local
         return f"model folder {name!r} does not exist (check the path)"
     return None
 

@@ -1,7 +1,6 @@
-"""A speed path: the fused output head. The loss's gradient is computed in the forward pass while
-each chunk's logits exist (Liger's fused linear cross-entropy, for any loss whose terms are
-per-token functions of log pi), so no chunk of logits is kept or recomputed for backward.
-``CausalLM(fused_head=True)`` trains through it; tests prove it equal to the reference path."""
+"""A speed path, ``CausalLM(fused_head=True)``: the loss's gradient computed in the forward pass
+while each chunk's logits exist (Liger's fused linear cross-entropy, for any loss whose terms are
+per-token functions of log pi); no logits are kept or recomputed for backward."""
 import functools
 
 import torch
@@ -35,15 +34,8 @@ def _compiled_fused(backend: str):
 
 
 class _FusedHeadLoss(torch.autograd.Function):
-    """The token-mean loss of per-token terms of log pi, through the output head, chunk by chunk.
-
-    Like Liger's fused linear cross-entropy, each chunk's gradient is computed in the forward pass
-    while the chunk's logits exist (one vocabulary matmul forward, two for the gradients: no
-    recomputation, and never more than one chunk of logits alive). Backward only scales the stored
-    gradients. Works for any loss whose terms are per-token functions of log pi (SFT, PSFT, DFT,
-    SFT+KL): ``terms(logp_chunk, cols)`` returns the chunk's per-token terms, ``cols`` the slice of
-    target positions it covers.
-    """
+    """Per chunk: one vocabulary matmul forward and two for the gradients, one chunk of logits alive
+    at a time; backward only scales the stored gradients."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, mask, terms, step, with_entropy, backend):
@@ -92,14 +84,10 @@ class _FusedHeadLoss(torch.autograd.Function):
 
 def fused_head_loss(model, input_ids, attention_mask, loss_mask, terms, with_entropy: bool = False,
                     chunk_elements: int | None = None, compile: str | None = None):
-    """``(loss, logp, entropy)`` with ``loss = sum_t mask_t * terms(logp)_t / sum_t mask_t`` and its
-    gradient computed while each chunk's logits exist (see ``_FusedHeadLoss``).
-
-    ``logp`` and ``entropy`` are what ``token_logprobs`` returns (no gradient); ``terms(logp_chunk,
-    cols)`` gives the per-token loss terms of the target positions ``cols`` (position t + 1 of
-    ``input_ids``). For models whose output head is not a plain linear map (soft-capped or scaled
-    logits) it falls back to ``token_logprobs`` and ordinary autograd.
-    """
+    """``(loss, logp, entropy)``: ``loss = sum_t mask_t * terms(logp)_t / sum_t mask_t``, its
+    gradient computed while each chunk's logits exist; ``logp`` and ``entropy`` as
+    ``token_logprobs`` gives them (no gradient). A head that is not a plain linear map (scaled or
+    capped logits) falls back to ``token_logprobs`` and ordinary autograd."""
     mask = loss_mask[:, 1:].to(torch.float32)
     head = fast_head(model)
     if not isinstance(head, torch.nn.Linear) or head.bias is not None:  # decided before a forward

@@ -1,6 +1,5 @@
-"""Per-token log-probs and entropies from any causal LM, the plain way: the model's own logits,
-a log-softmax, the target's entry. This is the reference every speed path (speed.py, fused.py)
-is tested against."""
+"""Per-token log-probs and entropies from any causal LM, the plain way: the reference every speed
+path (speed.py, fused.py) is tested against."""
 import torch
 
 __all__ = ["token_logprobs", "heldout_eval"]

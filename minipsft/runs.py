@@ -1,11 +1,7 @@
-"""Run plumbing, beside the loop: a run's folder (config, history, evaluations, checkpoints, the
-final model), resuming from it exactly, a progress bar and the run's summary. The loop reaches it
-through ``train.Run``'s hooks.
-
-A checkpoint is data, not code: ``checkpoint.pt`` holds tensors and plain values only (the run's
-position, history and settings as JSON text) and is loaded with ``weights_only=True``, so a file
-copied from elsewhere cannot run code on ``--resume``.
-"""
+"""Run plumbing, reached through ``train.Run``'s hooks: a run's folder, resuming from it exactly,
+a progress bar and the run's summary. A checkpoint is data, not code: tensors and plain values (the
+position, history and settings as JSON text) loaded with ``weights_only=True``, so a file copied
+from elsewhere cannot run code on ``--resume``."""
 import json
 import os
 import random
@@ -20,8 +16,8 @@ from tqdm.auto import tqdm
 from .losses import LOSSES
 from .train import NonFiniteLossError, Run, TrainConfig, TrainState
 
-__all__ = ["Progress", "RunFolder", "check_run_folder", "load_checkpoint", "summarize",
-           "clear_run", "RUN_FILES", "RESUME_CHANGEABLE"]
+__all__ = ["Progress", "RunFolder", "load_checkpoint", "summarize", "RUN_FILES",
+           "RESUME_CHANGEABLE"]
 
 # what a run writes into its output folder (what --overwrite removes)
 RUN_FILES = ("history.jsonl", "evals.jsonl", "config.json", "checkpoint.pt", "checkpoint.tmp",
@@ -33,31 +29,8 @@ RESUME_FREE = {"progress", "eval_every", "checkpoint_every"}
 RESUME_CHANGEABLE = ("lr", "grad_clip")
 
 
-def check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse a folder that holds a run unless ``resume`` or ``overwrite`` (before a model is
-    loaded: a download can take minutes)."""
-    if resume and overwrite:
-        raise ValueError("resume and overwrite exclude each other: continue the run or replace it")
-    if any((out / f).exists() for f in RUN_FILES) and not (resume or overwrite):
-        raise FileExistsError(f"{out} already holds a run: add --resume to continue it or "
-                              "--overwrite to replace it (resume=True / overwrite=True)")
-    if resume and not (out / "checkpoint.pt").is_file():
-        raise FileNotFoundError(f"resume: there is no checkpoint at {out / 'checkpoint.pt'}")
-
-
-def clear_run(out: Path) -> None:
-    """Remove a run's files, so that nothing of an old run survives into a new one."""
-    for name in RUN_FILES:
-        target = out / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-
-
 class Progress(Run):
-    """A tqdm bar over the run's optimizer steps (``TrainConfig.progress``), with the last step's
-    loss, entropy and clip fraction."""
+    """A tqdm bar over the optimizer steps, with the last step's loss, entropy and clip fraction."""
     bar = None
 
     def start(self, lm, cfg: TrainConfig, state: TrainState) -> bool:
@@ -77,21 +50,31 @@ class Progress(Run):
 
 class RunFolder(Progress):
     """A run kept in ``out``: ``config.json``, ``history.jsonl`` (a line per step, as it goes),
-    ``evals.jsonl``, ``checkpoint.pt`` (after every epoch and every ``checkpoint_every`` batches)
-    and ``final/`` (``save_pretrained``). ``resume=True`` continues from the checkpoint and gives
-    the uninterrupted run's result (another ``lr`` or ``grad_clip`` is allowed with a warning); a
-    folder that holds a run is refused unless ``resume`` or ``overwrite``."""
+    ``evals.jsonl``, ``checkpoint.pt`` (every epoch and every ``checkpoint_every`` batches) and
+    ``final/``. ``resume=True`` gives the uninterrupted run's result (see ``restore``)."""
 
     def __init__(self, out, resume: bool = False, overwrite: bool = False):
+        # checked here, before a model is loaded: a download can take minutes
         self.out, self.resume, self.overwrite = Path(out), resume, overwrite
-        check_run_folder(self.out, resume, overwrite)
         self.checkpoint = self.out / "checkpoint.pt"
         self.cfg, self.log = None, None
+        if resume and overwrite:
+            raise ValueError("resume and overwrite exclude each other: continue the run or "
+                             "replace it")
+        if any((self.out / f).exists() for f in RUN_FILES) and not (resume or overwrite):
+            raise FileExistsError(f"{self.out} already holds a run: add --resume to continue it or "
+                                  "--overwrite to replace it (resume=True / overwrite=True)")
+        if resume and not self.checkpoint.is_file():
+            raise FileNotFoundError(f"resume: there is no checkpoint at {self.checkpoint}")
 
     def start(self, lm, cfg: TrainConfig, state: TrainState) -> bool:
         self.cfg = cfg
-        if self.overwrite:
-            clear_run(self.out)
+        if self.overwrite:  # nothing of an old run survives into the new one
+            for target in (self.out / name for name in RUN_FILES):
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
         if self.resume:
             restore(load_checkpoint(self.checkpoint, lm.device), lm, cfg, state)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -131,31 +114,24 @@ def partly_frozen(model) -> bool:
     return not all(p.requires_grad for p in model.parameters())
 
 
-def model_state(model) -> dict:
-    """What a checkpoint keeps of the model: every tensor, or only the trainable ones when part
-    of the model is frozen (LoRA: the adapter, not a second copy of the base)."""
-    if not partly_frozen(model):
-        return model.state_dict()
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def save_checkpoint(path: Path, lm, cfg: TrainConfig, state: TrainState) -> None:
-    """Tensors and plain values only; written to a temporary file, then renamed (atomic: a crash
-    mid-save never leaves a broken checkpoint)."""
+    """Written to a temporary file, then renamed: a crash mid-save never leaves a broken one."""
     plain = {"epoch": state.epoch, "batch": state.batch, "step": state.step,
              "history": state.history, "evals": state.evals, "config": asdict(cfg),
              "python_rng": random.getstate()}
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    model = lm.model  # partly frozen (LoRA): the adapter only, not a second copy of the base
+    weights = ({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+               if partly_frozen(model) else model.state_dict())
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": model_state(lm.model), "optimizer": state.optimizer.state_dict(),
+    torch.save({"model": weights, "optimizer": state.optimizer.state_dict(),
                 "scheduler": state.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
                 "cuda_rng": cuda, "state": json.dumps(plain)}, tmp)
     os.replace(tmp, path)
 
 
 def load_checkpoint(path: Path, device) -> dict:
-    """A checkpoint's contents, its plain part parsed (``state``); refused, with the reason, when
-    the file holds anything but tensors and plain values."""
+    """A checkpoint's contents, its plain part parsed; refused unless tensors and plain values."""
     try:
         ck = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # pickle.UnpicklingError and whatever a crafted file raises
@@ -169,7 +145,8 @@ def load_checkpoint(path: Path, device) -> dict:
 
 
 def restore(ck: dict, lm, cfg: TrainConfig, state: TrainState) -> None:
-    """Put a checkpoint's weights, optimizer, schedule, RNG and position into ``state``."""
+    """Put a checkpoint's weights, optimizer, schedule, RNG and position into ``state``; another
+    ``lr`` or ``grad_clip`` (RESUME_CHANGEABLE) is allowed with a warning."""
     saved = ck["state"]
     diff = {k for k in saved["config"] if saved["config"][k] != getattr(cfg, k)} - RESUME_FREE
     refused = sorted(diff - set(RESUME_CHANGEABLE))
@@ -203,9 +180,7 @@ def restore(ck: dict, lm, cfg: TrainConfig, state: TrainState) -> None:
 
 
 def summarize(history: list, cfg: TrainConfig) -> dict:
-    """Run-level figures of a training history: final loss and NLL, mean tokens/s and, over the
-    PSFT steps, the mean clip fraction, the steps with any clipping and the largest ratio.
-    ``note`` says in words what a reader should know (e.g. that PSFT never clipped)."""
+    """Run-level figures of a history and a ``note`` in words (e.g. that PSFT never clipped)."""
     psft = [r for r in history if LOSSES[r["method"]].snapshot]  # the clipped ones
     clipped = [r for r in psft if r["clipfrac"] > 0]
     last = history[-1]
@@ -218,9 +193,8 @@ def summarize(history: list, cfg: TrainConfig) -> dict:
     if psft and not clipped:
         out["note"] = (f"PSFT never clipped: the ratio never exceeded 1 + eps_high = "
                        f"{1 + cfg.eps_high:.2f} (largest {out['max_ratio']:.4f}), so at this lr "
-                       "and data size PSFT behaved nearly as SFT (each token's gradient "
-                       "weighted by a ratio near 1); raise the lr or the steps per snapshot "
-                       "(batch_size / minibatch_size)")
+                       "and data size PSFT behaved nearly as SFT (every ratio near 1); raise the "
+                       "lr or the steps per snapshot (batch_size / minibatch_size)")
     elif psft:
         out["note"] = (f"PSFT clipped on {len(clipped)} of {len(psft)} steps (mean clip fraction "
                        f"{out['mean_clipfrac']:.4f}). Its loss is -mean(clipped ratio), near -1 by "

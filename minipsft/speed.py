@@ -1,13 +1,6 @@
-"""The speed paths: the same log-probs as ``logprobs.token_logprobs``, faster or leaner.
-
-* log-probs from the decoder's hidden states, chunk by chunk through the output head, so that no
-  full [B, T, V] logits tensor is ever built (real vocabularies are 150k wide); each chunk's
-  logits kept for backward or recomputed (``keep_logits``), and compiled (``compile``);
-* the architecture logit scales (Cohere, Granite, Falcon-H1, Gemma-2's soft cap), checked once per
-  model against its own logits; a model whose head does something else falls back to its logits.
-The fused output head (gradients in the forward pass) is in ``fused.py``. ``CausalLM(speed=True)``
-turns these on; tests/test_speed.py proves them equal to the reference path.
-"""
+"""The speed paths: ``logprobs.token_logprobs``'s log-probs from the decoder's hidden states, chunk
+by chunk through the output head, so that no full [B, T, V] logits tensor is ever built (real
+vocabularies are 150k wide). ``CausalLM(speed=True)``; tests/test_speed.py proves them equal."""
 import functools
 import weakref
 
@@ -19,9 +12,8 @@ from . import logprobs
 __all__ = ["token_logprobs", "compile_layers", "fast_head", "logit_scale", "ScaledHead",
            "decoder_hidden", "CHUNK_ELEMENTS", "CHUNK_ELEMENTS_GPU"]
 
-# Elements of one [rows, positions, vocab] float32 logits chunk: 2**25 floats (128 MiB) on CPU;
-# 2**28 (1 GiB) on GPU, where small chunks leave the vocabulary projection's matmuls too thin to be
-# fast.
+# Elements of one [rows, positions, vocab] float32 logits chunk: 2**25 (128 MiB) on CPU; 2**28
+# (1 GiB) on GPU, where small chunks leave the vocabulary projection's matmuls too thin to be fast.
 CHUNK_ELEMENTS = 2**25
 CHUNK_ELEMENTS_GPU = 2**28
 
@@ -46,10 +38,8 @@ def compiled_chunk_logprobs(backend: str):
 
 
 def logit_scale(config) -> float:
-    """The factor a model multiplies its output head's logits by, read from its config the way
-    TRL's trainers read it: Cohere's ``logit_scale``, ``output_multiplier``, Falcon-H1's
-    ``lm_head_multiplier``; Granite and MiniCPM3 divide by ``logits_scaling`` (HyperCLOVA X
-    multiplies). 1.0 when none is set."""
+    """The factor a model multiplies its head's logits by, read from its config as TRL reads it
+    (Granite and MiniCPM3 divide by ``logits_scaling``; HyperCLOVA X multiplies); 1.0 if none."""
     for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
         value = getattr(config, name, None)
         if value is not None:
@@ -61,9 +51,8 @@ def logit_scale(config) -> float:
 
 
 class ScaledHead(torch.nn.Module):
-    """An output head as such models apply it: the linear map, times a scale (divided by
-    ``1 / scale`` where the model divides, as Granite does: the same rounding in bf16), then a soft
-    cap (Gemma-2's ``final_logit_softcapping``: ``cap * tanh(logits / cap)``)."""
+    """A head as such models apply it: the linear map, times a scale (divided by ``1 / scale``
+    where the model divides: the same bf16 rounding), then Gemma-2's soft cap."""
 
     def __init__(self, linear: torch.nn.Linear, scale: float = 1.0, softcap: float | None = None,
                  divide: bool = False):
@@ -87,12 +76,9 @@ _FAST_HEADS = weakref.WeakKeyDictionary()
 
 
 def fast_head(model):
-    """The output head that turns the decoder's last hidden states into exactly the model's own
-    logits (a plain ``nn.Linear``, or a ``ScaledHead`` for models that scale or cap logits), or
-    None when none does; then log-probs come from the model's own (full) logits.
-
-    Checked once per model on a short input against ``model(...).logits``, so an architecture
-    that does something else to its logits (a hidden-state scale, say) is caught, not trusted."""
+    """The head (``nn.Linear`` or ``ScaledHead``) that turns the decoder's last hidden states into
+    exactly the model's own logits, or None: checked once per model against ``model(...).logits``,
+    so an architecture that does something else (a hidden-state scale, say) is caught."""
     if model in _FAST_HEADS:
         return _FAST_HEADS[model]
     head = None
@@ -130,27 +116,14 @@ def decoder_hidden(model, input_ids, attention_mask):
                                use_cache=False).last_hidden_state
 
 
-def _logits_fit(hidden, elements: int) -> bool:
-    """Whether keeping ``elements`` float32 logits for backward takes under half of the free GPU
-    memory."""
-    if not hidden.is_cuda:
-        # CPU runs are small and their memory is shared with everything else: stay lean
-        return False
-    free, _ = torch.cuda.mem_get_info(hidden.device)
-    return 4 * elements < free // 2
-
-
 def token_logprobs(model, input_ids, attention_mask, with_entropy: bool = False,
                    chunk_elements: int | None = None, keep_logits: bool | None = None,
                    compile: str | None = None):
-    """``logprobs.token_logprobs``'s log-probs and entropies, the vocabulary projection run from
-    the hidden states in chunks of positions (the reference path itself for a model no
-    ``fast_head`` reproduces). With gradients on, what backward needs of each chunk's logits is
-    either kept (``keep_logits=True``) or recomputed in backward by activation checkpointing
-    (``False``: at most one chunk of logits is alive at a time, for one more vocabulary matmul per
-    chunk). ``None`` keeps them on a GPU whose free memory holds them twice over, else recomputes.
-    ``compile``: a torch.compile backend for the chunks (log-softmax, gather and entropy fused).
-    """
+    """``logprobs.token_logprobs``'s result, the head run on the hidden states in chunks of
+    positions (the reference path for a model with no ``fast_head``). With gradients on, each
+    chunk's logits are kept for backward (``keep_logits=True``) or recomputed there (``False``: one
+    chunk alive at a time, for one more vocabulary matmul); ``None`` keeps them on a GPU whose free
+    memory holds them twice over. ``compile``: a torch.compile backend for the chunks."""
     head = fast_head(model)
     if head is None:
         return logprobs.token_logprobs(model, input_ids, attention_mask, with_entropy)
@@ -161,15 +134,15 @@ def token_logprobs(model, input_ids, attention_mask, with_entropy: bool = False,
     B, T1 = targets.shape
     vocab = head.out_features
     step = max(1, chunk_elements // max(1, B * vocab))
-    recompute = torch.is_grad_enabled() and T1 > step and not (
-        keep_logits if keep_logits is not None else _logits_fit(hidden, B * T1 * vocab))
-    logps, ents = [], []
+    if keep_logits is None and torch.is_grad_enabled():  # under half the free GPU memory; CPU: lean
+        keep_logits = hidden.is_cuda and (4 * B * T1 * vocab
+                                          < torch.cuda.mem_get_info(hidden.device)[0] // 2)
+    recompute = torch.is_grad_enabled() and T1 > step and not keep_logits
     chunk_fn = compiled_chunk_logprobs(compile) if compile else chunk_logprobs
-    for s in range(0, T1, step):
-        args = (hidden[:, s:s + step], targets[:, s:s + step], head, with_entropy)
-        lp, ent = checkpoint(chunk_fn, *args, use_reentrant=False) if recompute else chunk_fn(*args)
-        logps.append(lp)
-        ents.append(ent)
+    if recompute:  # backward recomputes each chunk's logits (activation checkpointing)
+        chunk_fn = functools.partial(checkpoint, chunk_fn, use_reentrant=False)
+    logps, ents = zip(*[chunk_fn(hidden[:, s:s + step], targets[:, s:s + step], head, with_entropy)
+                        for s in range(0, T1, step)])
     keep = attention_mask[:, 1:].bool()
     zero = hidden.new_zeros(B, 1, dtype=torch.float32)
     logp = torch.cat([zero, torch.cat(logps, 1).masked_fill(~keep, 0.0)], 1)
@@ -179,8 +152,7 @@ def token_logprobs(model, input_ids, attention_mask, with_entropy: bool = False,
 
 
 def compile_layers(model, backend: str) -> None:
-    """"Regional" compilation: torch.compile each decoder layer in place. The layers share one
-    code object, so one graph is compiled and reused by all of them: seconds, where compiling the
-    whole model took minutes."""
+    """torch.compile each decoder layer in place: the layers share one code object, so one graph
+    serves them all (seconds, where compiling the whole model took minutes)."""
     for layer in model.get_decoder().layers:
         layer.compile(backend=backend, dynamic=True)

@@ -1,16 +1,12 @@
 """One training loop for every loss in ``losses.LOSSES``, with the official ``pi_old`` schedule.
 
-Schedule (as in the official verl recipe): the data are shuffled once per epoch (the order depends
-only on ``seed`` and the epoch, so every method sees the same sequence of demonstrations) and cut
-into batches of ``batch_size``. For PSFT, the current weights are frozen as ``pi_old`` at the start
-of each batch and its log-probs computed under no grad; then the batch is cut into minibatches of
-``minibatch_size`` and the model takes one optimizer step per minibatch. So ``pi_old`` is refreshed
-every ``batch_size / minibatch_size`` steps. With one step per snapshot the ratio is exactly 1 at
-that step and PSFT's gradient *is* SFT's: the clip only acts from the second minibatch on.
-
-The loop knows no task, no file and no GPU trick. It takes encoded examples (``CausalLM.encode``),
-an optional ``eval_fn(lm) -> dict`` (called at the start and after every epoch) and an optional
-``Run``, its window to the outside (``runs.RunFolder``: files, checkpoints, resume, progress).
+Schedule (the official verl recipe): the data are shuffled once per epoch (the order depends only
+on ``seed`` and the epoch: every method sees the same demonstrations) and cut into batches of
+``batch_size``. For PSFT, the weights at the start of each batch are frozen as ``pi_old`` (its
+log-probs computed under no grad); the batch is cut into minibatches of ``minibatch_size``, one
+optimizer step each, so ``pi_old`` is refreshed every ``batch_size / minibatch_size`` steps. At a
+snapshot's own step the ratio is exactly 1 and PSFT's gradient *is* SFT's. The loop knows no task,
+file or GPU trick: the outside reaches it through ``eval_fn`` and a ``Run`` (``runs.RunFolder``).
 """
 import math
 import time
@@ -35,29 +31,23 @@ def setting(default, help: str):
 
 @dataclass
 class TrainConfig:
-    """Every setting of a fine-tuning run. The help text of each field is also its ``--help``
-    line."""
+    """Every setting of a fine-tuning run; each field's help text is also its ``--help`` line."""
     method: str = setting("psft", f"loss: {' | '.join(LOSSES)} (losses.LOSSES; one loop, one data "
                                   "order: only the loss differs)")
     epochs: int = setting(4, "passes over the data set")
-    lr: float = setting(1e-5, "peak AdamW learning rate (official: PSFT 1e-6, their SFT baseline "
-                              "2e-5)")
+    lr: float = setting(1e-5, "peak AdamW learning rate (official: PSFT 1e-6, SFT baseline 2e-5)")
     batch_size: int = setting(256, "demonstrations per pi_old snapshot (official 256); log pi_old "
                                    "is computed once per batch")
-    minibatch_size: int = setting(32, "demonstrations per optimizer step (official 32): "
-                                      "batch_size/minibatch_size "
-                                 "steps per snapshot; equal to batch_size, PSFT is exactly SFT")
-    micro_batch_size: int = setting(0, "demonstrations per forward/backward within a minibatch, "
-                                       "gradients accumulated "
-                                  "(saves memory, same result); 0 = the whole minibatch at once")
+    minibatch_size: int = setting(32, "demonstrations per optimizer step (official 32): batch_size/"
+                                      "minibatch_size steps per snapshot (1: PSFT is exactly SFT)")
+    micro_batch_size: int = setting(0, "demonstrations per forward/backward, gradients accumulated "
+                                       "(less memory, same result); 0 = the whole minibatch")
     eps_low: float = setting(0.2, "lower clip, ratio >= 1-eps_low (never acts when the advantage "
                                   "is positive)")
     eps_high: float = setting(0.28, "upper clip, ratio <= 1+eps_high (DAPO's clip-higher, as the "
-                                    "official code); "
-                               "a huge value turns the clip off")
+                                    "official code); a huge value turns the clip off")
     refresh_pi_old: bool = setting(True, "refresh pi_old at every batch; off anchors pi_old to the "
-                                         "starting model "
-                                    "(the paper's 'no update' ablation)")
+                                         "starting model (the paper's 'no update' ablation)")
     sft_warmup_steps: int = setting(0, "plain-SFT optimizer steps before PSFT starts")
     length_bucketing: bool = setting(False, "within each batch, group demonstrations of similar "
                                             "length into the same minibatch (less padding; same "
@@ -66,9 +56,8 @@ class TrainConfig:
     weight_decay: float = setting(0.1, "AdamW weight decay")
     grad_clip: float = setting(1.0, "clip the global gradient norm to this (0 = off)")
     lr_warmup_steps: int = setting(0, "linear learning-rate warm-up, in optimizer steps")
-    lr_warmup_batches: int = setting(0, "linear lr warm-up counted in batches, as the official "
-                                        "verl recipe: batch b < N trains at lr * b / N (the "
-                                        "first at 0)")
+    lr_warmup_batches: int = setting(0, "linear lr warm-up in batches (the official verl recipe): "
+                                        "batch b < N trains at lr * b / N (the first at 0)")
     loss_aggregation: str = setting("token_mean", "token_mean: every completion token of a "
                                      "minibatch weighs the same (TRL's DAPO/BNPO); "
                                      "seq_mean_token_mean: every demonstration's token-mean weighs "
@@ -79,8 +68,7 @@ class TrainConfig:
     eval_every: int = setting(0, "also evaluate every N optimizer steps (always: at the start and "
                                  "after each epoch)")
     checkpoint_every: int = setting(0, "with an output folder, save a resumable checkpoint every N "
-                                       "batches "
-                                  "(always after each epoch)")
+                                       "batches (always after each epoch)")
     progress: bool = setting(True, "show a tqdm progress bar (runs.Progress or runs.RunFolder)")
 
     def check(self) -> None:
@@ -127,8 +115,7 @@ class TrainState:
 
 
 class Run:
-    """The loop's window to the outside world. This one does nothing; ``runs.RunFolder`` writes a
-    folder (history, checkpoints, the final model) and can resume from it."""
+    """The loop's window to the outside; this one does nothing (``runs.RunFolder``: a folder)."""
 
     def start(self, lm, cfg, state: TrainState) -> bool:
         """Before the first step; True when it restored ``state`` (a resume)."""
@@ -222,13 +209,10 @@ def merge_metrics(parts: list) -> dict:
 
 def train(lm, examples: list, cfg: TrainConfig, *, eval_fn=None, on_step=None, token_hook=None,
           run: Run | None = None) -> dict:
-    """Fine-tune ``lm`` in place on encoded ``examples``; return ``{"history", "evals"}``.
-
-    ``history`` has one record per optimizer step (``loss``, ``nll``, ``entropy``, ``clipfrac``,
-    ratio stats, ``approx_kl``, ``grad_norm``, ``lr``, ``tokens_per_s``, ...); ``evals`` one per
-    evaluation. ``on_step(record)`` is called after every step; ``token_hook(micro_batch, logp,
-    logp_old)`` on every snapshot loss's forward (e.g. which tokens the clip stops).
-    """
+    """Fine-tune ``lm`` in place on encoded ``examples``; return ``{"history", "evals"}``: a record
+    per optimizer step (loss, nll, entropy, clipfrac, ratio stats, grad_norm, lr, ...) and one per
+    evaluation. ``on_step(record)`` runs after every step; ``token_hook(micro_batch, logp,
+    logp_old)`` on every snapshot loss's forward (e.g. which tokens the clip stops)."""
     cfg.check()
     if not examples:
         raise ValueError("no training examples")
@@ -250,7 +234,6 @@ def train(lm, examples: list, cfg: TrainConfig, *, eval_fn=None, on_step=None, t
         if cfg.eval_every and state.step % cfg.eval_every == 0:
             evaluate(lm, eval_fn, state, state.step / state.steps_per_epoch)
 
-    error = None
     try:
         while state.epoch < cfg.epochs:
             batches = epoch_batches(len(examples), cfg, state.epoch)
@@ -266,10 +249,9 @@ def train(lm, examples: list, cfg: TrainConfig, *, eval_fn=None, on_step=None, t
                 evaluate(lm, eval_fn, state, state.epoch)
             run.on_batch_end(lm, state)
     except BaseException as e:
-        error = e
+        run.on_stop(lm, state, e)
         raise
-    finally:
-        run.on_stop(lm, state, error)
+    run.on_stop(lm, state, None)
     return {"history": state.history, "evals": state.evals}
 
 

@@ -1,49 +1,25 @@
-"""PSFT inside TRL's ``SFTTrainer``: for multi-GPU runs on accelerate, DeepSpeed or FSDP.
-
-``pip install "minipsft[trl]"``; importing ``minipsft`` itself never imports TRL.
-
-    from minipsft.trl_trainer import PSFTConfig, PSFTTrainer
-    args = PSFTConfig(output_dir="out", per_device_train_batch_size=4,
-                      gradient_accumulation_steps=8, learning_rate=1e-6, eps_low=0.2, eps_high=0.28,
-                      refresh_steps=8)
-    PSFTTrainer(model="Qwen/Qwen2.5-0.5B-Instruct", args=args, train_dataset=dataset).train()
-
-Everything TRL does is kept (data formats, chat templates, completion-only masks, packing off,
-logging, checkpoints, accelerate/DeepSpeed/FSDP); only the training loss changes. The loss is
-the registry's ``LOSSES["psft"]`` (``minipsft.losses.psft_loss``) on the completion tokens TRL
-already masks (labels != -100), normalised like TRL's own loss (summed over tokens, divided by the
-tokens of the whole optimizer step across devices), so with ``refresh_steps=1`` it is exactly
+"""PSFT inside TRL's ``SFTTrainer``, for multi-GPU runs (usage, the official recipe's settings and
+what is checked: docs/trl-and-scaling.md). Only the training loss changes: ``LOSSES["psft"]`` on
+the completion tokens TRL masks, normalised as TRL's own loss, so ``refresh_steps=1`` is exactly
 TRL's ``loss_type="nll"``.
 
-**pi_old without a copy.** As in the official recipe (and TRL's GRPOTrainer, which buffers its
-generation batches), pi_old is a set of stored log-probs, not a model. At every optimizer step whose
-number is a multiple of ``refresh_steps`` (and at the first PSFT step), the trainer fetches the
-micro-batches of the coming steps up to the next refresh (within the epoch) and scores the ones
-after the current step once with the current weights (no grad, dropout off); each step then
-compares its log-probs with those. The current step's own forward is its log pi_old (ratio 1).
-``global_step`` does not move during gradient accumulation, so accumulation never changes which
-weights count as pi_old. PEFT models (``peft_config=...``) work the same way: only the adapter
-trains.
-
-**Cost.** Memory: the stored log-probs ([rows, tokens] floats for ``refresh_steps`` optimizer
-steps) and the buffered micro-batches; no second set of weights. Time: one no-grad forward per
-micro-batch of the ``refresh_steps - 1`` steps of each window after its first, as before, done
-together at the refresh.
-
-Settings mapped to the official recipe (batch 256, minibatch 32, eps 0.2/0.28, lr 1e-6): make
-``per_device_train_batch_size x gradient_accumulation_steps x num_processes = 32`` (the minibatch)
-and ``refresh_steps = 256 / 32 = 8``. Note that TRL counts ``refresh_steps`` in optimizer steps over
-the whole run, while minipsft's loop restarts its batches at each epoch: both agree when the data
-set size is a multiple of the batch (a window cut by an epoch's end refreshes at the next epoch's
-first step). Resuming from a checkpoint refreshes pi_old at the first step after the resume; save
-checkpoints at multiples of ``refresh_steps`` for an exact resume.
+pi_old is stored log-probs, not a model: at every ``refresh_steps``-th optimizer step (and the
+first PSFT step) the trainer fetches the micro-batches of the coming steps up to the next refresh
+(within the epoch) and scores those after the current step with the current weights (no grad,
+dropout off); the current step's own forward is its log pi_old (ratio 1). ``global_step`` does not
+move during gradient accumulation, so accumulation never changes which weights are pi_old. TRL
+counts ``refresh_steps`` over the whole run where minipsft's loop restarts its batches each epoch:
+both agree when the data set is a multiple of the batch (a window cut by an epoch's end refreshes
+at the next epoch's first step). A resume refreshes pi_old at its first step: save checkpoints at
+multiples of ``refresh_steps`` for an exact resume.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from trl import SFTConfig, SFTTrainer
 
 from .losses import LOSSES
+from .train import setting
 
 __all__ = ["PSFTConfig", "PSFTTrainer"]
 
@@ -51,16 +27,12 @@ __all__ = ["PSFTConfig", "PSFTTrainer"]
 @dataclass
 class PSFTConfig(SFTConfig):
     """``SFTConfig`` plus PSFT's settings."""
-    eps_low: float = field(default=0.2, metadata={
-        "help": "lower clip of the ratio (never acts with PSFT's A = 1)"})
-    eps_high: float = field(default=0.28, metadata={
-        "help": "upper clip: tokens whose ratio passed 1 + eps_high get no gradient "
-                "(official 0.28)"})
-    refresh_steps: int = field(default=8, metadata={
-        "help": "optimizer steps per pi_old snapshot (official batch 256 / minibatch 32 = 8); 1 is "
-                "exactly SFT"})
-    sft_warmup_steps: int = field(default=0, metadata={
-        "help": "plain-SFT optimizer steps before PSFT starts"})
+    eps_low: float = setting(0.2, "lower clip of the ratio (never acts with PSFT's A = 1)")
+    eps_high: float = setting(0.28, "upper clip: tokens whose ratio passed 1 + eps_high get no "
+                                    "gradient (official 0.28)")
+    refresh_steps: int = setting(8, "optimizer steps per pi_old snapshot (official batch 256 / "
+                                    "minibatch 32 = 8); 1 is exactly SFT")
+    sft_warmup_steps: int = setting(0, "plain-SFT optimizer steps before PSFT starts")
 
     def __post_init__(self):
         super().__post_init__()
@@ -77,9 +49,8 @@ class PSFTConfig(SFTConfig):
 
 
 class PSFTTrainer(SFTTrainer):
-    """TRL's ``SFTTrainer`` with the PSFT loss against pi_old log-probs stored every
-    ``refresh_steps`` optimizer steps (see the module docstring). Logs ``clipfrac``,
-    ``ratio_mean``, ``ratio_max``, ``approx_kl`` and ``entropy`` through the Trainer's logging."""
+    """TRL's ``SFTTrainer`` with the PSFT loss; logs ``clipfrac``, ``ratio_mean``, ``ratio_max``,
+    ``approx_kl`` and ``entropy`` through the Trainer's logging."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
