@@ -25,8 +25,9 @@ def chunk_logprobs(hidden, targets, head, with_entropy: bool):
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz
     if not with_entropy:
         return logp, None
-    with torch.no_grad():  # entropy is a diagnostic: H = log Z - sum_v p_v * logit_v
-        entropy = logz - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    with torch.no_grad():  # a diagnostic: H = -sum_v p_v log p_v (log Z - E[logit] would lose
+        log_p = logits - logz.unsqueeze(-1)  # ~1e-3 nats to float32 when logits reach ~40)
+        entropy = -(log_p.exp() * log_p).sum(-1)
     return logp, entropy
 
 
