@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from minipsft.lab.reports import across_bases, paired_difference
+from minipsft.lab.reports import across_bases, paired_difference, sign
 
 
 def _matched(ood: dict, level=0.8) -> dict:
@@ -11,14 +11,15 @@ def _matched(ood: dict, level=0.8) -> dict:
                                          "ood_acc": v} for a, v in ood.items()}}
 
 
-def test_paired_difference_is_the_seed_paired_mean_with_a_two_standard_error_rule():
+def test_paired_difference_is_the_seed_paired_mean_with_its_t_interval():
     m = _matched({"psft": [0.6, 0.7, 0.8], "sft": [0.5, 0.5, 0.6], "sft_paper": [0.6, 0.7, 0.8]})
     d = paired_difference(m, "psft", "sft")
     assert d["diff"] == pytest.approx(0.5 / 3) and d["seeds"] == 3
-    assert d["se"] == pytest.approx(0.057735 / 3 ** 0.5)  # std of [0.1, 0.2, 0.2] / sqrt(3)
+    half = 4.302653 * 0.057735 / 3 ** 0.5  # t(0.975, 2) x std of [0.1, 0.2, 0.2] / sqrt(3)
+    assert (d["lo"], d["hi"]) == pytest.approx((0.5 / 3 - half, 0.5 / 3 + half), rel=1e-5)
     assert d["sign"] == "+"
     assert paired_difference(m, "psft", "sft_paper")["sign"] == "="
-    near = _matched({"psft": [0.6, 0.6, 0.6], "sft": [0.5, 0.6, 0.55]})  # mean 0.05 < 2 x 0.029
+    near = _matched({"psft": [0.6, 0.6, 0.6], "sft": [0.5, 0.6, 0.55]})  # 0.05 < 4.30 x 0.029
     assert paired_difference(near, "psft", "sft")["sign"] == "="
     short = _matched({"psft": [0.6, 0.7, 0.8], "sft": [0.5, 0.5]})  # sft missed a seed
     assert paired_difference(short, "psft", "sft") is None
@@ -64,7 +65,8 @@ def test_the_committed_claims_table_is_what_the_code_computes_from_the_results()
 def test_sign_rule_known_values():
     from minipsft.lab.reports import sign
 
-    assert sign([0.1, 0.2, 0.3])["sign"] == "+" and sign([-0.1, -0.2, -0.3])["sign"] == "-"
+    assert sign([0.1, 0.15, 0.2])["sign"] == "+" and sign([-0.1, -0.15, -0.2])["sign"] == "-"
+    assert sign([0.1, 0.2, 0.3])["sign"] == "="  # 2 x 4.30 standard errors wide: [-0.05, +0.45]
     assert sign([0.1, -0.1, 0.05])["sign"] == "="
     assert sign([0.4])["sign"] == "="  # one seed: no standard error, nothing counts
 
@@ -123,3 +125,15 @@ def test_a_second_size_gives_each_main_claim_its_own_verdict(tmp_path):
     shutil.copytree(root / "toy_cpu_sawtooth", tmp_path / "toy_cpu_wide_sawtooth")
     held = next(r for r in claims(tmp_path) if r["claim"].startswith("3c"))
     assert held["same_at_both_sizes"] and held["second"]["numbers"] == held["numbers"]
+
+
+def test_the_t_rule_needs_more_than_two_standard_errors_at_three_seeds():
+    """+0.016 with a standard error of 0.006 is beyond 2 standard errors, but not a sign at 3 seeds
+    (t quantile 4.30); at 10 seeds (t quantile 2.26) the same mean and standard error is one."""
+    sd3 = 0.006 * 3 ** 0.5
+    three = sign([0.016 - sd3, 0.016, 0.016 + sd3])
+    assert three["sign"] == "=" and three["lo"] < 0 < three["hi"]
+    k = 0.006 * 10 ** 0.5 / (10 / 9) ** 0.5  # ten values 0.016 +- k: standard error 0.006
+    ten = sign([0.016 + k] * 5 + [0.016 - k] * 5)
+    assert ten["sign"] == "+" and ten["lo"] > 0
+    assert sign([-0.05, -0.04, -0.06])["sign"] == "-"

@@ -31,7 +31,7 @@ def _main_claims(path: Path) -> list:
                 "3b. SFT's entropy drops at each epoch boundary (saw-tooth)",
                 "entropy drop from the last step of an epoch to the first of the next, minus the "
                 "run's mean drop between two steps inside an epoch (training minibatches, ",
-                "a saw-tooth when the boundary effect is + (more than 2 standard errors); "
+                "a saw-tooth when the boundary effect is + (its 95% t interval above zero); "
                 "reproduced when SFT has one in both regimes and PSFT none; measured on the "
                 "training minibatches (the first of an epoch was trained on in the epoch before), "
                 "not on a held-out set", {a: boundary_effects(folder.runs, a) for a in HEADLINE})]
@@ -203,7 +203,7 @@ def claims_markdown(rows: list) -> str:
     first's, and its numbers in a second table below."""
     second = [r["second"] for r in rows if "second" in r]
     head = ("| paper claim | toy world (mean ± std over seeds; differences paired by seed, "
-            "± 1 standard error) | rule | verdict |")
+            "[95% t interval]) | rule | verdict |")
     cells = [f"| {r['claim']} | {r['numbers']} | {r['rule']} | **{r['verdict']}** |" for r in rows]
     if not second:
         return "\n".join([head, "|---|---|---|---|", *cells]) + "\n"

@@ -7,6 +7,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+import scipy.stats
+
 from .worlds import world_words
 
 
@@ -112,14 +114,27 @@ def matched_id(records: list, arms) -> dict:
 BASE_COMPARISONS = (("psft", "sft_paper"), ("psft", "sft"), ("psft", "sft_small"))
 
 
-def sign(diffs) -> dict:
-    """The sign rule every verdict uses: ``+``/``-`` when the mean of the seed-paired differences
-    is more than 2 standard errors above/below zero, else ``=`` (always with one seed)."""
+RULE = ("a seed-paired difference counts (+ or -) when its 95% t interval (t distribution, n - 1 "
+        "degrees of freedom) excludes zero, else =")
+
+
+def sign(diffs, level: float = 0.95) -> dict:
+    """The rule every verdict uses (``RULE``): the mean of the seed-paired differences with its
+    two-sided t interval; ``+``/``-`` when the interval excludes zero, else ``=`` (always with one
+    seed). With 3 seeds the interval is the mean +- 4.30 standard errors."""
     diffs = list(diffs)
-    mean = statistics.fmean(diffs)
-    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.inf
-    verdict = "+" if mean > 2 * se else "-" if mean < -2 * se else "="
-    return {"diff": mean, "se": se, "seeds": len(diffs), "sign": verdict}
+    n, mean = len(diffs), statistics.fmean(diffs)
+    half = math.inf
+    if n > 1:
+        quantile = float(scipy.stats.t.ppf((1 + level) / 2, n - 1))
+        half = quantile * statistics.stdev(diffs) / math.sqrt(n)
+    verdict = "+" if mean - half > 0 else "-" if mean + half < 0 else "="
+    return {"diff": mean, "lo": mean - half, "hi": mean + half, "seeds": n, "sign": verdict}
+
+
+def fmt_interval(d: dict) -> str:
+    """``+0.016 [-0.009, +0.041] (=)``: the mean difference, its interval, its sign."""
+    return f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] ({d['sign']})"
 
 
 def paired_difference(m: dict, arm: str, other: str) -> dict | None:
@@ -171,8 +186,7 @@ def across_bases(folders) -> dict:
         verdict = f"{signs.pop()} on every base" if one else "mixed"
         comparisons[f"{arm} - {other}"] = {"per_base": per_base, "verdict": verdict}
     return {"bases": bases, "ood_at_matched_id": table, "comparisons": comparisons,
-            "rule": "per base: + or - when the seed-paired mean difference of OOD at matched ID "
-                    "exceeds 2 standard errors, else =; over bases: the sign when every base "
+            "rule": f"per base, OOD at matched ID: {RULE}; over bases: the sign when every base "
                     "gives the same one, else mixed"}
 
 
@@ -183,7 +197,7 @@ def across_bases_report(summary: dict) -> str:
                           for b in summary["bases"]),
                    f"{row['mean']:.3f}", f"{row['std_across_bases']:.3f}"])
              for arm, row in summary["ood_at_matched_id"].items()]
-    diffs = [_row([name, *("n/a" if d is None else f"{d['diff']:+.3f} ± {d['se']:.3f} ({d['sign']})"
+    diffs = [_row([name, *("n/a" if d is None else fmt_interval(d)
                            for d in c["per_base"].values()), c["verdict"]])
              for name, c in summary["comparisons"].items()]
     return "\n".join(["# The main comparison on independently pretrained bases", "",

@@ -2,7 +2,7 @@
 sign rule (``reports.sign``), the saw-tooth's boundary effect, and how each is written."""
 import statistics
 
-from .reports import fmt_mean_std as mean_std, sign
+from .reports import fmt_interval, fmt_mean_std as mean_std, sign
 
 
 def by_seed(records, key: str, epoch: int, **where) -> dict:
@@ -21,8 +21,7 @@ def paired(a: dict, b: dict) -> dict:
     return sign(a[s] - b[s] for s in sorted(a) if s in b)
 
 
-def fmt(d: dict) -> str:
-    return f"{d['diff']:+.3f} ± {d['se']:.3f} ({d['sign']})"
+fmt = fmt_interval
 
 
 def two_way(paper: dict, control: dict) -> str:

@@ -289,7 +289,7 @@ class HandmadeWorld(_GivenModel):
     match of ``#### N``); out of domain a knowledge multiple-choice set (``acc`` and the harness's
     ``acc_norm``) and instructions with exact checks, whose mean is ``ood_acc``."""
 
-    words = Words(title="with SmolLM2-135M on word problems", id_name="word problems",
+    words = Words(title="on handmade word problems", id_name="word problems",
                   ood_name="knowledge MC and instructions",
                   metrics={"id_acc": "In-domain: word problems, exact match (greedy)",
                            "ood_acc": "Out-of-domain: mean of knowledge and instructions",
