@@ -23,7 +23,10 @@ def packaged_file(short: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(f"model {short!r} ships in a package that is not installed: {install}")
-    return Path(spec.submodule_search_locations[0]) / name
+    path = Path(spec.submodule_search_locations[0]) / name
+    if not path.is_file():
+        raise ModelLoadError(f"package {package} holds no {name} (another version?): {install}")
+    return path
 
 
 def gguf_path(name: str) -> Path | None:
@@ -47,7 +50,8 @@ def plain_folder(name, cache_dir=None) -> str | None:
         return None
     cache = Path(cache_dir or os.environ.get("MINIPSFT_CACHE",
                                              Path.home() / ".cache" / "minipsft"))
-    folder = cache / "gguf" / f"{path.stem}-{path.stat().st_size}"
+    stat = path.stat()  # two files of one name and size are still told apart by their time
+    folder = cache / "gguf" / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
     if not (folder / "config.json").is_file():
         dequantize(path, folder)
     return str(folder)
@@ -66,8 +70,12 @@ def dequantize(path: Path, folder: Path):
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(folder, ignore_errors=True)  # without config.json it is not a saved model
-    tmp.replace(folder)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.rename(tmp, folder)
+    except OSError:
+        if not (folder / "config.json").is_file():  # not another process's finished copy
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

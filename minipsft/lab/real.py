@@ -133,14 +133,14 @@ def choice_logprobs(lm, items: list, batch_size: int = 16) -> list:
 
 
 def mc_scores(lm, items: list, batch_size: int = 16) -> tuple:
-    """``(acc, acc_norm)`` as the harness scores ARC: the choice with the highest summed
-    log-likelihood, and with the highest log-likelihood per byte of the choice's text."""
+    """``(acc, acc_norm)`` as lm-evaluation-harness scores ARC: the choice with the highest summed
+    log-likelihood, and with the highest log-likelihood per character of the choice's text."""
     scores = choice_logprobs(lm, items, batch_size)
     acc = norm = 0
     for s, item in zip(scores, items):
-        per_byte = [v / len(c.encode()) for v, c in zip(s, item["choices"])]
+        per_char = [v / len(c) for v, c in zip(s, item["choices"])]
         acc += max(range(len(s)), key=s.__getitem__) == item["label"]
-        norm += max(range(len(s)), key=per_byte.__getitem__) == item["label"]
+        norm += max(range(len(s)), key=per_char.__getitem__) == item["label"]
     return acc / len(items), norm / len(items)
 
 

@@ -322,11 +322,14 @@ class HandmadeWorld(_GivenModel):
 
     def evaluator(self, base):
         heldout, calls = base.encode(self.test, max_length=self.p.max_length), []
-        key = (self.p.model, self.p.n_id_eval, self.p.ood_per_task, self.p.max_new_tokens)
+        base_name = base.hf_model.name_or_path  # a name, not the model: the caller may free it
+        key = (base_name, str(base.device), str(base.model.dtype), self.p.n_id_eval,
+               self.p.ood_per_task, self.p.max_new_tokens, self.p.max_length)
 
         def evaluate(lm) -> dict:
             calls.append(1)
-            if len(calls) > 1:  # after training: this model's own scores
+            untouched = len(calls) == 1 and lm.hf_model.name_or_path == base_name
+            if not untouched:  # trained, or another start (an RL stage's checkpoint)
                 return self.evaluate(lm, heldout)
             if key not in self.base_scores:  # the untouched base, scored once per process
                 self.base_scores[key] = self.evaluate(lm, heldout)
