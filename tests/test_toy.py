@@ -168,27 +168,30 @@ def test_frontier_jobs_sweep_the_lrs_for_every_arm():
     assert all(j.config.minibatch_size == j.config.batch_size for j in paper)
 
 
-def test_frontier_gap_and_its_bootstrap_on_hand_made_records():
-    from minipsft.lab.reports import frontier_summary, frontier_value, largest_gap
+def test_frontier_gaps_at_fixed_levels_on_hand_made_records():
+    """A synthetic frontier with a known gap: PSFT 0.1 above SFT at every ID it reaches, with seed
+    noise; the gap is computed at each fixed level per seed, with a t interval, never maximised."""
+    from minipsft.lab.reports import frontier_summary, frontier_value
 
     def rec(arm, lr, seed, epoch, id_acc, ood):
         return {"method": arm, "setting": f"{arm} lr={lr:g}", "seed": seed, "epoch": epoch,
                 "id_acc": id_acc, "ood_acc": ood}
 
     records = []
-    for seed in (0, 1, 2):
-        # PSFT: 0.1 more OOD than SFT at every ID it reaches; two lrs, two epochs each
-        for arm, bonus in (("psft", 0.1), ("sft", 0.0)):
+    for seed, noise in ((0, 0.0), (1, 0.02), (2, -0.02)):
+        for arm, bonus in (("psft", 0.1 + noise), ("sft", 0.0)):
             records += [rec(arm, 1e-4, seed, 1, 0.6, 0.5 + bonus),
                         rec(arm, 1e-4, seed, 2, 0.9, 0.3 + bonus),
                         rec(arm, 1e-3, seed, 1, 0.8, 0.35 + bonus)]
     points = {"psft": [(0.6, 0.6, 1e-4, 1), (0.9, 0.4, 1e-4, 2), (0.8, 0.45, 1e-3, 1)]}
     assert frontier_value(points["psft"], 0.7) == 0.45
     assert frontier_value(points["psft"], 0.95) is None
-    summary = frontier_summary(records, resamples=50)
-    assert summary["sft"]["gap"] == pytest.approx(0.1)
-    assert summary["sft"]["ci95"] == pytest.approx([0.1, 0.1])  # identical seeds: no spread
-    assert largest_gap({"a": points["psft"], "b": points["psft"]}, "a", "b", [0.6])[0] == 0
+    gaps = frontier_summary(records, levels=(0.6, 0.7, 0.9, 0.95))["sft"]
+    assert list(gaps) == ["0.60", "0.70", "0.90", "0.95"]
+    for level in ("0.60", "0.70", "0.90"):
+        assert gaps[level]["diff"] == pytest.approx(0.1) and gaps[level]["sign"] == "+"
+        assert gaps[level]["lo"] == pytest.approx(0.1 - 4.302653 * 0.02 / 3 ** 0.5, rel=1e-4)
+    assert gaps["0.95"] is None  # no seed's frontier reaches 0.95
 
 
 def test_a_half_written_base_is_ignored_and_rebuilt(tmp_path):

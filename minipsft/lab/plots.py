@@ -178,6 +178,16 @@ def ablations(records, words, path):
     _save(fig, path, 100, rect=(0, 0, 1, 0.97))
 
 
+def frontier_finding(gaps: dict) -> str:
+    """The figure's title: at which fixed ID levels PSFT's frontier is above, level with or below
+    SFT's (``reports.frontier_summary``)."""
+    said = {"+": "above", "=": "level with", "-": "below"}
+    groups = {w: [x for x, g in gaps.items() if g and g["sign"] == k] for k, w in said.items()}
+    parts = [f"{w} SFT's at ID {', '.join(xs)}" for w, xs in groups.items() if xs]
+    return "PSFT's frontier is " + "; ".join(parts or ["not comparable with SFT's"]) + \
+        " (seed-paired, 95% t intervals)"
+
+
 def frontier(points: dict, gaps: dict, path):
     """Every (arm, lr, epoch) point and each arm's frontier; the title says PSFT's gap to SFT's."""
     fig, ax = plt.subplots(figsize=(8.5, 6.5))
@@ -188,13 +198,10 @@ def frontier(points: dict, gaps: dict, path):
         curve = [(x, y) for x, y in curve if y is not None]
         ax.step([x for x, _ in curve], [y for _, y in curve], where="post", color=COLORS[arm],
                 linewidth=2, label=f"{LABELS[arm]} ({len(pts)} lr x epoch points)")
-    g = gaps.get("sft")
-    finding = "PSFT vs SFT at equal ID: "
-    if g is not None:
-        finding += (f"largest OOD gap {g['gap']:+.3f} at ID {g['at_id']} "
-                    f"(95% interval {g['ci95'][0]:+.3f} to {g['ci95'][1]:+.3f})")
+    finding = frontier_finding(gaps.get("sft") or {})
     ax.set(title=finding + "\nfrontier = best OOD at ID >= x, over every lr and epoch",
            xlabel="in-domain accuracy", ylabel="out-of-domain accuracy", xlim=(0.45, 1.0))
+    ax.title.set_fontsize(10)  # the finding is a long line
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     _save(fig, path, 100)

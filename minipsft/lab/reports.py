@@ -2,7 +2,6 @@
 lr frontier, the comparison across bases, and the markdown reports (nothing here trains)."""
 import json
 import math
-import random
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -40,32 +39,26 @@ def frontier_value(points, level: float):
     return max(reached) if reached else None
 
 
-def largest_gap(points: dict, arm: str, other: str, levels) -> tuple:
-    """(gap, level): the largest ``arm``-minus-``other`` frontier gap over ``levels`` both reach."""
-    best = (float("-inf"), None)
-    for x in levels:
-        a, b = frontier_value(points[arm], x), frontier_value(points[other], x)
-        if a is not None and b is not None and a - b > best[0]:
-            best = (a - b, x)
-    return best
+# ID levels at which frontiers are compared, fixed before looking at any frontier (issue 25): no
+# maximum over levels, whose selection would bias the gap upwards
+FRONTIER_LEVELS = (0.6, 0.7, 0.8, 0.9, 0.95)
 
 
-def frontier_summary(records, resamples: int = 1000, seed: int = 0) -> dict:
-    """At equal ID, the largest OOD gap between PSFT's frontier and each other arm's, with a 95%
-    interval from resampling the seeds jointly for every run (a seed fixes the data for all)."""
-    levels = [round(0.5 + 0.01 * i, 2) for i in range(50)]  # ID 0.50 .. 0.99
+def frontier_summary(records, levels=FRONTIER_LEVELS) -> dict:
+    """PSFT's frontier minus each other arm's at each fixed ID level: per seed (each seed's own
+    frontier over every lr and epoch), then ``sign`` over the seeds; None where an arm's frontier
+    does not reach the level on every seed."""
     seeds = sorted({r["seed"] for r in records})
-    points = frontier_points(records)
-    rng = random.Random(seed)
+    per_seed = {s: frontier_points(records, [s]) for s in seeds}
     out = {}
-    for other in (a for a in points if a != "psft"):
-        gap, level = largest_gap(points, "psft", other, levels)
-        draws = sorted(largest_gap(frontier_points(records, [rng.choice(seeds) for _ in seeds]),
-                                   "psft", other, levels)[0] for _ in range(resamples))
-        # None: the two frontiers share no ID level from 0.50 up
-        out[other] = None if level is None else {
-            "gap": gap, "at_id": level,
-            "ci95": [draws[int(0.025 * resamples)], draws[int(0.975 * resamples) - 1]]}
+    for other in (a for a in per_seed[seeds[0]] if a != "psft"):
+        gaps = {}
+        for level in levels:
+            pairs = [(frontier_value(per_seed[s]["psft"], level),
+                      frontier_value(per_seed[s][other], level)) for s in seeds]
+            complete = all(a is not None and b is not None for a, b in pairs)
+            gaps[f"{level:.2f}"] = sign(a - b for a, b in pairs) if complete else None
+        out[other] = gaps
     return out
 
 
@@ -310,15 +303,15 @@ def _ablations_table(abl: list, grad_max: dict) -> list:
 
 
 def _frontier_table(frontier: dict) -> list:
-    rows = [f"| {other} | no common ID level >= 0.50 | | |" if g is None else
-            _row([other, f"{g['gap']:+.3f}", g["at_id"],
-                  f"[{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}]"]) for other, g in frontier.items()]
+    levels = list(next(iter(frontier.values())))
+    rows = [_row([other, *("not reached" if g is None else fmt_interval(g) for g in gaps.values())])
+            for other, gaps in frontier.items()]
     return _section("The lr frontier: OOD vs ID over every lr and epoch",
                     "Frontier of an arm at ID level x: the best OOD among its (lr, epoch) points "
-                    "(means over seeds) with ID >= x. Gap: the largest PSFT-minus-other frontier "
-                    "difference over the ID levels 0.50-0.99 both reach; 95% interval from 1000 "
-                    "bootstrap resamples of the seeds.",
-                    "PSFT vs | largest OOD gap at equal ID | at ID | 95% interval", rows)
+                    "with ID >= x. Each cell: PSFT's frontier minus the other arm's at a level "
+                    "fixed before looking, computed per seed, mean over seeds [95% t interval] "
+                    f"(sign); {RULE}; not reached: an arm's frontier misses the level on a seed.",
+                    "PSFT minus | " + " | ".join(f"ID {x}" for x in levels), rows)
 
 
 def _aggregation_table(variants: dict) -> list:
