@@ -116,6 +116,7 @@ PRESETS = {
 MAIN_MINUTES = {"quick": "1.3 min on 2 CPU cores", "smoke": "1 min on 2 CPU cores",
                 "cpu": "9 min on 2 CPU cores",
                 "cpu_wide": "56 min on 2 CPU cores, 25 of them pretraining the base",
+                "real_cpu": "80 min on 2 CPU cores (6-9 min per run alone)",
                 "gpu": "11 min on one H200 (estimated from benchmarks/gpu_preset_probe.py; no gpu "
                 "results are committed yet)"}
 
