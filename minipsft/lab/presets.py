@@ -15,11 +15,11 @@ Two regimes, because the paper's comparison changed two things at once:
 import json
 import os
 from dataclasses import MISSING, asdict, dataclass, fields, replace
-from pathlib import Path
 
 import torch
 
 from . import toy
+from ..gguf import cache_folder  # noqa: F401  (re-exported: the lab's runs use it)
 from ..losses import LOSSES
 from ..train import TrainConfig
 
@@ -176,11 +176,6 @@ def preset_from_env() -> str:
     if os.environ.get("CI", "").lower() == "true":
         return "smoke"
     return "gpu" if torch.cuda.is_available() else "cpu"
-
-
-def cache_folder(cache_dir=None) -> Path:
-    """Where base models are cached: ``cache_dir``, else $MINIPSFT_CACHE, else ~/.cache/minipsft."""
-    return Path(cache_dir or os.environ.get("MINIPSFT_CACHE", Path.home() / ".cache" / "minipsft"))
 
 
 def arm_config(p: Preset, arm: str, **overrides) -> TrainConfig:
