@@ -2,7 +2,7 @@
 path (speed.py, fused.py) is tested against."""
 import torch
 
-__all__ = ["token_logprobs", "heldout_eval"]
+__all__ = ["token_logprobs", "token_logprobs_kl", "vocab_kl", "heldout_eval"]
 
 
 def token_logprobs(model, input_ids, attention_mask, with_entropy: bool = False):
@@ -21,6 +21,28 @@ def token_logprobs(model, input_ids, attention_mask, with_entropy: bool = False)
     with torch.no_grad():  # a diagnostic: H = -sum_v p_v log p_v
         entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logp, torch.cat([zero, entropy.masked_fill(~keep, 0.0)], 1)
+
+
+def vocab_kl(logp_all, ref_logp_all):
+    """``KL(pi_ref || pi) = sum_v pi_ref(v) (log pi_ref(v) - log pi(v))`` at each position, from
+    log-softmaxed logits [..., V]; the gradient flows to ``logp_all`` only."""
+    ref_logp_all = ref_logp_all.detach()
+    return (ref_logp_all.exp() * (ref_logp_all - logp_all)).sum(-1)
+
+
+def token_logprobs_kl(model, input_ids, attention_mask, ref_logits):
+    """``token_logprobs``'s log-probs and entropies, and ``kl[b, t]``: the whole-vocabulary
+    ``KL(pi_ref || pi)`` of the next-token distributions at position t (ASFT's anchor), where
+    ``ref_logits`` are the reference model's logits on the same batch. Shapes [B, T]."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    logp_all = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    keep = attention_mask[:, 1:].bool()
+    logp = logp_all.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    kl = vocab_kl(logp_all, torch.log_softmax(ref_logits[:, :-1].float(), dim=-1))
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    zero = logp.new_zeros(logp.shape[0], 1)
+    return tuple(torch.cat([zero, x.masked_fill(~keep, 0.0)], 1) for x in (logp, entropy, kl))
 
 
 @torch.no_grad()

@@ -26,8 +26,7 @@ from typing import Callable
 import torch
 
 __all__ = ["Loss", "LOSSES", "clipped_surrogate", "psft_loss", "sft_loss", "dft_loss",
-           "sft_kl_loss",
-           "masked_mean",
+           "sft_kl_loss", "anchored_loss", "masked_mean",
            "surrogate_terms", "nll_terms", "dft_terms", "kl_terms"]
 
 
@@ -177,6 +176,24 @@ def sft_kl_loss(logp, logp_ref, mask, kl_coef: float = 0.5):
     return nll + kl_coef * kl_mean, metrics
 
 
+def anchored_loss(terms, kl, mask, kl_coef: float = 0.1):
+    """``terms + kl_coef * KL(pi_ref(.|s_t) || pi(.|s_t))``, token-mean: a per-token loss anchored
+    to the starting model by the KL over the *whole vocabulary* at each completion position (``kl``,
+    ``logprobs.token_logprobs_kl``), not only the demonstration's token as ``sft_kl``'s k3.
+
+    With ``dft_terms`` it is ASFT (Anchored SFT, arXiv 2509.23753), as its authors' code computes
+    it (zhuchichi56/ASFT ``train_v2.py``, mode ``asft``): ``CE_t * stopgrad(p_t) + 0.1 *
+    sum_v pi_ref(v) (log pi_ref(v) - log pi(v))``, the KL forward (``F.kl_div(log_softmax(logits),
+    softmax(ref_logits))``), exact (no sampled estimator), averaged over completion tokens. With
+    ``nll_terms`` it is their ``sft+kl`` (LLaMA-Factory's and unsloth's default KL too). The KL's
+    gradient per position is ``pi - pi_ref`` on the logits: it pulls the whole distribution back.
+    Metrics: ``kl`` (the mean KL, nats), ``num_tokens``."""
+    m = _check(kl, mask)
+    kl_mean = masked_mean(kl, m)
+    metrics = _floats({"kl": kl_mean.detach(), "num_tokens": (m != 0).sum()})
+    return masked_mean(terms, m) + kl_coef * kl_mean, metrics
+
+
 # ---------------------------------------------------------------------------------- registry
 @dataclass(frozen=True)
 class Loss:
@@ -186,13 +203,15 @@ class Loss:
     ``loss(logp, mask, logp_old, logp_ref, settings)`` returns ``(loss, metrics)``;
     ``terms(logp, logp_old, logp_ref, settings)`` the per-token terms whose token-mean it is (the
     fused output head differentiates those). ``settings`` carries ``eps_low``, ``eps_high`` and
-    ``kl_coef`` (a ``TrainConfig``)."""
+    ``kl_coef`` (a ``TrainConfig``). A ``vocab_kl`` loss gets, in ``logp_ref``'s place, each
+    position's whole-vocabulary ``KL(pi_ref || pi)`` (with its gradient), and ``vocab_kl_coef``."""
     loss: Callable
     terms: Callable
     label: str  # its name in reports and figures
     colour: str  # its colour in figures
     snapshot: bool = False  # compares with pi_old, a snapshot of the weights refreshed per batch
     reference: bool = False  # compares with pi_ref, the frozen starting weights
+    vocab_kl: bool = False  # ... through KL(pi_ref || pi) over the whole vocabulary (reference too)
 
 
 LOSSES = {
@@ -208,4 +227,14 @@ LOSSES = {
     "dft": Loss(lambda logp, mask, old, ref, s: dft_loss(logp, mask),
                 lambda logp, old, ref, s: dft_terms(logp),
                 "DFT", "tab:purple"),
+    # anchored by the whole-vocabulary KL (ref: KL(pi_ref || pi) per position): ASFT, and SFT+KL
+    # as the ASFT code, LLaMA-Factory and unsloth compute it
+    "asft": Loss(lambda logp, mask, old, kl, s: anchored_loss(dft_terms(logp), kl, mask,
+                                                              s.vocab_kl_coef),
+                 lambda logp, old, kl, s: dft_terms(logp) + s.vocab_kl_coef * kl,
+                 "ASFT", "tab:olive", reference=True, vocab_kl=True),
+    "sft_kl_vocab": Loss(lambda logp, mask, old, kl, s: anchored_loss(nll_terms(logp), kl, mask,
+                                                                      s.vocab_kl_coef),
+                         lambda logp, old, kl, s: nll_terms(logp) + s.vocab_kl_coef * kl,
+                         "SFT+KL (whole vocabulary)", "tab:cyan", reference=True, vocab_kl=True),
 }

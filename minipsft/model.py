@@ -5,16 +5,17 @@ reference path (logprobs.py) or, with ``speed=True``, the speed paths (speed.py,
 batched ``generate``. CPU (float32) or GPU (bfloat16); nothing here needs a GPU to import or test.
 """
 import copy
+from contextlib import contextmanager
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from . import chat, fused, gguf, logprobs, lora
-from .speed import compile_layers, token_logprobs as fast_token_logprobs
+from . import chat, fused, gguf, logprobs, lora, speed
+from .speed import compile_layers, decoder_hidden, fast_head, token_logprobs as fast_token_logprobs
 from .devices import resolve_device, resolve_dtype
 from .errors import ModelLoadError, load_problem, local_problem
 
-__all__ = ["CausalLM"]
+__all__ = ["CausalLM", "Reference"]
 
 
 class CausalLM:
@@ -101,19 +102,10 @@ class CausalLM:
         self.model = self.model.merge_and_unload()
         self.save_pretrained(path)
 
-    def frozen_logprobs(self):
-        """``batch -> log pi(target)`` under the weights as they are now, kept for later (pi_ref
-        of SFT+KL, or an anchored pi_old): the model with its LoRA adapter switched off when the
-        adapter is still at its zero start (no copy), else a frozen copy of the model."""
-        frozen = None if lora.fresh_adapter(self.model) else self.frozen_copy()
-
-        @torch.no_grad()
-        def logprobs_of(batch):
-            if frozen is not None:
-                return self.token_logprobs(batch, model=frozen)[0]
-            with self.model.disable_adapter():
-                return self.token_logprobs(batch)[0]
-        return logprobs_of
+    def reference(self) -> "Reference":
+        """The weights as they are now, frozen for later: pi_ref of the anchored losses, or an
+        anchored pi_old."""
+        return Reference(self)
 
     def frozen_copy(self):
         """A gradient-free copy of the current weights."""
@@ -157,6 +149,22 @@ class CausalLM:
         return fast_token_logprobs(model, batch["input_ids"], batch["attention_mask"],
                                    with_entropy, keep_logits=self.keep_logits,
                                    compile=self.compile)
+
+    def token_logprobs_kl(self, batch, reference: "Reference"):
+        """``(logp, entropy, kl)``: ``token_logprobs``'s, and at each position the whole-vocabulary
+        ``KL(pi_ref || pi)`` to ``reference`` (logprobs.token_logprobs_kl); chunk by chunk on the
+        speed paths, from the reference's hidden states (speed.token_logprobs_kl)."""
+        ids, attn = batch["input_ids"], batch["attention_mask"]
+        with reference.weights() as ref:  # under no grad
+            head = fast_head(ref) if self.speed and fast_head(self.model) is not None else None
+            if head is None:
+                ref_logits = ref(input_ids=ids, attention_mask=attn, use_cache=False).logits
+            else:
+                ref_hidden = decoder_hidden(ref, ids, attn)
+        if head is None:
+            return logprobs.token_logprobs_kl(self.model, ids, attn, ref_logits)
+        return speed.token_logprobs_kl(self.model, ids, attn, ref_hidden, head,
+                                       keep_logits=self.keep_logits, compile=self.compile)
 
     def fused_loss(self, batch, objective):
         """``(loss, logp, entropy, metrics)`` of a ``train.Objective`` through the fused head."""
@@ -234,3 +242,28 @@ class CausalLM:
             hf_model.generation_config = saved
         self.model.train(was_training)
         return out
+
+
+class Reference:
+    """The starting weights, frozen: the model itself with its LoRA adapter switched off when the
+    adapter is still at its zero start (no copy: as the ASFT code takes its reference), else a
+    gradient-free copy of the model."""
+
+    def __init__(self, lm: CausalLM):
+        self.lm = lm
+        self.copy = None if lora.fresh_adapter(lm.model) else lm.frozen_copy()
+
+    @contextmanager
+    def weights(self):
+        """The reference model, under no grad (and, for LoRA, with the adapter off)."""
+        with torch.no_grad():
+            if self.copy is not None:
+                yield self.copy
+            else:
+                with self.lm.model.disable_adapter():
+                    yield self.lm.model
+
+    def logprobs(self, batch):
+        """``log pi_ref(target)`` [B, T] of a collated batch."""
+        with self.weights() as model:
+            return self.lm.token_logprobs(batch, model=model)[0]

@@ -9,8 +9,8 @@ from torch.utils.checkpoint import checkpoint
 
 from . import logprobs
 
-__all__ = ["token_logprobs", "compile_layers", "fast_head", "logit_scale", "ScaledHead",
-           "decoder_hidden", "CHUNK_ELEMENTS", "CHUNK_ELEMENTS_GPU"]
+__all__ = ["token_logprobs", "token_logprobs_kl", "compile_layers", "fast_head", "logit_scale",
+           "ScaledHead", "decoder_hidden", "CHUNK_ELEMENTS", "CHUNK_ELEMENTS_GPU"]
 
 # Elements of one [rows, positions, vocab] float32 logits chunk: 2**25 (128 MiB) on CPU; 2**28
 # (1 GiB) on GPU, where small chunks leave the vocabulary projection's matmuls too thin to be fast.
@@ -18,17 +18,21 @@ CHUNK_ELEMENTS = 2**25
 CHUNK_ELEMENTS_GPU = 2**28
 
 
-def chunk_logprobs(hidden, targets, head, with_entropy: bool):
+def chunk_logprobs(hidden, targets, head, with_entropy: bool, ref_hidden=None, ref_head=None):
     # [B, c, V], float32 so that exp(logp - logp_old) is exact enough to clip
     logits = head(hidden).float()
     logz = torch.logsumexp(logits, dim=-1)
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz
-    if not with_entropy:
-        return logp, None
-    with torch.no_grad():  # a diagnostic: H = -sum_v p_v log p_v (log Z - E[logit] would lose
-        log_p = logits - logz.unsqueeze(-1)  # ~1e-3 nats to float32 when logits reach ~40)
-        entropy = -(log_p.exp() * log_p).sum(-1)
-    return logp, entropy
+    kl = entropy = None
+    if ref_hidden is not None:  # KL(pi_ref || pi) over the vocabulary: this chunk's logits only
+        with torch.no_grad():
+            ref_logp_all = torch.log_softmax(ref_head(ref_hidden).float(), dim=-1)
+        kl = logprobs.vocab_kl(logits - logz.unsqueeze(-1), ref_logp_all)
+    if with_entropy:
+        with torch.no_grad():  # a diagnostic: H = -sum_v p_v log p_v (log Z - E[logit] would lose
+            log_p = logits - logz.unsqueeze(-1)  # ~1e-3 nats to float32 when logits reach ~40)
+            entropy = -(log_p.exp() * log_p).sum(-1)
+    return logp, entropy, kl
 
 
 @functools.cache
@@ -125,9 +129,27 @@ def token_logprobs(model, input_ids, attention_mask, with_entropy: bool = False,
     chunk's logits are kept for backward (``keep_logits=True``) or recomputed there (``False``: one
     chunk alive at a time, for one more vocabulary matmul); ``None`` keeps them on a GPU whose free
     memory holds them twice over. ``compile``: a torch.compile backend for the chunks."""
-    head = fast_head(model)
-    if head is None:
+    if fast_head(model) is None:
         return logprobs.token_logprobs(model, input_ids, attention_mask, with_entropy)
+    return chunked(model, input_ids, attention_mask, with_entropy, chunk_elements, keep_logits,
+                   compile)[:2]
+
+
+def token_logprobs_kl(model, input_ids, attention_mask, ref_hidden, ref_head,
+                      chunk_elements: int | None = None, keep_logits: bool | None = None,
+                      compile: str | None = None):
+    """``logprobs.token_logprobs_kl``'s ``(logp, entropy, kl)`` for a model with a ``fast_head``,
+    chunk by chunk: the reference's logits come from its final hidden states ``ref_hidden`` and
+    ``ref_head`` one chunk at a time, beside the model's, so no [B, T, V] tensor is ever built."""
+    return chunked(model, input_ids, attention_mask, True, chunk_elements, keep_logits, compile,
+                   (ref_hidden[:, :-1], ref_head))
+
+
+def chunked(model, input_ids, attention_mask, with_entropy, chunk_elements, keep_logits, compile,
+            ref=None) -> tuple:
+    """``(logp, entropy, kl)`` chunk by chunk through ``fast_head(model)`` (``kl``: None unless
+    ``ref``, the reference's hidden states and head, is given)."""
+    head = fast_head(model)
     hidden = decoder_hidden(model, input_ids, attention_mask)
     if chunk_elements is None:
         chunk_elements = CHUNK_ELEMENTS_GPU if hidden.is_cuda else CHUNK_ELEMENTS
@@ -142,14 +164,15 @@ def token_logprobs(model, input_ids, attention_mask, with_entropy: bool = False,
     chunk_fn = compiled_chunk_logprobs(compile) if compile else chunk_logprobs
     if recompute:  # backward recomputes each chunk's logits (activation checkpointing)
         chunk_fn = functools.partial(checkpoint, chunk_fn, use_reentrant=False)
-    logps, ents = zip(*[chunk_fn(hidden[:, s:s + step], targets[:, s:s + step], head, with_entropy)
-                        for s in range(0, T1, step)])
+    ref_hidden, ref_head = ref or (None, None)
+    outs = [chunk_fn(hidden[:, s:s + step], targets[:, s:s + step], head, with_entropy,
+                     None if ref is None else ref_hidden[:, s:s + step], ref_head)
+            for s in range(0, T1, step)]
     keep = attention_mask[:, 1:].bool()
     zero = hidden.new_zeros(B, 1, dtype=torch.float32)
-    logp = torch.cat([zero, torch.cat(logps, 1).masked_fill(~keep, 0.0)], 1)
-    if not with_entropy:
-        return logp, None
-    return logp, torch.cat([zero, torch.cat(ents, 1).masked_fill(~keep, 0.0)], 1)
+    return tuple(None if parts[0] is None else
+                 torch.cat([zero, torch.cat(parts, 1).masked_fill(~keep, 0.0)], 1)
+                 for parts in zip(*outs))
 
 
 def compile_layers(model, backend: str) -> None:

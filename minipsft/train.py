@@ -52,7 +52,10 @@ class TrainConfig:
     length_bucketing: bool = setting(False, "within each batch, group demonstrations of similar "
                                             "length into the same minibatch (less padding; same "
                                             "batches and snapshots for every method)")
-    kl_coef: float = setting(0.5, "weight of the KL(pi || pi_ref) penalty of sft_kl (paper: 0.5)")
+    kl_coef: float = setting(0.5, "weight of sft_kl's k3 penalty on the demonstration tokens "
+                                  "(paper: 0.5)")
+    vocab_kl_coef: float = setting(0.1, "weight of the whole-vocabulary KL(pi_ref || pi) of asft "
+                                        "and sft_kl_vocab (the ASFT code's default: 0.1)")
     weight_decay: float = setting(0.1, "AdamW weight decay")
     grad_clip: float = setting(1.0, "clip the global gradient norm to this (0 = off)")
     lr_warmup_steps: int = setting(0, "linear learning-rate warm-up, in optimizer steps")
@@ -93,8 +96,9 @@ class TrainConfig:
             raise ValueError(f"lr_schedule={self.lr_schedule!r}: choose constant or cosine")
         if min(self.micro_batch_size, self.sft_warmup_steps, self.lr_warmup_steps,
                self.lr_warmup_batches, self.eval_every,
-               self.checkpoint_every) < 0 or self.grad_clip < 0 or self.kl_coef < 0:
-            raise ValueError("step counts, sizes, grad_clip and kl_coef must be >= 0")
+               self.checkpoint_every) < 0 or min(self.grad_clip, self.kl_coef,
+                                                 self.vocab_kl_coef) < 0:
+            raise ValueError("step counts, sizes, grad_clip and the KL weights must be >= 0")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -221,7 +225,7 @@ def train(lm, examples: list, cfg: TrainConfig, *, eval_fn=None, on_step=None, t
     loss = LOSSES[cfg.method]
     # the starting weights, frozen: pi_ref, or pi_old when the snapshot is never refreshed
     anchored = loss.reference or (loss.snapshot and not cfg.refresh_pi_old)
-    starting = lm.frozen_logprobs() if anchored else None
+    starting = lm.reference() if anchored else None
     state = new_state(lm.model, len(examples), cfg)
     if not run.start(lm, cfg, state):
         evaluate(lm, eval_fn, state, 0)
@@ -314,10 +318,13 @@ class Objective:
     weights: torch.Tensor  # per-token weights of the loss (token_weights): 0 off the completion
     logp_old: torch.Tensor | None  # log pi_old; None: pi_old is these very weights (ratio 1)
     logp_ref: torch.Tensor | None  # log pi_ref, the starting weights, when the loss needs it
+    reference: object = None  # the starting weights (a model.Reference), for a vocab_kl loss
 
-    def __call__(self, logp):
+    def __call__(self, logp, kl=None):
+        """The loss and its metrics; ``kl``: KL(pi_ref || pi) per position (a vocab_kl loss)."""
         old = logp.detach() if self.logp_old is None else self.logp_old
-        return self.loss.loss(logp, self.weights, old, self.logp_ref, self.cfg)
+        ref = kl if self.loss.vocab_kl else self.logp_ref
+        return self.loss.loss(logp, self.weights, old, ref, self.cfg)
 
 
 def optimizer_step(lm, cfg, state, mb, method, logp_old, starting, token_hook) -> dict:
@@ -327,11 +334,12 @@ def optimizer_step(lm, cfg, state, mb, method, logp_old, starting, token_hook) -
     weights = token_weights(mb["completion_mask"], cfg.loss_aggregation)
     parts = []
     for rows, micro in micro_batches(mb, cfg):
-        ref = starting(micro) if starting is not None and method != "sft" else None
+        anchored = starting is not None and method != "sft"  # the starting weights, frozen
+        ref = starting.logprobs(micro) if anchored and not loss.vocab_kl else None
         old = logp_old[rows] if logp_old is not None else None
         if loss.snapshot and not cfg.refresh_pi_old:
             old = ref  # the 'no update' ablation: pi_old is the starting model
-        objective = Objective(loss, cfg, weights[rows], old, ref)
+        objective = Objective(loss, cfg, weights[rows], old, ref, starting if anchored else None)
         parts.append(micro_step(lm, objective, micro, weights.sum(), token_hook, state.step))
     clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(lm.model.parameters(), clip).item()
@@ -355,7 +363,10 @@ def optimizer_step(lm, cfg, state, mb, method, logp_old, starting, token_hook) -
 def micro_step(lm, objective: Objective, micro, total_weight, token_hook, step: int) -> dict:
     """Forward, loss and backward of one micro-batch (its gradient weighted by its share of the
     minibatch's loss weight, so micro-batches sum to the whole minibatch's gradient)."""
-    if lm.fused_head:  # a speed path (fused.py): the same loss, its gradient in the forward
+    if objective.loss.vocab_kl:  # whole next-token distributions against pi_ref's
+        logp, entropy, kl = lm.token_logprobs_kl(micro, objective.reference)
+        loss, metrics = objective(logp, kl)
+    elif lm.fused_head:  # a speed path (fused.py): the same loss, its gradient in the forward
         loss, logp, entropy, metrics = lm.fused_loss(micro, objective)
     else:
         logp, entropy = lm.token_logprobs(micro, with_entropy=True)

@@ -3,7 +3,8 @@
 chunked log-probs from the hidden states with each chunk's logits recomputed or kept, the
 architecture logit scales (speed.py) and the fused head (fused.py). For every architecture the
 tests build, every registered loss, with micro-batches and with LoRA: log-probs, entropies and
-the gradients of one training step through the loop's own ``micro_step``, float32 to 1e-5."""
+the gradients of one training step through the loop's own ``micro_step``, float32 to 1e-5. The
+anchored losses (asft, sft_kl_vocab) take the chunked whole-vocabulary KL on the speed paths."""
 import copy
 
 import pytest
@@ -13,7 +14,7 @@ from conftest import tiny_lm
 from test_architectures import CONFIGS, build_model
 from minipsft import fused, speed
 from minipsft.losses import LOSSES
-from minipsft.model import CausalLM
+from minipsft.model import CausalLM, Reference
 from minipsft.train import Objective, TrainConfig, merge_metrics, micro_batches, micro_step
 from minipsft.train import token_weights
 
@@ -41,12 +42,27 @@ def _step(lm, batch, method, micro_batch_size):
     other = (logp - 0.3 * torch.rand(logp.shape, generator=torch.Generator().manual_seed(2)))
     other = other * batch["attention_mask"]
     weights = token_weights(batch["completion_mask"])
+    reference = _reference(lm) if LOSSES[method].vocab_kl else None
     parts = []
     for rows, micro in micro_batches(batch, cfg):
-        objective = Objective(LOSSES[method], cfg, weights[rows], other[rows], other[rows])
+        objective = Objective(LOSSES[method], cfg, weights[rows], other[rows], other[rows],
+                              reference)
         parts.append(micro_step(lm, objective, micro, weights.sum(), None, 0))
     grads = {n: p.grad.clone() for n, p in lm.model.named_parameters() if p.grad is not None}
     return logp, entropy, grads, merge_metrics(parts)
+
+
+def _reference(lm):
+    """A pi_ref away from the model: the LoRA model with its adapter off, else a perturbed copy."""
+    reference = Reference(lm)
+    if lm.is_lora:
+        reference.copy = None  # the base weights, while the adapter is away from zero
+        return reference
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(5)
+        for p in reference.copy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return reference
 
 
 def _assert_same(got, expected):
@@ -74,6 +90,8 @@ def test_every_speed_path_equals_the_reference(name, method, monkeypatch):
     expected = _step(_wrap(model, speed=False), batch, method, 0)
     if method == "psft":
         assert expected[3]["clipfrac"] > 0  # the clip acted: its zero gradients are compared
+    if LOSSES[method].vocab_kl:
+        assert expected[3]["kl"] > 1e-5  # the whole-vocabulary anchor acted
     for path, settings in PATHS.items():
         for micro in (0, 3):  # the whole minibatch, or micro-batches of 3 rows and 1
             _assert_same(_step(_wrap(model, **settings), batch, method, micro), expected)

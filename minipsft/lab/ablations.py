@@ -9,9 +9,9 @@ from ..logprobs import heldout_eval
 from ..train import TrainConfig
 from .presets import Preset, arm_config
 from .records import Folder, Job
-from .reports import frontier_points, frontier_summary, matched_id
+from .reports import frontier_points, frontier_summary, matched_id, paired_difference
 from .verdicts import at_last_epoch, boundary_effects, fmt, mean_std, paired, sawtooth_claim
-from .worlds import ToyWorld
+from .worlds import ToyWorld, world_words
 
 
 @dataclass(frozen=True)
@@ -161,6 +161,45 @@ def heldout_sawtooth_claims(folder: Folder) -> list:
          for a in SAWTOOTH_ARMS})]
 
 
+# ------------------------------------------------------------------ the trust-region family
+# the anchored losses beside PSFT and both SFTs, at the main comparison's settings: one bench
+FAMILY_ARMS = ("psft", "sft", "sft_paper", "asft", "sft_kl_vocab")
+
+
+FAMILY_NEW, FAMILY_AGAINST = ("asft", "sft_kl_vocab"), ("sft", "psft")
+
+
+def family_runs(p: Preset) -> list:
+    return [(arm, arm, {}) for arm in FAMILY_ARMS]
+
+
+def family_frontier_runs(p: Preset) -> list:
+    """The anchored arms at the lr frontier's lrs (its other arms: the ``frontier`` ablation)."""
+    return [(arm, f"{arm} lr={lr:g}", dict(lr=lr)) for arm in FAMILY_NEW for lr in FRONTIER_LRS]
+
+
+def family_summary(records) -> dict:
+    """OOD at matched ID of every family arm, and each anchored arm minus SFT (same lr and
+    schedule) and minus PSFT, paired by seed: OOD at matched ID, ID and OOD at the last epoch."""
+    m = matched_id(records, FAMILY_ARMS)
+    comparisons = {}
+    for arm in FAMILY_NEW:
+        for other in FAMILY_AGAINST:
+            last = {key: paired(at_last_epoch(records, key, method=arm),
+                                at_last_epoch(records, key, method=other))
+                    for key in ("id_acc", "ood_acc")}
+            comparisons[f"{arm} - {other}"] = {
+                "ood_at_matched_id": paired_difference(m, arm, other),
+                "last_id": last["id_acc"], "last_ood": last["ood_acc"]}
+    return {"family": {"matched_id": m, "comparisons": comparisons}}
+
+
+def family_figure(records, summary: dict, out) -> str:
+    plots.tradeoff(records, FAMILY_ARMS, summary["family"]["matched_id"],
+                   world_words(summary["preset_config"]), out / "family.png")
+    return "family.png"
+
+
 # -------------------------------------------------------------------------------- the registry
 ABLATIONS = {
     # PSFT with pi_old refreshed every k minibatch steps (k = 1: SFT's schedule, the clip never
@@ -171,6 +210,9 @@ ABLATIONS = {
     "aggregation": Ablation(aggregation_runs, summarize=aggregation_summary),
     "frontier": Ablation(frontier_runs, summarize=lambda rs: {"frontier": frontier_summary(rs)},
                          figure=frontier_figure),
+    # ASFT and SFT+KL over the whole vocabulary beside PSFT, SFT and the paper-recipe SFT
+    "family": Ablation(family_runs, summarize=family_summary, figure=family_figure),
+    "family_frontier": Ablation(family_frontier_runs),
     "sawtooth": Ablation(lambda p: [(arm, arm, {}) for arm in SAWTOOTH_ARMS],
                          on_step=heldout_near_boundaries, claims=heldout_sawtooth_claims),
 }

@@ -8,8 +8,10 @@ import textwrap
 import typing
 from pathlib import Path
 
+from ..losses import LOSSES
 from .ablations import ABLATIONS
 from .claims import claims, claims_markdown
+from .family import family, family_markdown, write_family
 from .presets import ARMS, PRESETS, Preset, RLPreset
 from .reports import across_bases, across_bases_report
 from .rl_stage import reproduce_rl
@@ -28,7 +30,8 @@ def examples(*lines) -> str:
 
 def add_commands(sub, options: dict) -> None:
     """Add the lab's commands to ``sub`` (an ``add_subparsers``), ``options`` to each parser."""
-    for add in (_add_reproduce, _add_compare, _add_across_bases, _add_claims, _add_reproduce_rl):
+    for add in (_add_reproduce, _add_compare, _add_across_bases, _add_family, _add_claims,
+                _add_reproduce_rl):
         add(sub, options)
 
 
@@ -99,7 +102,8 @@ def _add_reproduce(sub, options: dict) -> None:
     _add_set(r, Preset, "--list-presets")
 
 
-ARM_NAMES = [a for a in ARMS if a != "sft_small"]  # sft_small needs psft and sft beside it
+# every registered loss and the paper-recipe SFT (sft_small needs psft and sft beside it)
+ARM_NAMES = [*LOSSES, "sft_paper"]
 
 
 def _add_compare(sub, options: dict) -> None:
@@ -160,6 +164,26 @@ def _add_across_bases(sub, options: dict) -> None:
                          "runs/base1236 --out runs/bases"))
     b.add_argument("folders", nargs="+", help="results folders of 'reproduce'")
     b.add_argument("--out", required=True, help="output folder")
+
+
+def _add_family(sub, options: dict) -> None:
+    f = sub.add_parser(
+        "family", **options,
+        help="ASFT and SFT+KL over the whole vocabulary beside PSFT and SFT, over bases",
+        description=wrap(
+            "Read one 'reproduce --ablations family' folder per base (and, with --frontier, the "
+            "'--ablations family_frontier' folder beside the 'frontier' folder it extends) and "
+            "write OUT/family.json, OUT/family.md and OUT/family_frontier.png: each arm's OOD at "
+            "matched ID per base, each anchored arm minus SFT and minus PSFT per base and pooled "
+            "over (base, seed) pairs, and PSFT's frontier minus each arm's at fixed ID levels."),
+        epilog=examples("python -m minipsft reproduce --preset cpu --skip-main --ablations "
+                        "family --set pretrain_seed=1235 --out runs/family_1235",
+                        "python -m minipsft family runs/family_1234 runs/family_1235 --frontier "
+                        "results/toy_cpu_frontier runs/family_frontier --out runs/family"))
+    f.add_argument("folders", nargs="+", help="'family' results folders, one per base")
+    f.add_argument("--frontier", nargs=2, default=None, metavar=("FRONTIER", "FAMILY_FRONTIER"),
+                   help="the 'frontier' folder and the 'family_frontier' folder beside it")
+    f.add_argument("--out", required=True, help="output folder")
 
 
 def _add_claims(sub, options: dict) -> None:
@@ -269,6 +293,12 @@ def _across_bases_command(args) -> None:
     print(across_bases_report(summary))
 
 
+def _family_command(args) -> None:
+    summary = family(args.folders, *(args.frontier or ()))
+    print(f"wrote {', '.join(write_family(args.out, summary))} in {args.out}")
+    print(family_markdown(summary))
+
+
 def _claims_command(args) -> None:
     table = claims_markdown(claims(args.results))
     if args.out:
@@ -284,5 +314,6 @@ def _reproduce_rl_command(args) -> None:
 
 # what each command runs, given its parsed arguments
 COMMANDS = {"reproduce": _reproduce_command, "compare": _compare_command,
-            "across-bases": _across_bases_command, "claims": _claims_command,
+            "across-bases": _across_bases_command, "family": _family_command,
+            "claims": _claims_command,
             "reproduce-rl": _reproduce_rl_command}

@@ -178,18 +178,19 @@ def ablations(records, words, path):
     _save(fig, path, 100, rect=(0, 0, 1, 0.97))
 
 
-def frontier_finding(gaps: dict) -> str:
+def frontier_finding(gaps: dict, versus: str = "SFT") -> str:
     """The figure's title: at which fixed ID levels PSFT's frontier is above, level with or below
-    SFT's (``reports.frontier_summary``)."""
+    ``versus``'s (``reports.frontier_summary``)."""
     said = {"+": "above", "=": "level with", "-": "below"}
     groups = {w: [x for x, g in gaps.items() if g and g["sign"] == k] for k, w in said.items()}
-    parts = [f"{w} SFT's at ID {', '.join(xs)}" for w, xs in groups.items() if xs]
-    return "PSFT's frontier is " + "; ".join(parts or ["not comparable with SFT's"]) + \
+    parts = [f"{w} {versus}'s at ID {', '.join(xs)}" for w, xs in groups.items() if xs]
+    return "PSFT's frontier is " + "; ".join(parts or [f"not comparable with {versus}'s"]) + \
         " (seed-paired, 95% t intervals)"
 
 
-def frontier(points: dict, gaps: dict, path):
-    """Every (arm, lr, epoch) point and each arm's frontier; the title says PSFT's gap to SFT's."""
+def frontier(points: dict, gaps: dict, path, versus: str = "sft"):
+    """Every (arm, lr, epoch) point and each arm's frontier; the title says PSFT's gap to
+    ``versus``'s (an arm)."""
     fig, ax = plt.subplots(figsize=(8.5, 6.5))
     levels = [0.5 + 0.005 * i for i in range(100)]
     for arm, pts in points.items():
@@ -198,7 +199,8 @@ def frontier(points: dict, gaps: dict, path):
         curve = [(x, y) for x, y in curve if y is not None]
         ax.step([x for x, _ in curve], [y for _, y in curve], where="post", color=COLORS[arm],
                 linewidth=2, label=f"{LABELS[arm]} ({len(pts)} lr x epoch points)")
-    finding = frontier_finding(gaps.get("sft") or {})
+    finding = frontier_finding(gaps.get(versus) or {}, "SFT" if versus == "sft" else
+                               LABELS[versus])
     ax.set(title=finding + "\nfrontier = best OOD at ID >= x, over every lr and epoch",
            xlabel="in-domain accuracy", ylabel="out-of-domain accuracy", xlim=(0.45, 1.0))
     ax.title.set_fontsize(10)  # the finding is a long line

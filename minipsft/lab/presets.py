@@ -23,8 +23,9 @@ from ..gguf import cache_folder  # noqa: F401  (re-exported: the lab's runs use 
 from ..losses import LOSSES
 from ..train import TrainConfig
 
-# one arm per registered loss (losses.LOSSES, at PSFT's schedule and lr), plus two SFT controls
-ARMS = tuple(LOSSES) + ("sft_paper", "sft_small")
+# the main comparison's arms: four losses at PSFT's schedule and lr and two SFT controls (the
+# committed results hold these; the anchored losses asft and sft_kl_vocab: the family ablation)
+ARMS = ("psft", "sft", "sft_kl", "dft", "sft_paper", "sft_small")
 # the RL stage's starting points: the base model and the best-ID epoch of three arms
 STARTS = ("base", "sft_paper", "sft", "psft")
 

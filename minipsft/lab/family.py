@@ -1,0 +1,111 @@
+"""The trust-region SFT family on one bench: ASFT and SFT+KL over the whole vocabulary beside
+PSFT, SFT at PSFT's lr and schedule and the paper-recipe SFT. ``python -m minipsft family`` reads
+one ``reproduce --ablations family`` folder per base and, for the lr frontier, the
+``--ablations family_frontier`` folder beside the ``frontier`` folder it extends (same preset,
+base and seeds: only the arms differ), and writes family.json, family.md and the figures."""
+import json
+import statistics
+from pathlib import Path
+
+from . import plots
+from .ablations import FAMILY_AGAINST, FAMILY_ARMS, FAMILY_NEW
+from .reports import RULE, fmt_interval, frontier_points, frontier_summary, sign
+from .verdicts import at_last_epoch
+
+MEASURES = {"ood_at_matched_id": "OOD at matched ID", "last_id": "ID, last epoch",
+            "last_ood": "OOD, last epoch"}
+
+
+def _records(folder, group: str) -> list:
+    records = json.loads((Path(folder) / "results.json").read_text())["records"]
+    return [r for r in records if r["group"] == group]
+
+
+def _seed_diffs(records, matched: dict, arm: str, other: str) -> dict:
+    """measure -> {seed: arm minus other} (OOD at matched ID: the seeds both reached it on)."""
+    hits = {a: dict(zip(matched["arms"][a]["seeds"], matched["arms"][a]["ood_acc"]))
+            for a in (arm, other)}
+    out = {"ood_at_matched_id": {s: hits[arm][s] - hits[other][s]
+                                 for s in hits[arm] if s in hits[other]}}
+    for measure, key in (("last_id", "id_acc"), ("last_ood", "ood_acc")):
+        a, b = (at_last_epoch(records, key, method=x) for x in (arm, other))
+        out[measure] = {s: a[s] - b[s] for s in a if s in b}
+    return out
+
+
+def family(base_folders, frontier_folder=None, family_frontier_folder=None) -> dict:
+    """Per base (a ``family`` folder each): each arm's OOD at matched ID and each anchored arm
+    minus SFT and minus PSFT; pooled over every (base, seed) pair; and the lr frontier's gaps."""
+    bases, pooled = {}, {}
+    for folder in base_folders:
+        summary = json.loads((Path(folder) / "results.json").read_text())["summary"]
+        seed = summary["preset_config"].get("pretrain_seed")
+        records = _records(folder, "family")
+        matched = summary["family"]["matched_id"]
+        bases[str(seed)] = {"folder": str(folder), "level": matched["level"],
+                            "ood_at_matched_id": {a: statistics.fmean(v["ood_acc"])
+                                                  for a, v in matched["arms"].items()
+                                                  if v["ood_acc"]},
+                            "comparisons": summary["family"]["comparisons"]}
+        for arm in FAMILY_NEW:
+            for other in FAMILY_AGAINST:
+                for measure, diffs in _seed_diffs(records, matched, arm, other).items():
+                    pooled.setdefault(f"{arm} - {other}", {}).setdefault(measure, []).extend(
+                        diffs.values())
+    out = {"bases": bases,
+           "pooled": {name: {m: sign(d) for m, d in ms.items()} for name, ms in pooled.items()},
+           "rule": f"{RULE}; pooled: every (base, data seed) pair is one paired difference"}
+    if frontier_folder and family_frontier_folder:
+        records = (_records(frontier_folder, "frontier")
+                   + _records(family_frontier_folder, "family_frontier"))
+        out["frontier"] = frontier_summary(records)
+        out["frontier_points"] = frontier_points(records)
+    return out
+
+
+def _md(header: list, rows: list) -> list:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def family_markdown(summary: dict) -> str:
+    """Markdown of ``family``: numbers first, each difference with its interval, then the sign."""
+    bases = list(summary["bases"])
+    ood = [[arm, *(f"{summary['bases'][b]['ood_at_matched_id'].get(arm, float('nan')):.3f}"
+                   for b in bases)] for arm in FAMILY_ARMS]
+    lines = ["# The trust-region family on one bench", "",
+             "OOD accuracy at matched ID (each base's own level: "
+             + ", ".join(f"base {b} {summary['bases'][b]['level']:.2f}" for b in bases)
+             + "), mean over data seeds.", "",
+             *_md(["arm", *(f"base {b}" for b in bases)], ood), "",
+             f"Differences, paired by data seed (rule: {summary['rule']}).", ""]
+    for measure, title in MEASURES.items():
+        rows = [[name, *(fmt_interval(c) if (c := summary["bases"][b]["comparisons"][name]
+                                             .get(measure)) else "n/a" for b in bases),
+                 fmt_interval(summary["pooled"][name][measure])]
+                for name in summary["pooled"]]
+        lines += [f"## {title}", "", *_md(["difference", *(f"base {b}" for b in bases),
+                                          "pooled"], rows), ""]
+    if "frontier" in summary:
+        levels = list(next(iter(summary["frontier"].values())))
+        rows = [[other, *("not reached" if g is None else fmt_interval(g)
+                          for g in gaps.values())] for other, gaps in summary["frontier"].items()]
+        lines += ["## The lr frontier (base 1234)", "",
+                  "PSFT's frontier (best OOD at ID >= x over every lr and epoch) minus each arm's, "
+                  "per seed, at ID levels fixed before looking.", "",
+                  *_md(["PSFT minus", *(f"ID {x}" for x in levels)], rows), ""]
+    return "\n".join(lines)
+
+
+def write_family(out, summary: dict) -> list:
+    """family.json, family.md and (with the frontier) family_frontier.png into ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "family.json").write_text(json.dumps(summary, indent=1))
+    (out / "family.md").write_text(family_markdown(summary))
+    files = ["family.json", "family.md"]
+    if "frontier" in summary:
+        points = {a: summary["frontier_points"][a] for a in ("psft", "sft", *FAMILY_NEW)}
+        plots.frontier(points, summary["frontier"], out / "family_frontier.png", versus="asft")
+        files.append("family_frontier.png")
+    return files
