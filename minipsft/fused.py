@@ -114,6 +114,9 @@ def fused_head_loss(model, input_ids, attention_mask, loss_mask, terms, with_ent
 def objective_terms(objective):
     """``terms(logp, cols)``: a ``train.Objective``'s per-token loss terms at the target positions
     ``cols`` (position t + 1 of the input), what ``fused_head_loss`` differentiates."""
+    if objective.loss.vocab_kl:  # its KL's gradient reaches every logit, not only log p_t's
+        raise ValueError("the fused head takes losses of log p_t alone: not a vocab_kl loss")
+
     def terms(logp, cols):
         old = objective.logp_old
         old = logp.detach() if old is None else old[:, 1:][:, cols]  # None: ratio 1

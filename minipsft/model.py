@@ -155,7 +155,7 @@ class CausalLM:
         ``KL(pi_ref || pi)`` to ``reference`` (logprobs.token_logprobs_kl); chunk by chunk on the
         speed paths, from the reference's hidden states (speed.token_logprobs_kl)."""
         ids, attn = batch["input_ids"], batch["attention_mask"]
-        with reference.weights() as ref:  # under no grad
+        with reference.weights() as ref:  # no grad: pi_ref is a constant of the loss
             head = fast_head(ref) if self.speed and fast_head(self.model) is not None else None
             if head is None:
                 ref_logits = ref(input_ids=ids, attention_mask=attn, use_cache=False).logits

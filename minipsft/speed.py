@@ -158,8 +158,8 @@ def chunked(model, input_ids, attention_mask, with_entropy, chunk_elements, keep
     vocab = head.out_features
     step = max(1, chunk_elements // max(1, B * vocab))
     if keep_logits is None and torch.is_grad_enabled():  # under half the free GPU memory; CPU: lean
-        keep_logits = hidden.is_cuda and (4 * B * T1 * vocab
-                                          < torch.cuda.mem_get_info(hidden.device)[0] // 2)
+        kept = 4 * B * T1 * vocab * (1 if ref is None else 2)  # a KL keeps pi_ref's probabilities
+        keep_logits = hidden.is_cuda and kept < torch.cuda.mem_get_info(hidden.device)[0] // 2
     recompute = torch.is_grad_enabled() and T1 > step and not keep_logits
     chunk_fn = compiled_chunk_logprobs(compile) if compile else chunk_logprobs
     if recompute:  # backward recomputes each chunk's logits (activation checkpointing)

@@ -11,6 +11,7 @@ file or GPU trick: the outside reaches it through ``eval_fn`` and a ``Run`` (``r
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -224,7 +225,7 @@ def train(lm, examples: list, cfg: TrainConfig, *, eval_fn=None, on_step=None, t
     torch.manual_seed(cfg.seed)
     loss = LOSSES[cfg.method]
     # the starting weights, frozen: pi_ref, or pi_old when the snapshot is never refreshed
-    anchored = loss.reference or (loss.snapshot and not cfg.refresh_pi_old)
+    anchored = loss.reference or loss.vocab_kl or (loss.snapshot and not cfg.refresh_pi_old)
     starting = lm.reference() if anchored else None
     state = new_state(lm.model, len(examples), cfg)
     if not run.start(lm, cfg, state):
@@ -309,6 +310,12 @@ def micro_batches(mb: dict, cfg) -> list:
             for s in range(0, len(mb["input_ids"]), size)]
 
 
+class StartingWeights(Protocol):
+    """The starting weights, frozen (``model.Reference``): what the anchored losses compare with."""
+
+    def logprobs(self, batch) -> torch.Tensor: ...
+
+
 @dataclass
 class Objective:
     """One micro-batch's loss as a function of its log-probs: a registered loss with its token
@@ -318,10 +325,12 @@ class Objective:
     weights: torch.Tensor  # per-token weights of the loss (token_weights): 0 off the completion
     logp_old: torch.Tensor | None  # log pi_old; None: pi_old is these very weights (ratio 1)
     logp_ref: torch.Tensor | None  # log pi_ref, the starting weights, when the loss needs it
-    reference: object = None  # the starting weights (a model.Reference), for a vocab_kl loss
+    reference: StartingWeights | None = None  # the starting weights, for a vocab_kl loss's KL
 
     def __call__(self, logp, kl=None):
         """The loss and its metrics; ``kl``: KL(pi_ref || pi) per position (a vocab_kl loss)."""
+        if self.loss.vocab_kl and kl is None:
+            raise ValueError("this loss needs kl, KL(pi_ref || pi) per position: token_logprobs_kl")
         old = logp.detach() if self.logp_old is None else self.logp_old
         ref = kl if self.loss.vocab_kl else self.logp_ref
         return self.loss.loss(logp, self.weights, old, ref, self.cfg)

@@ -126,9 +126,41 @@ def test_lora_reference_is_the_adapter_off_and_equals_a_frozen_copy(speed_on):
                                     attention_mask=batch["attention_mask"]).logits
         dense = logprobs.token_logprobs_kl(lm.model, batch["input_ids"],
                                            batch["attention_mask"], ref_logits)
-    logp, entropy, kl = lm.token_logprobs_kl(batch, reference)
+    shapes = []
+    hook = speed.fast_head(lm.model).register_forward_hook(
+        lambda mod, i, out: shapes.append(out.shape))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(speed, "CHUNK_ELEMENTS", len(batch["input_ids"]) * len(lm.tokenizer) * 2)
+        logp, entropy, kl = lm.token_logprobs_kl(batch, reference)
+    hook.remove()
     torch.testing.assert_close(kl.detach(), dense[2], atol=1e-5, rtol=1e-5)
     assert kl.requires_grad
+    if speed_on:  # the model's and the reference's logits, two positions at a time
+        assert len(shapes) > 2 and max(s[1] for s in shapes) <= 2
+
+
+@pytest.mark.parametrize("method, mode", [("asft", "asft"), ("sft_kl_vocab", "sft+kl")])
+def test_the_loops_micro_step_gives_the_authors_loss_on_a_models_logits(method, mode):
+    from minipsft.train import Objective, micro_step, token_weights
+
+    lm = tiny_lm()
+    lm.model.eval()  # no dropout: one forward is comparable with another
+    batch = lm.collate(lm.encode(addition_rows(6)))
+    reference = lm.reference()
+    reference.copy = _reference(lm)  # a starting model away from the current one
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        logits = lm.model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+        ref_logits = reference.copy(input_ids=ids, attention_mask=attn).logits[:, :-1]
+    labels = ids[:, 1:].masked_fill(batch["completion_mask"][:, 1:] == 0, IGNORE_INDEX)
+    V = logits.shape[-1]
+    expected = authors_loss(logits.reshape(-1, V), ref_logits.reshape(-1, V), labels.reshape(-1),
+                            mode)
+    weights = token_weights(batch["completion_mask"])
+    cfg = TrainConfig(method=method)
+    objective = Objective(LOSSES[method], cfg, weights, None, None, reference)
+    record = micro_step(lm, objective, batch, weights.sum(), None, 0)
+    assert record["loss"] == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_train_method_asft_runs_and_its_anchor_acts(saved_model_dir, tmp_path):

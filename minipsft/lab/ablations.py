@@ -164,12 +164,11 @@ def heldout_sawtooth_claims(folder: Folder) -> list:
 # ------------------------------------------------------------------ the trust-region family
 # the anchored losses beside PSFT and both SFTs, at the main comparison's settings: one bench
 FAMILY_ARMS = ("psft", "sft", "sft_paper", "asft", "sft_kl_vocab")
-
-
 FAMILY_NEW, FAMILY_AGAINST = ("asft", "sft_kl_vocab"), ("sft", "psft")
 
 
 def family_runs(p: Preset) -> list:
+    """Each family arm at the main comparison's settings (its lr, or the paper recipe's)."""
     return [(arm, arm, {}) for arm in FAMILY_ARMS]
 
 

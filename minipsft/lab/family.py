@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import plots
 from .ablations import FAMILY_AGAINST, FAMILY_ARMS, FAMILY_NEW
-from .reports import RULE, fmt_interval, frontier_points, frontier_summary, sign
+from .reports import RULE, fmt_interval, frontier_points, frontier_summary, paired_difference, sign
 from .verdicts import at_last_epoch
 
 MEASURES = {"ood_at_matched_id": "OOD at matched ID", "last_id": "ID, last epoch",
@@ -22,11 +22,12 @@ def _records(folder, group: str) -> list:
 
 
 def _seed_diffs(records, matched: dict, arm: str, other: str) -> dict:
-    """measure -> {seed: arm minus other} (OOD at matched ID: the seeds both reached it on)."""
+    """measure -> {seed: arm minus other}; OOD at matched ID only where both reached the level on
+    every seed (``paired_difference``'s rule, so that pooled and per-base count the same seeds)."""
     hits = {a: dict(zip(matched["arms"][a]["seeds"], matched["arms"][a]["ood_acc"]))
             for a in (arm, other)}
-    out = {"ood_at_matched_id": {s: hits[arm][s] - hits[other][s]
-                                 for s in hits[arm] if s in hits[other]}}
+    out = {"ood_at_matched_id": {} if paired_difference(matched, arm, other) is None else
+           {s: hits[arm][s] - hits[other][s] for s in hits[arm]}}
     for measure, key in (("last_id", "id_acc"), ("last_ood", "ood_acc")):
         a, b = (at_last_epoch(records, key, method=x) for x in (arm, other))
         out[measure] = {s: a[s] - b[s] for s in a if s in b}
@@ -40,12 +41,15 @@ def family(base_folders, frontier_folder=None, family_frontier_folder=None) -> d
     for folder in base_folders:
         summary = json.loads((Path(folder) / "results.json").read_text())["summary"]
         seed = summary["preset_config"].get("pretrain_seed")
+        if str(seed) in bases:
+            raise ValueError(f"{folder} and {bases[str(seed)]['folder']} have the same base "
+                             f"({seed}): give each base once")
         records = _records(folder, "family")
         matched = summary["family"]["matched_id"]
         bases[str(seed)] = {"folder": str(folder), "level": matched["level"],
                             "ood_at_matched_id": {a: statistics.fmean(v["ood_acc"])
                                                   for a, v in matched["arms"].items()
-                                                  if v["ood_acc"]},
+                                                  if v["ood_acc"] and None not in v["ood_acc"]},
                             "comparisons": summary["family"]["comparisons"]}
         for arm in FAMILY_NEW:
             for other in FAMILY_AGAINST:
@@ -53,7 +57,8 @@ def family(base_folders, frontier_folder=None, family_frontier_folder=None) -> d
                     pooled.setdefault(f"{arm} - {other}", {}).setdefault(measure, []).extend(
                         diffs.values())
     out = {"bases": bases,
-           "pooled": {name: {m: sign(d) for m, d in ms.items()} for name, ms in pooled.items()},
+           "pooled": {name: {m: sign(d) if d else None for m, d in ms.items()}
+                      for name, ms in pooled.items()},
            "rule": f"{RULE}; pooled: every (base, data seed) pair is one paired difference"}
     if frontier_folder and family_frontier_folder:
         records = (_records(frontier_folder, "frontier")
@@ -82,7 +87,8 @@ def family_markdown(summary: dict) -> str:
     for measure, title in MEASURES.items():
         rows = [[name, *(fmt_interval(c) if (c := summary["bases"][b]["comparisons"][name]
                                              .get(measure)) else "n/a" for b in bases),
-                 fmt_interval(summary["pooled"][name][measure])]
+                 fmt_interval(summary["pooled"][name][measure])
+                 if summary["pooled"][name][measure] else "n/a"]
                 for name in summary["pooled"]]
         lines += [f"## {title}", "", *_md(["difference", *(f"base {b}" for b in bases),
                                           "pooled"], rows), ""]
@@ -90,7 +96,7 @@ def family_markdown(summary: dict) -> str:
         levels = list(next(iter(summary["frontier"].values())))
         rows = [[other, *("not reached" if g is None else fmt_interval(g)
                           for g in gaps.values())] for other, gaps in summary["frontier"].items()]
-        lines += ["## The lr frontier (base 1234)", "",
+        lines += ["## The lr frontier (the frontier folder's base)", "",
                   "PSFT's frontier (best OOD at ID >= x over every lr and epoch) minus each arm's, "
                   "per seed, at ID levels fixed before looking.", "",
                   *_md(["PSFT minus", *(f"ID {x}" for x in levels)], rows), ""]
