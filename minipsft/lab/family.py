@@ -73,6 +73,26 @@ def _md(header: list, rows: list) -> list:
             *("| " + " | ".join(row) + " |" for row in rows)]
 
 
+SAID = {"+": "higher", "-": "lower", "=": "not distinguishable from level"}
+
+
+def verdicts(summary: dict) -> list:
+    """One line per comparison, pooled over bases: effect sizes with their intervals first, then
+    the words the rule gives them."""
+    lines = []
+    for name, pooled in summary["pooled"].items():
+        reached = sum(c[name]["ood_at_matched_id"] is not None
+                      for c in (b["comparisons"] for b in summary["bases"].values()))
+        parts = []
+        for measure, title in MEASURES.items():
+            d = pooled[measure]
+            parts.append(f"{title} {fmt_interval(d)}: {SAID[d['sign']]}" if d else
+                         f"{title}: n/a (a method missed the matched-ID level on every base)")
+        lines.append(f"* **{name}** ({reached} of {len(summary['bases'])} bases at matched ID): "
+                     + "; ".join(parts) + ".")
+    return lines
+
+
 def family_markdown(summary: dict) -> str:
     """Markdown of ``family``: numbers first, each difference with its interval, then the sign."""
     bases = list(summary["bases"])
@@ -83,7 +103,8 @@ def family_markdown(summary: dict) -> str:
              + ", ".join(f"base {b} {summary['bases'][b]['level']:.2f}" for b in bases)
              + "), mean over data seeds.", "",
              *_md(["arm", *(f"base {b}" for b in bases)], ood), "",
-             f"Differences, paired by data seed (rule: {summary['rule']}).", ""]
+             f"Differences, paired by data seed (rule: {summary['rule']}).", "",
+             "## Verdicts, pooled over bases", "", *verdicts(summary), ""]
     for measure, title in MEASURES.items():
         rows = [[name, *(fmt_interval(c) if (c := summary["bases"][b]["comparisons"][name]
                                              .get(measure)) else "n/a" for b in bases),
