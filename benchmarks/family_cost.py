@@ -61,11 +61,17 @@ def main():
     print(f"model {path}: {params:.2f}M parameters, vocabulary {len(lm.tokenizer)}, "
           f"{len(examples)} demonstrations, {steps} steps of {args.minibatch_size}, "
           f"{args.batch_size // args.minibatch_size} steps per snapshot, {args.threads} threads")
-    sft = statistics.median(per_step["sft"])
+    median = {m: statistics.median(t) for m, t in per_step.items()}
+    sft = median["sft"]
     for method, times in per_step.items():
         print(f"{method:13s} {1000 * statistics.median(times):8.1f} ms/step   "
               f"ratio to SFT {statistics.median(times) / sft:.2f}   (rounds: "
               + ", ".join(f"{t / s:.2f}" for t, s in zip(times, per_step["sft"])) + ")")
+    anchor = {"asft/dft": median["asft"] / median["dft"],
+              "sft_kl_vocab/sft": median["sft_kl_vocab"] / sft,
+              "sft_kl/sft": median["sft_kl"] / sft}
+    print("the anchor alone (each loss over the same loss without it): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in anchor.items()))
 
 
 if __name__ == "__main__":
