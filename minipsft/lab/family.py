@@ -96,12 +96,12 @@ def verdicts(summary: dict) -> list:
 def family_markdown(summary: dict) -> str:
     """Markdown of ``family``: numbers first, each difference with its interval, then the sign."""
     bases = list(summary["bases"])
-    ood = [[arm, *(f"{summary['bases'][b]['ood_at_matched_id'].get(arm, float('nan')):.3f}"
-                   for b in bases)] for arm in FAMILY_ARMS]
+    ood = [[arm, *("n/a" if (v := summary["bases"][b]["ood_at_matched_id"].get(arm)) is None
+                   else f"{v:.3f}" for b in bases)] for arm in FAMILY_ARMS]
     lines = ["# The trust-region family on one bench", "",
              "OOD accuracy at matched ID (each base's own level: "
              + ", ".join(f"base {b} {summary['bases'][b]['level']:.2f}" for b in bases)
-             + "), mean over data seeds.", "",
+             + "; n/a: the arm missed it on a seed), mean over data seeds.", "",
              *_md(["arm", *(f"base {b}" for b in bases)], ood), "",
              f"Differences, paired by data seed (rule: {summary['rule']}).", "",
              "## Verdicts, pooled over bases", "", *verdicts(summary), ""]
