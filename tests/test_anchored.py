@@ -202,3 +202,21 @@ def test_the_family_bench_per_base_and_pooled_at_smoke_size(tmp_path, smoke_cach
     files = write_family(tmp_path / "out", summary)
     text = (tmp_path / "out" / "family.md").read_text()
     assert files == ["family.json", "family.md"] and "| asft - psft |" in text
+
+
+def test_family_beside_a_committed_main_comparison_pairs_the_new_arm_by_seed(tmp_path):
+    from pathlib import Path
+
+    from minipsft.lab.family import beside
+
+    main_folder = Path(__file__).parents[1] / "results" / "real_cpu_smollm2"
+    data = json.loads((main_folder / "results.json").read_text())
+    extra = [dict(r, method="asft") for r in data["records"] if r["method"] == "psft"]
+    (tmp_path / "results.json").write_text(json.dumps({"summary": {}, "records": extra}))
+    b = beside(main_folder, tmp_path)  # "asft" here is PSFT's own records under another name
+    same = b["comparisons"]["asft - psft"]["last_ood"]
+    assert same["diff"] == 0 and same["seeds"] == 3
+    versus_sft = b["comparisons"]["asft - sft"]["last_id"]
+    psft, sft = ({r["seed"]: r["id_acc"] for r in data["records"]
+                  if r["method"] == a and r["epoch"] == 3} for a in ("psft", "sft"))
+    assert versus_sft["diff"] == pytest.approx(sum(psft[s] - sft[s] for s in psft) / 3)

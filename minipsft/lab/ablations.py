@@ -180,10 +180,11 @@ def family_frontier_runs(p: Preset) -> list:
 def family_summary(records) -> dict:
     """OOD at matched ID of every family arm, and each anchored arm minus SFT (same lr and
     schedule) and minus PSFT, paired by seed: OOD at matched ID, ID and OOD at the last epoch."""
-    m = matched_id(records, FAMILY_ARMS)
+    arms = [a for a in FAMILY_ARMS if any(r["method"] == a for r in records)]
+    m = matched_id(records, arms)
     comparisons = {}
-    for arm in FAMILY_NEW:
-        for other in FAMILY_AGAINST:
+    for arm in (a for a in FAMILY_NEW if a in arms):
+        for other in (a for a in FAMILY_AGAINST if a in arms):
             last = {key: paired(at_last_epoch(records, key, method=arm),
                                 at_last_epoch(records, key, method=other))
                     for key in ("id_acc", "ood_acc")}

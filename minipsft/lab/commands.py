@@ -183,6 +183,9 @@ def _add_family(sub, options: dict) -> None:
     f.add_argument("folders", nargs="+", help="'family' results folders, one per base")
     f.add_argument("--frontier", nargs=2, default=None, metavar=("FRONTIER", "FAMILY_FRONTIER"),
                    help="the 'frontier' folder and the 'family_frontier' folder beside it")
+    f.add_argument("--beside", nargs=2, default=None, metavar=("MAIN", "MORE_ARMS"),
+                   help="also compare on a main comparison (e.g. the real model's) with the "
+                        "anchored arms run apart under the same preset and seeds")
     f.add_argument("--out", required=True, help="output folder")
 
 
@@ -294,7 +297,7 @@ def _across_bases_command(args) -> None:
 
 
 def _family_command(args) -> None:
-    summary = family(args.folders, *(args.frontier or ()))
+    summary = family(args.folders, *(args.frontier or (None, None)), beside_folders=args.beside)
     print(f"wrote {', '.join(write_family(args.out, summary))} in {args.out}")
     print(family_markdown(summary))
 

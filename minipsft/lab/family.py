@@ -8,7 +8,7 @@ import statistics
 from pathlib import Path
 
 from . import plots
-from .ablations import FAMILY_AGAINST, FAMILY_ARMS, FAMILY_NEW
+from .ablations import FAMILY_AGAINST, FAMILY_ARMS, FAMILY_NEW, family_summary
 from .reports import RULE, fmt_interval, frontier_points, frontier_summary, paired_difference, sign
 from .verdicts import at_last_epoch
 
@@ -34,9 +34,20 @@ def _seed_diffs(records, matched: dict, arm: str, other: str) -> dict:
     return out
 
 
-def family(base_folders, frontier_folder=None, family_frontier_folder=None) -> dict:
+def beside(main_folder, extra_folder) -> dict:
+    """The family's comparisons on a main comparison (``main_folder``, e.g. the real model's)
+    with more arms run apart under the same preset and seeds (``extra_folder``: ``reproduce`` with
+    ``arms=("asft",)``), their main-group records together."""
+    records = _records(main_folder, "main") + _records(extra_folder, "main")
+    return {"folders": [str(main_folder), str(extra_folder)],
+            **family_summary(records)["family"]}
+
+
+def family(base_folders, frontier_folder=None, family_frontier_folder=None,
+           beside_folders=None) -> dict:
     """Per base (a ``family`` folder each): each arm's OOD at matched ID and each anchored arm
-    minus SFT and minus PSFT; pooled over every (base, seed) pair; and the lr frontier's gaps."""
+    minus SFT and minus PSFT; pooled over every (base, seed) pair; the lr frontier's gaps; and
+    (``beside_folders``: a main folder and a folder of more arms) ``beside``."""
     bases, pooled = {}, {}
     for folder in base_folders:
         summary = json.loads((Path(folder) / "results.json").read_text())["summary"]
@@ -60,6 +71,8 @@ def family(base_folders, frontier_folder=None, family_frontier_folder=None) -> d
            "pooled": {name: {m: sign(d) if d else None for m, d in ms.items()}
                       for name, ms in pooled.items()},
            "rule": f"{RULE}; pooled: every (base, data seed) pair is one paired difference"}
+    if beside_folders:
+        out["beside"] = beside(*beside_folders)
     if frontier_folder and family_frontier_folder:
         records = (_records(frontier_folder, "frontier")
                    + _records(family_frontier_folder, "family_frontier"))
@@ -121,7 +134,22 @@ def family_markdown(summary: dict) -> str:
                   "PSFT's frontier (best OOD at ID >= x over every lr and epoch) minus each arm's, "
                   "per seed, at ID levels fixed before looking.", "",
                   *_md(["PSFT minus", *(f"ID {x}" for x in levels)], rows), ""]
+    if "beside" in summary:
+        lines += beside_markdown(summary["beside"])
     return "\n".join(lines)
+
+
+def beside_markdown(b: dict) -> list:
+    """The section of ``beside``: OOD at matched ID per arm, then each comparison's numbers."""
+    m = b["matched_id"]
+    ood = [[arm, f"{statistics.fmean(v['ood_acc']):.3f}" if v["ood_acc"] else "n/a"]
+           for arm, v in m["arms"].items()]
+    rows = [[name, *(fmt_interval(c[k]) if c[k] else "n/a" for k in MEASURES)]
+            for name, c in b["comparisons"].items()]
+    return [f"## Beside {b['folders'][0]} (more arms from {b['folders'][1]})", "",
+            f"OOD accuracy at matched ID (first epoch with ID >= {m['level']:.2f}), mean over "
+            "data seeds; n/a: missed on a seed.", "", *_md(["arm", "OOD"], ood), "",
+            *_md(["difference", *MEASURES.values()], rows), ""]
 
 
 def write_family(out, summary: dict) -> list:
