@@ -220,3 +220,15 @@ def test_family_beside_a_committed_main_comparison_pairs_the_new_arm_by_seed(tmp
     psft, sft = ({r["seed"]: r["id_acc"] for r in data["records"]
                   if r["method"] == a and r["epoch"] == 3} for a in ("psft", "sft"))
     assert versus_sft["diff"] == pytest.approx(sum(psft[s] - sft[s] for s in psft) / 3)
+
+
+def test_compare_takes_the_anchored_arms_and_the_main_comparison_keeps_its_own():
+    from minipsft.cli import build_parser
+    from minipsft.lab.presets import ARMS
+
+    args = build_parser().parse_args(["compare", "--model", "m", "--train", "t.jsonl", "--test",
+                                      "v.jsonl", "--arms", "psft", "asft", "sft_kl_vocab",
+                                      "--out", "o"])
+    assert args.arms == ["psft", "asft", "sft_kl_vocab"]
+    # the committed results' arms: a loss added to the registry does not change what they ran
+    assert ARMS == ("psft", "sft", "sft_kl", "dft", "sft_paper", "sft_small")

@@ -1,5 +1,6 @@
 """Figures of the toy-world results: mean over seeds as a line, min-max over seeds as a band."""
 import statistics
+import textwrap
 from collections import defaultdict
 
 import matplotlib.pyplot as plt  # on a machine without a display matplotlib picks Agg by itself
@@ -201,7 +202,8 @@ def frontier(points: dict, gaps: dict, path, versus: str = "sft"):
                 linewidth=2, label=f"{LABELS[arm]} ({len(pts)} lr x epoch points)")
     finding = frontier_finding(gaps.get(versus) or {}, "SFT" if versus == "sft" else
                                LABELS[versus])
-    ax.set(title=finding + "\nfrontier = best OOD at ID >= x, over every lr and epoch",
+    ax.set(title=textwrap.fill(finding, 95) + "\nfrontier = best OOD at ID >= x, over every lr "
+           "and epoch",
            xlabel="in-domain accuracy", ylabel="out-of-domain accuracy", xlim=(0.45, 1.0))
     ax.title.set_fontsize(10)  # the finding is a long line
     ax.grid(alpha=0.3)
