@@ -214,6 +214,7 @@ def test_family_beside_a_committed_main_comparison_pairs_the_new_arm_by_seed(tmp
     extra = [dict(r, method="asft") for r in data["records"] if r["method"] == "psft"]
     (tmp_path / "results.json").write_text(json.dumps({"summary": {}, "records": extra}))
     b = beside(main_folder, tmp_path)  # "asft" here is PSFT's own records under another name
+    assert list(b["comparisons"]) == ["asft - sft", "asft - psft"]
     same = b["comparisons"]["asft - psft"]["last_ood"]
     assert same["diff"] == 0 and same["seeds"] == 3
     versus_sft = b["comparisons"]["asft - sft"]["last_id"]

@@ -178,12 +178,13 @@ def family_frontier_runs(p: Preset) -> list:
 
 
 def family_summary(records) -> dict:
-    """OOD at matched ID of every family arm, and each anchored arm minus SFT (same lr and
+    """OOD at matched ID of every arm, and each arm but PSFT and the SFTs minus SFT (same lr and
     schedule) and minus PSFT, paired by seed: OOD at matched ID, ID and OOD at the last epoch."""
-    arms = [a for a in FAMILY_ARMS if any(r["method"] == a for r in records)]
+    present = list(dict.fromkeys(r["method"] for r in records))
+    arms = [a for a in FAMILY_ARMS if a in present] + [a for a in present if a not in FAMILY_ARMS]
     m = matched_id(records, arms)
     comparisons = {}
-    for arm in (a for a in FAMILY_NEW if a in arms):
+    for arm in (a for a in arms if a not in ("psft", "sft", "sft_paper", "sft_small")):
         for other in (a for a in FAMILY_AGAINST if a in arms):
             last = {key: paired(at_last_epoch(records, key, method=arm),
                                 at_last_epoch(records, key, method=other))

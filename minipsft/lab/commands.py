@@ -183,9 +183,10 @@ def _add_family(sub, options: dict) -> None:
     f.add_argument("folders", nargs="+", help="'family' results folders, one per base")
     f.add_argument("--frontier", nargs=2, default=None, metavar=("FRONTIER", "FAMILY_FRONTIER"),
                    help="the 'frontier' folder and the 'family_frontier' folder beside it")
-    f.add_argument("--beside", nargs=2, default=None, metavar=("MAIN", "MORE_ARMS"),
-                   help="also compare on a main comparison (e.g. the real model's) with the "
-                        "anchored arms run apart under the same preset and seeds")
+    f.add_argument("--beside", nargs="+", action="append", default=None,
+                   metavar="MAIN [MORE_ARMS]",
+                   help="also compare every arm of a main comparison (e.g. the real model's), "
+                        "with more arms run apart under the same preset and seeds (repeatable)")
     f.add_argument("--out", required=True, help="output folder")
 
 

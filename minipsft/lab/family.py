@@ -34,20 +34,20 @@ def _seed_diffs(records, matched: dict, arm: str, other: str) -> dict:
     return out
 
 
-def beside(main_folder, extra_folder) -> dict:
-    """The family's comparisons on a main comparison (``main_folder``, e.g. the real model's)
-    with more arms run apart under the same preset and seeds (``extra_folder``: ``reproduce`` with
-    ``arms=("asft",)``), their main-group records together."""
-    records = _records(main_folder, "main") + _records(extra_folder, "main")
-    return {"folders": [str(main_folder), str(extra_folder)],
-            **family_summary(records)["family"]}
+def beside(main_folder, extra_folder=None) -> dict:
+    """The family's comparisons on a main comparison (``main_folder``: every arm but PSFT and the
+    SFTs against SFT and PSFT), with more arms run apart under the same preset and seeds
+    (``extra_folder``: ``reproduce`` with ``arms=("asft",)``), their main-group records together."""
+    folders = [f for f in (main_folder, extra_folder) if f is not None]
+    records = [r for f in folders for r in _records(f, "main")]
+    return {"folders": [str(f) for f in folders], **family_summary(records)["family"]}
 
 
 def family(base_folders, frontier_folder=None, family_frontier_folder=None,
            beside_folders=None) -> dict:
     """Per base (a ``family`` folder each): each arm's OOD at matched ID and each anchored arm
     minus SFT and minus PSFT; pooled over every (base, seed) pair; the lr frontier's gaps; and
-    (``beside_folders``: a main folder and a folder of more arms) ``beside``."""
+    (``beside_folders``: [main folder, and a folder of more arms or not], each) ``beside``."""
     bases, pooled = {}, {}
     for folder in base_folders:
         summary = json.loads((Path(folder) / "results.json").read_text())["summary"]
@@ -72,7 +72,7 @@ def family(base_folders, frontier_folder=None, family_frontier_folder=None,
                       for name, ms in pooled.items()},
            "rule": f"{RULE}; pooled: every (base, data seed) pair is one paired difference"}
     if beside_folders:
-        out["beside"] = beside(*beside_folders)
+        out["beside"] = [beside(*folders) for folders in beside_folders]
     if frontier_folder and family_frontier_folder:
         records = (_records(frontier_folder, "frontier")
                    + _records(family_frontier_folder, "family_frontier"))
@@ -134,8 +134,8 @@ def family_markdown(summary: dict) -> str:
                   "PSFT's frontier (best OOD at ID >= x over every lr and epoch) minus each arm's, "
                   "per seed, at ID levels fixed before looking.", "",
                   *_md(["PSFT minus", *(f"ID {x}" for x in levels)], rows), ""]
-    if "beside" in summary:
-        lines += beside_markdown(summary["beside"])
+    for b in summary.get("beside", []):
+        lines += beside_markdown(b)
     return "\n".join(lines)
 
 
@@ -146,7 +146,8 @@ def beside_markdown(b: dict) -> list:
            for arm, v in m["arms"].items()]
     rows = [[name, *(fmt_interval(c[k]) if c[k] else "n/a" for k in MEASURES)]
             for name, c in b["comparisons"].items()]
-    return [f"## Beside {b['folders'][0]} (more arms from {b['folders'][1]})", "",
+    more = f" (more arms from {b['folders'][1]})" if len(b["folders"]) > 1 else ""
+    return [f"## Beside {b['folders'][0]}{more}", "",
             f"OOD accuracy at matched ID (first epoch with ID >= {m['level']:.2f}), mean over "
             "data seeds; n/a: missed on a seed.", "", *_md(["arm", "OOD"], ood), "",
             *_md(["difference", *MEASURES.values()], rows), ""]
