@@ -6,6 +6,7 @@ from pathlib import Path
 
 from . import toy
 from .ablations import ABLATIONS
+from .family import MEASURES
 from .results import read_folder
 from .verdicts import (at_last_epoch, boundary_effects, by_seed, fmt, mean_std, paired,
                        sawtooth_claim, two_way)
@@ -184,6 +185,27 @@ def _bases_claims(path: Path) -> list:
         "verdict": verdict}]
 
 
+def _family_claims(path: Path) -> list:
+    """Beyond the paper: each anchored loss against PSFT, pooled over bases (``family.py``)."""
+    summary = json.loads(path.read_text())
+    rows = []
+    for name, pooled in summary["pooled"].items():
+        arm, other = name.split(" - ")
+        if other != "psft":
+            continue
+        parts = {title: pooled[m] for m, title in MEASURES.items()}
+        said = {"+": "higher", "-": "lower", "=": "level", None: "n/a"}
+        words = "; ".join(f"{k}: {said[d['sign'] if d else None]}" for k, d in parts.items())
+        rows.append({
+            "claim": f"F. (not the paper's) {arm} against PSFT, same lr and schedule",
+            "numbers": f"{arm} minus PSFT, pooled over {pooled['last_id']['seeds']} (base, data "
+                       f"seed) pairs on {len(summary['bases'])} bases (toy_cpu_family/family.md): "
+                       + "; ".join(f"{k} {fmt(d) if d else 'n/a'}" for k, d in parts.items()),
+            "rule": "the sign rule on every (base, seed) pair",
+            "verdict": words})
+    return rows
+
+
 def base_parameters(folder) -> int:
     """Parameters of the toy base model a results folder was fine-tuned from (from its settings;
     the model is built, not loaded)."""
@@ -193,7 +215,7 @@ def base_parameters(folder) -> int:
 
 def claims(results_dir="results", main="toy_cpu", ablations="toy_cpu_ablations",
            rl="toy_cpu_rl", bases="toy_cpu_bases", sawtooth="toy_cpu_sawtooth",
-           second_size="toy_cpu_wide") -> list:
+           second_size="toy_cpu_wide", family="toy_cpu_family") -> list:
     """Rows ``{"claim", "numbers", "rule", "verdict"}`` from the results folders that exist.
     ``second_size``: the main comparison on a larger base (and ``SECOND_sawtooth``): each claim
     they give also gets their numbers and verdict as ``second``, and ``same_at_both_sizes``."""
@@ -217,6 +239,8 @@ def claims(results_dir="results", main="toy_cpu", ablations="toy_cpu_ablations",
         rows += found
     if (root / bases / "across_bases.json").exists():
         rows += _bases_claims(root / bases / "across_bases.json")
+    if (root / family / "family.json").exists():
+        rows += _family_claims(root / family / "family.json")
     return sorted(rows, key=lambda r: r["claim"])
 
 
