@@ -182,7 +182,7 @@ def test_the_family_bench_per_base_and_pooled_at_smoke_size(tmp_path, smoke_cach
 
     folders = [tmp_path / "family_a", tmp_path / "family_b"]
     reproduce("smoke", folders[0], cache_dir=smoke_cache, ablations=["family"], main=False,
-              seeds=[0])
+              seeds=[0], epochs=2)  # two epochs: the wiring, not the numbers
     data = json.loads((folders[0] / "results.json").read_text())
     folders[1].mkdir()  # a second base, as far as family() can tell: its results under a name
     data["summary"]["preset_config"]["pretrain_seed"] = 77
