@@ -1,7 +1,7 @@
 """Command line: ``python -m minipsft train --model ID --data FILE --method psft --out DIR``; every
 ``TrainConfig`` field is a flag (``eps_high`` -> ``--eps-high``). Errors are one line naming the
 thing and the fix (``--debug`` or ``MINIPSFT_DEBUG=1``: the traceback). The lab's commands
-(reproduce, compare, across-bases, claims, reproduce-rl) are in ``lab/commands.py``."""
+(reproduce, compare, across-bases, family, claims, reproduce-rl) are in ``lab/commands.py``."""
 import argparse
 import dataclasses
 import json
@@ -56,7 +56,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def _add_train(sub, options: dict) -> None:
     p = sub.add_parser(
-        "train", **options, help="fine-tune a causal LM with SFT, PSFT, DFT or SFT+KL",
+        "train", **options, help="fine-tune a causal LM with SFT, PSFT, DFT, SFT+KL or ASFT",
         description=wrap(
             "Fine-tune a Hugging Face causal LM on a JSONL/Parquet file in TRL's prompt-completion "
             "or conversational format. Writes OUT/history.jsonl (one line per optimizer step), "
@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     options = dict(formatter_class=HelpFormatter, parents=[common])  # every command's
     _add_train(sub, options)
-    add_commands(sub, options)  # reproduce, compare, across-bases, claims, reproduce-rl
+    add_commands(sub, options)  # reproduce, compare, across-bases, family, claims, ...
     return parser
 
 

@@ -115,7 +115,8 @@ def objective_terms(objective):
     """``terms(logp, cols)``: a ``train.Objective``'s per-token loss terms at the target positions
     ``cols`` (position t + 1 of the input), what ``fused_head_loss`` differentiates."""
     if objective.loss.vocab_kl:  # its KL's gradient reaches every logit, not only log p_t's
-        raise ValueError("the fused head takes losses of log p_t alone: not a vocab_kl loss")
+        raise ValueError(f"method={objective.cfg.method!r}: the fused head takes losses of log "
+                         "p_t alone, not a whole-vocabulary KL")
 
     def terms(logp, cols):
         old = objective.logp_old

@@ -131,8 +131,8 @@ def token_logprobs(model, input_ids, attention_mask, with_entropy: bool = False,
     memory holds them twice over. ``compile``: a torch.compile backend for the chunks."""
     if fast_head(model) is None:
         return logprobs.token_logprobs(model, input_ids, attention_mask, with_entropy)
-    return chunked(model, input_ids, attention_mask, with_entropy, chunk_elements, keep_logits,
-                   compile)[:2]
+    return chunked_logprobs(model, input_ids, attention_mask, with_entropy, chunk_elements,
+                            keep_logits, compile)[:2]
 
 
 def token_logprobs_kl(model, input_ids, attention_mask, ref_hidden, ref_head,
@@ -141,12 +141,12 @@ def token_logprobs_kl(model, input_ids, attention_mask, ref_hidden, ref_head,
     """``logprobs.token_logprobs_kl``'s ``(logp, entropy, kl)`` for a model with a ``fast_head``,
     chunk by chunk: the reference's logits come from its final hidden states ``ref_hidden`` and
     ``ref_head`` one chunk at a time, beside the model's, so no [B, T, V] tensor is ever built."""
-    return chunked(model, input_ids, attention_mask, True, chunk_elements, keep_logits, compile,
-                   (ref_hidden[:, :-1], ref_head))
+    return chunked_logprobs(model, input_ids, attention_mask, True, chunk_elements, keep_logits,
+                            compile, (ref_hidden[:, :-1], ref_head))
 
 
-def chunked(model, input_ids, attention_mask, with_entropy, chunk_elements, keep_logits, compile,
-            ref=None) -> tuple:
+def chunked_logprobs(model, input_ids, attention_mask, with_entropy, chunk_elements, keep_logits,
+                     compile, ref=None) -> tuple:
     """``(logp, entropy, kl)`` chunk by chunk through ``fast_head(model)`` (``kl``: None unless
     ``ref``, the reference's hidden states and head, is given)."""
     head = fast_head(model)

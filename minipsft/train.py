@@ -315,6 +315,8 @@ class StartingWeights(Protocol):
 
     def logprobs(self, batch) -> torch.Tensor: ...
 
+    def weights(self): ...  # a context manager: the reference model, under no grad
+
 
 @dataclass
 class Objective:
@@ -330,7 +332,7 @@ class Objective:
     def __call__(self, logp, kl=None):
         """The loss and its metrics; ``kl``: KL(pi_ref || pi) per position (a vocab_kl loss)."""
         if self.loss.vocab_kl and kl is None:
-            raise ValueError("this loss needs kl, KL(pi_ref || pi) per position: token_logprobs_kl")
+            raise ValueError(f"{self.cfg.method!r} needs kl, KL(pi_ref || pi) per position")
         old = logp.detach() if self.logp_old is None else self.logp_old
         ref = kl if self.loss.vocab_kl else self.logp_ref
         return self.loss.loss(logp, self.weights, old, ref, self.cfg)

@@ -191,11 +191,12 @@ def test_the_family_bench_per_base_and_pooled_at_smoke_size(tmp_path, smoke_cach
     assert {r["method"] for r in records} == {"psft", "sft", "sft_paper", "asft", "sft_kl_vocab"}
     assert (folders[0] / "family.png").stat().st_size > 20_000
     summary = family(folders)
-    assert list(summary["bases"]) == ["None", "77"]
+    smoke_seed = str(data["summary"]["preset_config"]["base"]["pretrain_seed"])
+    assert list(summary["bases"]) == [smoke_seed, "77"]
     pooled = summary["pooled"]["asft - sft"]["last_ood"]
     assert pooled["seeds"] == 2  # every (base, seed) pair
     per_base = [summary["bases"][b]["comparisons"]["asft - sft"]["last_ood"]["diff"]
-                for b in ("None", "77")]
+                for b in (smoke_seed, "77")]
     assert pooled["diff"] == pytest.approx(sum(per_base) / 2)
     one_base = summary["bases"]["77"]["comparisons"]["asft - sft"]["last_ood"]
     assert one_base["hi"] == float("inf") and pooled["hi"] < float("inf")  # 1 seed vs 2 pairs
@@ -212,7 +213,9 @@ def test_family_beside_a_committed_main_comparison_pairs_the_new_arm_by_seed(tmp
     main_folder = Path(__file__).parents[1] / "results" / "real_cpu_smollm2"
     data = json.loads((main_folder / "results.json").read_text())
     extra = [dict(r, method="asft") for r in data["records"] if r["method"] == "psft"]
-    (tmp_path / "results.json").write_text(json.dumps({"summary": {}, "records": extra}))
+    summary = dict(data["summary"], preset_config=dict(data["summary"]["preset_config"],
+                                                       arms=["asft"]))
+    (tmp_path / "results.json").write_text(json.dumps({"summary": summary, "records": extra}))
     b = beside(main_folder, tmp_path)  # "asft" here is PSFT's own records under another name
     assert list(b["comparisons"]) == ["asft - sft", "asft - psft"]
     same = b["comparisons"]["asft - psft"]["last_ood"]
@@ -221,15 +224,16 @@ def test_family_beside_a_committed_main_comparison_pairs_the_new_arm_by_seed(tmp
     psft, sft = ({r["seed"]: r["id_acc"] for r in data["records"]
                   if r["method"] == a and r["epoch"] == 3} for a in ("psft", "sft"))
     assert versus_sft["diff"] == pytest.approx(sum(psft[s] - sft[s] for s in psft) / 3)
+    summary["preset_config"]["lr"] *= 2  # another lr: not the same comparison
+    (tmp_path / "results.json").write_text(json.dumps({"summary": summary, "records": extra}))
+    with pytest.raises(ValueError, match="differ in lr"):
+        beside(main_folder, tmp_path)
 
 
-def test_compare_takes_the_anchored_arms_and_the_main_comparison_keeps_its_own():
+def test_compare_takes_the_anchored_arms():
     from minipsft.cli import build_parser
-    from minipsft.lab.presets import ARMS
 
     args = build_parser().parse_args(["compare", "--model", "m", "--train", "t.jsonl", "--test",
                                       "v.jsonl", "--arms", "psft", "asft", "sft_kl_vocab",
                                       "--out", "o"])
     assert args.arms == ["psft", "asft", "sft_kl_vocab"]
-    # the committed results' arms: a loss added to the registry does not change what they ran
-    assert ARMS == ("psft", "sft", "sft_kl", "dft", "sft_paper", "sft_small")

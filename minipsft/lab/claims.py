@@ -198,9 +198,10 @@ def _family_claims(path: Path) -> list:
         words = "; ".join(f"{k}: {said[d['sign'] if d else None]}" for k, d in parts.items())
         rows.append({
             "claim": f"F. (not the paper's) {arm} against PSFT, same lr and schedule",
-            "numbers": f"{arm} minus PSFT, pooled over {pooled['last_id']['seeds']} (base, data "
-                       f"seed) pairs on {len(summary['bases'])} bases (toy_cpu_family/family.md): "
-                       + "; ".join(f"{k} {fmt(d) if d else 'n/a'}" for k, d in parts.items()),
+            "numbers": f"{arm} minus PSFT, pooled over (base, data seed) pairs on "
+                       f"{len(summary['bases'])} bases (toy_cpu_family/family.md): "
+                       + "; ".join(f"{k} {fmt(d)} over {d['seeds']} pairs" if d else f"{k} n/a"
+                                   for k, d in parts.items()),
             "rule": "the sign rule on every (base, seed) pair",
             "verdict": words})
     return rows

@@ -1,6 +1,6 @@
-"""The lab's commands on the command line: ``python -m minipsft reproduce | compare | across-bases |
-claims | reproduce-rl``, their flags and what each runs. ``cli.py`` adds them beside ``train``
-(``add_commands``) and runs them (``COMMANDS``)."""
+"""The lab's commands on the command line: ``python -m minipsft reproduce | compare |
+across-bases | family | claims | reproduce-rl``, their flags and what each runs. ``cli.py`` adds
+them beside ``train`` (``add_commands``) and runs them (``COMMANDS``)."""
 import argparse
 import dataclasses
 import json
@@ -91,7 +91,9 @@ def _add_reproduce(sub, options: dict) -> None:
                         "SFT warm-up; aggregation: PSFT, SFT and paper-recipe SFT with the "
                         "official run's loss aggregation and lr warm-up; frontier: every method "
                         "at 3-6 lrs; sawtooth: PSFT, SFT and paper-recipe SFT with held-out "
-                        "entropy measured around every epoch boundary)")
+                        "entropy measured around every epoch boundary; family: ASFT and SFT+KL "
+                        "over the whole vocabulary beside PSFT and both SFTs; family_frontier: "
+                        "those two at the frontier's lrs)")
     r.add_argument("--skip-main", action="store_true", help="run only the ablations")
     r.add_argument("--model", default=None,
                    help="gsm8k preset: hub id or folder of the model to fine-tune")
@@ -138,7 +140,7 @@ def _add_compare(sub, options: dict) -> None:
                         "'gsm8k' (the number after ####, else the last number) or a regular "
                         "expression (its first group)")
     c.add_argument("--arms", nargs="+", default=list(PRESETS["files"].arms), choices=ARM_NAMES,
-                   help="the methods compared (sft_kl and dft on request)")
+                   help="the methods compared (sft_kl, dft, asft, sft_kl_vocab on request)")
     c.add_argument("--epochs", type=int, default=PRESETS["files"].epochs, help="epochs per run")
     c.add_argument("--lr", type=float, default=PRESETS["files"].lr,
                    help="PSFT's lr (and SFT's at PSFT's schedule)")
@@ -197,9 +199,9 @@ def _add_claims(sub, options: dict) -> None:
         description=wrap(
             "Compute every number and verdict of the claims table from the committed results "
             "folders under --results (toy_cpu, toy_cpu_ablations, toy_cpu_rl, toy_cpu_sawtooth, "
-            "toy_cpu_bases and, for a second model size, toy_cpu_wide; a missing folder leaves "
-            "its claims out), by the rule written beside each (claims.py), and write it as "
-            "markdown."),
+            "toy_cpu_bases, toy_cpu_family and, for a second model size, toy_cpu_wide; a missing "
+            "folder leaves its claims out), by the rule written beside each (claims.py), and write "
+            "it as markdown."),
         epilog=examples("python -m minipsft claims --results results --out results/claims.md"))
     c.add_argument("--results", default="results", help="the folder holding the results folders")
     c.add_argument("--out", default=None, help="markdown file to write (default: print it)")
@@ -298,6 +300,10 @@ def _across_bases_command(args) -> None:
 
 
 def _family_command(args) -> None:
+    for folders in args.beside or ():
+        if len(folders) > 2:
+            raise ValueError(f"--beside {' '.join(folders)}: a main folder and at most one "
+                             "folder of more arms")
     summary = family(args.folders, *(args.frontier or (None, None)), beside_folders=args.beside)
     print(f"wrote {', '.join(write_family(args.out, summary))} in {args.out}")
     print(family_markdown(summary))

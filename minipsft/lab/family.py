@@ -9,7 +9,8 @@ from pathlib import Path
 
 from . import plots
 from .ablations import FAMILY_AGAINST, FAMILY_ARMS, FAMILY_NEW, family_summary
-from .reports import RULE, fmt_interval, frontier_points, frontier_summary, paired_difference, sign
+from .reports import RULE, base_seed, fmt_interval, frontier_points, frontier_summary
+from .reports import paired_difference, sign
 from .verdicts import at_last_epoch
 
 MEASURES = {"ood_at_matched_id": "OOD at matched ID", "last_id": "ID, last epoch",
@@ -18,7 +19,34 @@ MEASURES = {"ood_at_matched_id": "OOD at matched ID", "last_id": "ID, last epoch
 
 def _records(folder, group: str) -> list:
     records = json.loads((Path(folder) / "results.json").read_text())["records"]
-    return [r for r in records if r["group"] == group]
+    mine = [r for r in records if r["group"] == group]
+    if not mine:
+        raise ValueError(f"{folder} has no {group!r} runs (reproduce --ablations {group})"
+                         if group != "main" else f"{folder} has no main comparison")
+    return mine
+
+
+def _config(folder) -> dict:
+    """A folder's settings, less those that name its base or only say how it ran."""
+    config = json.loads((Path(folder) / "results.json").read_text())["summary"]["preset_config"]
+    return {k: v for k, v in config.items()
+            if k not in ("pretrain_seed", "base", "workers", "threads", "arms")}
+
+
+def _same_settings(folders) -> None:
+    """Refuse folders made with other settings than the first's (bases and arms may differ)."""
+    first = _config(folders[0])
+    for folder in folders[1:]:
+        other = _config(folder)
+        differ = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
+        if differ:
+            raise ValueError(f"{folder} and {folders[0]} differ in {', '.join(differ)}: "
+                             "compare runs made with the same preset")
+
+
+def _every_seed(arm: dict) -> bool:
+    reached, seeds = arm["reached"].split("/")
+    return reached == seeds != "0"
 
 
 def _seed_diffs(records, matched: dict, arm: str, other: str) -> dict:
@@ -39,6 +67,7 @@ def beside(main_folder, extra_folder=None) -> dict:
     SFTs against SFT and PSFT), with more arms run apart under the same preset and seeds
     (``extra_folder``: ``reproduce`` with ``arms=("asft",)``), their main-group records together."""
     folders = [f for f in (main_folder, extra_folder) if f is not None]
+    _same_settings(folders)
     records = [r for f in folders for r in _records(f, "main")]
     return {"folders": [str(f) for f in folders], **family_summary(records)["family"]}
 
@@ -49,18 +78,19 @@ def family(base_folders, frontier_folder=None, family_frontier_folder=None,
     minus SFT and minus PSFT; pooled over every (base, seed) pair; the lr frontier's gaps; and
     (``beside_folders``: [main folder, and a folder of more arms or not], each) ``beside``."""
     bases, pooled = {}, {}
+    _same_settings(base_folders)
     for folder in base_folders:
+        records = _records(folder, "family")
         summary = json.loads((Path(folder) / "results.json").read_text())["summary"]
-        seed = summary["preset_config"].get("pretrain_seed")
+        seed = base_seed(summary["preset_config"], Path(folder).name)
         if str(seed) in bases:
             raise ValueError(f"{folder} and {bases[str(seed)]['folder']} have the same base "
                              f"({seed}): give each base once")
-        records = _records(folder, "family")
         matched = summary["family"]["matched_id"]
         bases[str(seed)] = {"folder": str(folder), "level": matched["level"],
                             "ood_at_matched_id": {a: statistics.fmean(v["ood_acc"])
                                                   for a, v in matched["arms"].items()
-                                                  if v["ood_acc"] and None not in v["ood_acc"]},
+                                                  if _every_seed(v) and None not in v["ood_acc"]},
                             "comparisons": summary["family"]["comparisons"]}
         for arm in FAMILY_NEW:
             for other in FAMILY_AGAINST:
@@ -74,6 +104,7 @@ def family(base_folders, frontier_folder=None, family_frontier_folder=None,
     if beside_folders:
         out["beside"] = [beside(*folders) for folders in beside_folders]
     if frontier_folder and family_frontier_folder:
+        _same_settings([frontier_folder, family_frontier_folder])
         records = (_records(frontier_folder, "frontier")
                    + _records(family_frontier_folder, "family_frontier"))
         out["frontier"] = frontier_summary(records)
@@ -142,7 +173,7 @@ def family_markdown(summary: dict) -> str:
 def beside_markdown(b: dict) -> list:
     """The section of ``beside``: OOD at matched ID per arm, then each comparison's numbers."""
     m = b["matched_id"]
-    ood = [[arm, f"{statistics.fmean(v['ood_acc']):.3f}" if v["ood_acc"] else "n/a"]
+    ood = [[arm, f"{statistics.fmean(v['ood_acc']):.3f}" if _every_seed(v) else "n/a"]
            for arm, v in m["arms"].items()]
     rows = [[name, *(fmt_interval(c[k]) if c[k] else "n/a" for k in MEASURES)]
             for name, c in b["comparisons"].items()]

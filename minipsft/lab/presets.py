@@ -47,6 +47,7 @@ class Preset:
     lr: float = 1e-4
     sft_paper_lr: float = 2e-3
     kl_coef: float = 0.5
+    vocab_kl_coef: float = 0.1  # asft and sft_kl_vocab's whole-vocabulary KL
     seeds: tuple = (0, 1, 2)
     workers: int = 2
     threads: int = 1
@@ -183,7 +184,8 @@ def arm_config(p: Preset, arm: str, **overrides) -> TrainConfig:
     """The training config of ``arm`` under preset ``p`` (``overrides``: any TrainConfig field)."""
     cfg = TrainConfig(method=arm if arm in LOSSES else "sft",  # sft_paper and sft_small are SFT
                       epochs=p.epochs, batch_size=p.batch_size, minibatch_size=p.minibatch_size,
-                      lr=p.lr, kl_coef=p.kl_coef, micro_batch_size=p.micro_batch_size,
+                      lr=p.lr, kl_coef=p.kl_coef, vocab_kl_coef=p.vocab_kl_coef,
+                      micro_batch_size=p.micro_batch_size,
                       length_bucketing=p.length_bucketing, loss_aggregation=p.loss_aggregation,
                       lr_warmup_batches=p.lr_warmup_batches, progress=False)
     if arm == "sft_paper":

@@ -147,16 +147,21 @@ def _every_seed(arm: dict | None) -> bool:
     return reached == seeds != "0"
 
 
+def base_seed(config: dict, fallback: str):
+    """The pretraining seed of a results folder's base (``preset_config``), else ``fallback``."""
+    seed = config.get("pretrain_seed")
+    if seed is None:
+        seed = (config.get("base") or {}).get("pretrain_seed", fallback)
+    return seed
+
+
 def across_bases(folders) -> dict:
     """OOD at matched ID per base (a folder each, ``Preset.pretrain_seed``) and arm, its spread
     across bases, and each of ``BASE_COMPARISONS`` per base with a verdict over bases."""
     bases = {}
     for folder in folders:
         summary = json.loads((Path(folder) / "results.json").read_text())["summary"]
-        config = summary["preset_config"]
-        seed = config.get("pretrain_seed")
-        if seed is None:
-            seed = (config.get("base") or {}).get("pretrain_seed", Path(folder).name)
+        seed = base_seed(summary["preset_config"], Path(folder).name)
         if str(seed) in bases:
             raise ValueError(f"{folder} and {bases[str(seed)]['folder']} have the same base "
                              f"({seed}): give each base once")
