@@ -1,5 +1,6 @@
 """LoRA through ``peft``: only the adapter trains; pi_old stays a set of stored log-probs, and
-pi_ref (SFT+KL, the anchored ablation) is the model with its adapter switched off, not a copy."""
+pi_ref (SFT+KL, ASFT, the anchored ablation) is the model with its adapter switched off, not a
+copy (model.Reference)."""
 __all__ = ["add_lora", "is_lora", "fresh_adapter"]
 
 
