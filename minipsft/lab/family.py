@@ -10,7 +10,7 @@ from pathlib import Path
 from . import plots
 from .ablations import FAMILY_AGAINST, FAMILY_ARMS, FAMILY_NEW, family_summary
 from .reports import RULE, base_seed, fmt_interval, frontier_points, frontier_summary
-from .reports import paired_difference, sign
+from .reports import every_seed, paired_difference, sign
 from .verdicts import at_last_epoch
 
 MEASURES = {"ood_at_matched_id": "OOD at matched ID", "last_id": "ID, last epoch",
@@ -42,11 +42,6 @@ def _same_settings(folders) -> None:
         if differ:
             raise ValueError(f"{folder} and {folders[0]} differ in {', '.join(differ)}: "
                              "compare runs made with the same preset")
-
-
-def _every_seed(arm: dict) -> bool:
-    reached, seeds = arm["reached"].split("/")
-    return reached == seeds != "0"
 
 
 def _seed_diffs(records, matched: dict, arm: str, other: str) -> dict:
@@ -90,7 +85,7 @@ def family(base_folders, frontier_folder=None, family_frontier_folder=None,
         bases[str(seed)] = {"folder": str(folder), "level": matched["level"],
                             "ood_at_matched_id": {a: statistics.fmean(v["ood_acc"])
                                                   for a, v in matched["arms"].items()
-                                                  if _every_seed(v) and None not in v["ood_acc"]},
+                                                  if every_seed(v) and None not in v["ood_acc"]},
                             "comparisons": summary["family"]["comparisons"]}
         for arm in FAMILY_NEW:
             for other in FAMILY_AGAINST:
@@ -173,7 +168,7 @@ def family_markdown(summary: dict) -> str:
 def beside_markdown(b: dict) -> list:
     """The section of ``beside``: OOD at matched ID per arm, then each comparison's numbers."""
     m = b["matched_id"]
-    ood = [[arm, f"{statistics.fmean(v['ood_acc']):.3f}" if _every_seed(v) else "n/a"]
+    ood = [[arm, f"{statistics.fmean(v['ood_acc']):.3f}" if every_seed(v) else "n/a"]
            for arm, v in m["arms"].items()]
     rows = [[name, *(fmt_interval(c[k]) if c[k] else "n/a" for k in MEASURES)]
             for name, c in b["comparisons"].items()]

@@ -134,7 +134,7 @@ def paired_difference(m: dict, arm: str, other: str) -> dict | None:
     """``sign`` of OOD at matched ID of ``arm`` minus ``other``'s, paired by seed; None when either
     missed the level on a seed, or the two ran different seeds."""
     a, b = m["arms"].get(arm), m["arms"].get(other)
-    if not (_every_seed(a) and _every_seed(b)):
+    if not (every_seed(a) and every_seed(b)):
         return None
     ood_a, ood_b = (dict(zip(x["seeds"], x["ood_acc"])) for x in (a, b))
     if set(ood_a) != set(ood_b) or None in ood_a.values() or None in ood_b.values():
@@ -142,7 +142,8 @@ def paired_difference(m: dict, arm: str, other: str) -> dict | None:
     return sign(ood_a[s] - ood_b[s] for s in sorted(ood_a))
 
 
-def _every_seed(arm: dict | None) -> bool:
+def every_seed(arm: dict | None) -> bool:
+    """Whether a matched-ID entry reached the level on every one of its seeds."""
     reached, seeds = arm["reached"].split("/") if arm else ("0", "0")
     return reached == seeds != "0"
 
@@ -170,7 +171,7 @@ def across_bases(folders) -> dict:
     for arm in dict.fromkeys(a for b in bases.values() for a in b["matched_id"]["arms"]):
         hits = {name: b["matched_id"]["arms"].get(arm) for name, b in bases.items()}
         # an arm that missed the level on a seed: no mean
-        per_base = {k: statistics.fmean(h["ood_acc"]) for k, h in hits.items() if _every_seed(h)}
+        per_base = {k: statistics.fmean(h["ood_acc"]) for k, h in hits.items() if every_seed(h)}
         if not per_base:
             continue
         means = list(per_base.values())
