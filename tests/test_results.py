@@ -71,3 +71,54 @@ def test_the_family_bench_reran_the_committed_main_comparison(base, main):
         close = 1e-5 if base != "1236" else 1e-3
         for metric in ("entropy", "clipfrac"):
             assert r[metric] == pytest.approx(committed[key(r)][metric], abs=close), key(r)
+
+
+def _split_by_seed(folder: Path, out: Path, seeds: set, wall: float) -> None:
+    """A copy of a committed folder holding only ``seeds``' runs: what ``reproduce --seeds``
+    would have written."""
+    import shutil
+
+    data = json.loads((folder / "results.json").read_text())
+    summary, config = data["summary"], data["summary"]["preset_config"]
+    config["seeds"] = [s for s in config["seeds"] if s in seeds]
+    summary["wall_seconds"] = wall
+    summary["run_seconds"] = {k: v for k, v in summary["run_seconds"].items()
+                              if int(k.rsplit("-s", 1)[1]) in seeds}
+    summary["sft_small_step_ratio"] = {k: v for k, v in summary["sft_small_step_ratio"].items()
+                                       if int(k) in seeds}
+    (out / "histories").mkdir(parents=True)
+    for path in (folder / "histories").glob("*.jsonl"):
+        if int(path.stem.rsplit("-s", 1)[1]) in seeds:
+            shutil.copyfile(path, out / "histories" / path.name)
+    data["records"] = [r for r in data["records"] if r["seed"] in seeds]
+    (out / "results.json").write_text(json.dumps(data, indent=1))
+
+
+def test_add_seeds_rebuilds_a_folder_from_its_seeds(tmp_path):
+    """The committed main comparison split into seeds {0, 1} and {2}, then put together again by
+    ``add_seeds``, gives its report byte for byte and the same summary and records; a folder with
+    a seed in both, or made with another setting, is refused, naming why."""
+    from minipsft.lab.results import add_seeds
+
+    folder = RESULTS / "toy_cpu"
+    original = json.loads((folder / "results.json").read_text())
+    first, second = tmp_path / "first", tmp_path / "second"
+    # the wall time split exactly (both parts in one binade): the sum gives it back
+    _split_by_seed(folder, first, {0, 1}, original["summary"]["wall_seconds"] - 64.0)
+    _split_by_seed(folder, second, {2}, 64.0)
+    with pytest.raises(ValueError, match=r"seeds \[0, 1\] are in both"):
+        add_seeds(first, first)
+    figures = add_seeds(first, second)
+    assert sorted(figures) == sorted(p.name for p in folder.glob("*.png"))
+    assert (first / "report.md").read_bytes() == (folder / "report.md").read_bytes()
+    merged = json.loads((first / "results.json").read_text())
+    assert merged["summary"] == original["summary"]
+    order = lambda r: (r["group"], r["setting"], r["seed"], r["epoch"])  # noqa: E731
+    assert sorted(merged["records"], key=order) == sorted(original["records"], key=order)
+    other = tmp_path / "other"
+    _split_by_seed(folder, other, {2}, 0.0)
+    data = json.loads((other / "results.json").read_text())
+    data["summary"]["preset_config"]["lr"] = 3e-4
+    (other / "results.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"other settings \(lr\)"):
+        add_seeds(second, other)

@@ -21,6 +21,31 @@ def test_teacher_demonstrations_pass_their_own_checker():
     assert {r["task"] for r in rows} == set(toy.PRIOR_TASKS) | {toy.ID_TASK}
 
 
+def test_the_second_in_domain_task_sorts_longer_strings_in_the_same_style():
+    """``sort_long``: 7-10 letters of a-j (pretraining sorted 3-6), the answer then the same
+    reflection as the reversals; the reversal rows, and so every committed run, are unchanged."""
+    import hashlib
+
+    from minipsft.lab.presets import Preset
+    from minipsft.lab.worlds import ToyWorld
+
+    rows = toy.id_rows(200, seed=1, task="sort_long")
+    assert all(toy.is_correct(r, r["completion"]) for r in rows)
+    for r in rows:
+        word = r["prompt"].removeprefix("sort ").removesuffix(":")
+        assert 7 <= len(word) <= 10 and set(word) <= set(toy.LETTERS[:10])
+        answer, tail = r["completion"].split(";")
+        assert answer == "".join(sorted(word)) and f" {len(word)} letters " in tail
+        assert r["task"] == "sort_long"
+    assert not toy.is_correct(rows[0], rows[0]["prompt"][5:-1])  # the unsorted letters
+    reversals = json.dumps(toy.id_rows(300, seed=10_000)).encode()
+    assert hashlib.sha1(reversals).hexdigest()[:12] == "d02737a0c749"
+    assert toy.BaseConfig().key() == "e758a1f29e9a"  # the shipped base's pretraining data
+    assert ToyWorld(Preset(base=None, id_task="sort_long")).train_rows(0)[0]["task"] == "sort_long"
+    with pytest.raises(ValueError, match="id_task 'count'"):
+        ToyWorld(Preset(base=None, id_task="count"))
+
+
 def test_checker_rejects_wrong_answers_and_missing_format():
     row = {"task": "sub", "answers": ["47"], "paren": True}
     assert toy.is_correct(row, "(it is 47)") and toy.is_correct(row, "(47)")

@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from minipsft.lab.reports import across_bases, paired_difference, sign
+from minipsft.lab.pairs import across_bases
+from minipsft.lab.reports import paired_difference, sign
 
 
 def _matched(ood: dict, level=0.8) -> dict:
@@ -44,6 +45,18 @@ def test_verdict_over_bases(tmp_path):
     assert one["comparisons"]["psft - sft"]["verdict"] == "- on every base"
     with pytest.raises(ValueError, match="same base"):
         across_bases([folders[0], folders[0]])
+    # pooled: the sign rule on every (base, seed) difference, 9 of them
+    pooled = out["comparisons"]["psft - sft"]["pooled"]
+    diffs = [0.1, 0.2, 0.2, 0.1, 0.15, 0.2, -0.1, -0.1, -0.1]
+    assert pooled["seeds"] == 9 and pooled["diff"] == pytest.approx(sum(diffs) / 9)
+    assert pooled["sign"] == "=" and out["comparisons"]["psft - sft_paper"]["pooled"]["sign"] == "+"
+    # a second task on the same base is another pair, named by its task
+    task = tmp_path / "sort1"
+    task.mkdir()
+    data = json.loads((folders[0] / "results.json").read_text())
+    data["summary"]["preset_config"]["id_task"] = "sort_long"
+    (task / "results.json").write_text(json.dumps(data))
+    assert list(across_bases([folders[0], task])["bases"]) == ["1", "1/sort_long"]
 
 
 def test_pairs_are_made_by_seed_not_by_position():
@@ -92,14 +105,30 @@ def test_the_sawtooth_hook_measures_held_out_entropy_only_near_epoch_boundaries(
         heldout_near_boundaries(lm, object(), TrainConfig(), 160)
 
 
-def test_boundary_effect_is_the_boundary_drop_minus_the_mean_drop_inside_epochs():
+def test_boundary_effect_is_the_boundary_drop_minus_the_drops_beside_it():
+    """A drop of 0.5 at the boundary on a steady fall of 0.1 per step is an effect of 0.5 - 0.1;
+    the rise at the start of training (entropy climbs while a new style is learned), far from any
+    boundary, does not count: it made every boundary look like a drop when the baseline was the
+    run's mean drop over all of an epoch's steps."""
     from minipsft.lab.records import Job, Run
-    from minipsft.lab.verdicts import boundary_effects
+    from minipsft.lab.verdicts import boundary_curves, boundary_effects
 
-    hist = [{"epoch": 1, "h": 1.0}, {"epoch": 1, "h": 0.9}, {"epoch": 1, "h": 0.8},
-            {"epoch": 2, "h": 0.3}, {"epoch": 2, "h": 0.2}, {"epoch": 2}]  # last: not measured
-    run = Run(Job("sft", 0, "g", "sft"), [], hist)
-    assert boundary_effects([run], "sft", "h", "g") == pytest.approx([0.5 - 0.1])
+    def history(boundary_drop):
+        h, value = [], 1.0
+        for step in range(1, 17):  # 8 steps per epoch
+            rise = step <= 4  # the start of epoch 1: entropy rises
+            value += 0.3 if rise else -(0.1 + (boundary_drop if step == 9 else 0.0))
+            h.append({"step": step, "epoch": 1 + (step - 1) // 8, "h": value})
+        return h
+
+    saw = Run(Job("sft", 0, "g", "sft"), [], history(0.4))
+    assert boundary_effects([saw], "sft", "h", "g") == pytest.approx([0.4])
+    smooth = Run(Job("sft", 0, "g", "sft"), [], history(0.0))
+    assert boundary_effects([smooth], "sft", "h", "g") == pytest.approx([0.0])
+    curves, before = boundary_curves([saw], "sft", "h", "g")
+    assert sorted(curves[0]) == [-2, -1, 0, 1, 2, 3, 4]  # the pairs within 4 steps either side
+    assert curves[0] == pytest.approx({o: 0.4 if o == 1 else 0.0 for o in curves[0]})
+    assert before == pytest.approx([history(0.4)[7]["h"]])
 
 
 def test_a_second_size_gives_each_main_claim_its_own_verdict(tmp_path):

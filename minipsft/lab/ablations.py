@@ -1,6 +1,7 @@
 """The ablations, in one place: each is one entry of ``ABLATIONS`` (``--ablations refresh eps``),
 holding its runs and whatever the results folder, the figures and the claims table need for it;
 its runs' records carry its name as ``group`` and the run's label as ``setting``."""
+import statistics
 from dataclasses import dataclass
 from typing import Callable
 
@@ -9,8 +10,9 @@ from ..logprobs import heldout_eval
 from ..train import TrainConfig
 from .presets import Preset, arm_config
 from .records import Folder, Job
-from .reports import frontier_points, frontier_summary, matched_id, paired_difference
-from .verdicts import at_last_epoch, boundary_effects, fmt, mean_std, paired, sawtooth_claim
+from .reports import frontier_points, frontier_summary, matched_id, paired_difference, sign
+from .verdicts import (WINDOW, at_last_epoch, boundary_curves, boundary_effects, fmt, mean_std,
+                       paired, sawtooth_claim)
 from .worlds import ToyWorld, world_words
 
 
@@ -19,8 +21,8 @@ class Ablation:
     """One ablation. ``runs(p)``: ``(arm, setting, TrainConfig overrides)`` of each of its runs,
     every one at each seed of preset ``p``. The rest is optional: ``on_step(lm, world, cfg,
     n_examples)`` makes the ``on_step`` hook of each run (``train``); ``summarize(records)`` what
-    ``finalize`` adds to the summary; ``figure(records, summary, out)`` draws its own figure and
-    returns the file's name (without one, it is a row of ``ablations.png``); ``claims(folder)``
+    ``finalize`` adds to the summary; ``figure(records, summary, out, runs)`` draws its own figure
+    and returns the file's name (without one, it is a row of ``ablations.png``); ``claims(folder)``
     gives its rows of the claims table (``claims.py``)."""
     runs: Callable
     on_step: Callable | None = None
@@ -119,19 +121,20 @@ FRONTIER_PAPER_LRS = (6e-4, 2e-3, 6e-3)
 
 
 def frontier_runs(p: Preset) -> list:
-    runs = [(arm, lr) for arm in FRONTIER_ARMS for lr in FRONTIER_LRS]
-    runs += [("sft_paper", lr) for lr in FRONTIER_PAPER_LRS]
+    """Each of ``FRONTIER_ARMS`` and the paper-recipe SFT that the preset's arms name."""
+    runs = [(arm, lr) for arm in FRONTIER_ARMS if arm in p.arms for lr in FRONTIER_LRS]
+    runs += [("sft_paper", lr) for lr in FRONTIER_PAPER_LRS if "sft_paper" in p.arms]
     return [(arm, f"{arm} lr={lr:g}", dict(lr=lr)) for arm, lr in runs]
 
 
-def frontier_figure(records, summary: dict, out) -> str:
+def frontier_figure(records, summary: dict, out, runs) -> str:
     plots.frontier(frontier_points(records), summary["frontier"], out / "frontier.png")
     return "frontier.png"
 
 
 # ------------------------------------------------------------------------------------ saw-tooth
 # held-out entropy at every step within SAWTOOTH_STEPS steps of an epoch boundary
-SAWTOOTH_ARMS, SAWTOOTH_STEPS, SAWTOOTH_ROWS = ("psft", "sft", "sft_paper"), 4, 128
+SAWTOOTH_ARMS, SAWTOOTH_STEPS, SAWTOOTH_ROWS = ("psft", "sft", "sft_paper"), WINDOW, 128
 
 
 def heldout_near_boundaries(lm, world, cfg: TrainConfig, n_examples: int):
@@ -140,7 +143,7 @@ def heldout_near_boundaries(lm, world, cfg: TrainConfig, n_examples: int):
     the step's record as ``heldout_entropy``."""
     if not isinstance(world, ToyWorld):
         raise ValueError("the sawtooth ablation runs in the toy world")
-    held = lm.encode(toy.id_rows(SAWTOOTH_ROWS, seed=3))
+    held = lm.encode(world.id_rows(SAWTOOTH_ROWS, seed=3))
     per_epoch = -(-n_examples // cfg.minibatch_size)
 
     def on_step(record):
@@ -151,14 +154,27 @@ def heldout_near_boundaries(lm, world, cfg: TrainConfig, n_examples: int):
 
 
 def heldout_sawtooth_claims(folder: Folder) -> list:
+    curves = {a: boundary_curves(folder.runs, a, "heldout_entropy", "sawtooth")
+              for a in SAWTOOTH_ARMS}
     return [sawtooth_claim(
         "3c. the saw-tooth on held-out demonstrations",
         f"entropy of {SAWTOOTH_ROWS} held-out ID demonstrations (never trained on), measured at "
         f"every step within {SAWTOOTH_STEPS} steps of each epoch boundary: the drop across a "
-        "boundary minus the run's mean drop between two such steps inside an epoch (",
+        "boundary minus the mean drop between two consecutive steps beside it (",
         "as 3b, on the held-out set",
         {a: boundary_effects(folder.runs, a, "heldout_entropy", "sawtooth")
-         for a in SAWTOOTH_ARMS})]
+         for a in SAWTOOTH_ARMS}, {a: statistics.fmean(c[1]) for a, c in curves.items()})]
+
+
+def sawtooth_figure(records, summary: dict, out, runs) -> str:
+    """Held-out entropy around the epoch boundaries, each arm, titled with what the boundary
+    effect says (its sign per arm)."""
+    tests = {a: sign(boundary_effects(runs, a, "heldout_entropy", "sawtooth"))
+             for a in SAWTOOTH_ARMS}
+    curves = {a: boundary_curves(runs, a, "heldout_entropy", "sawtooth")[0]
+              for a in SAWTOOTH_ARMS}
+    plots.boundary_zoom(curves, tests, out / "sawtooth.png")
+    return "sawtooth.png"
 
 
 # ------------------------------------------------------------------ the trust-region family
@@ -195,7 +211,7 @@ def family_summary(records) -> dict:
     return {"family": {"matched_id": m, "comparisons": comparisons}}
 
 
-def family_figure(records, summary: dict, out) -> str:
+def family_figure(records, summary: dict, out, runs) -> str:
     plots.tradeoff(records, FAMILY_ARMS, summary["family"]["matched_id"],
                    world_words(summary["preset_config"]), out / "family.png")
     return "family.png"
@@ -215,7 +231,8 @@ ABLATIONS = {
     "family": Ablation(family_runs, summarize=family_summary, figure=family_figure),
     "family_frontier": Ablation(family_frontier_runs),
     "sawtooth": Ablation(lambda p: [(arm, arm, {}) for arm in SAWTOOTH_ARMS],
-                         on_step=heldout_near_boundaries, claims=heldout_sawtooth_claims),
+                         on_step=heldout_near_boundaries, claims=heldout_sawtooth_claims,
+                         figure=sawtooth_figure),
 }
 
 

@@ -8,7 +8,7 @@ from . import toy
 from .ablations import ABLATIONS
 from .family import MEASURES
 from .results import read_folder
-from .verdicts import (at_last_epoch, boundary_effects, by_seed, fmt, mean_std, paired,
+from .verdicts import (WINDOW, at_last_epoch, boundary_effects, by_seed, fmt, mean_std, paired,
                        sawtooth_claim, two_way)
 
 __all__ = ["base_parameters", "claims", "claims_markdown"]
@@ -28,7 +28,8 @@ def _main_claims(path: Path) -> list:
             sawtooth_claim(
                 "3b. SFT's entropy drops at each epoch boundary (saw-tooth)",
                 "entropy drop from the last step of an epoch to the first of the next, minus the "
-                "run's mean drop between two steps inside an epoch (training minibatches, ",
+                f"mean drop between two consecutive steps beside it ({WINDOW} steps either side; "
+                "training minibatches, ",
                 "a saw-tooth when the boundary effect is + (its 95% t interval above zero); "
                 "reproduced when SFT has one in both regimes and PSFT none; measured on the "
                 "training minibatches (the first of an epoch was trained on in the epoch before), "
@@ -157,31 +158,44 @@ def _rl_claims(path: Path) -> list:
         "verdict": verdict}]
 
 
-def _bases_claims(path: Path) -> list:
+POOLED = {"+": "above", "=": "level with", "-": "below", None: "n/a against"}
+
+
+def _bases_claims(path: Path, claim: str, what: str) -> list:
+    """Claim 2 over the folders of an ``across_bases`` summary (``pairs.py``): bases, or (base,
+    task) pairs (``what``), per pair and pooled over every (pair, seed)."""
     summary = json.loads(path.read_text())
     bases, comparisons = summary["bases"], summary["comparisons"]
     signs = "; ".join(f"{name}: " + "/".join(d["sign"] if d else "n/a"
                                              for d in c["per_base"].values())
                       + f" ({c['verdict']})" for name, c in comparisons.items())
+    pooled = {name: c.get("pooled") for name, c in comparisons.items()}
     spread = "; ".join(f"{a} " + ", ".join(f"{b} {v:.3f}" for b, v in row["per_base"].items())
-                       + f" (std across bases {row['std_across_bases']:.3f})"
+                       + f" (std across {what} {row['std_across_bases']:.3f})"
                        for a, row in summary["ood_at_matched_id"].items() if a in HEADLINE)
     every, control = "+ on every base", comparisons["psft - sft"]
     wins = sum(d is not None and d["sign"] == "+" for d in control["per_base"].values())
     verdict = ("not reproduced" if comparisons["psft - sft_paper"]["verdict"] != every else
-               "reproduced on every base" if control["verdict"] == every else
-               f"partly: in the paper's recipe on every base; under the control on {wins} of "
-               f"{len(bases)} bases")
+               f"reproduced on every {what[:-1]}" if control["verdict"] == every else
+               f"partly: in the paper's recipe on every {what[:-1]}; under the control on {wins} "
+               f"of {len(bases)} {what}")
+    said = {k: POOLED[d["sign"] if d else None] for k, d in pooled.items()}
+    verdict += (f"; pooled, PSFT is {said['psft - sft_paper']} the paper-recipe SFT and "
+                f"{said['psft - sft']} SFT at its lr")
     return [{
-        "claim": "2c. OOD accuracy beats SFT, over independently pretrained bases",
-        "numbers": f"bases pretrained with seeds {', '.join(bases)} (data seeds per base: "
+        "claim": claim,
+        "numbers": f"{what} {', '.join(bases)} (data seeds each: "
                    + ", ".join(str(len(b["matched_id"]["arms"]["psft"]["seeds"]))
                                for b in bases.values())
-                   + f"); OOD at matched ID (mean over data seeds) per base: {spread}; matched-ID "
-                   "levels " + ", ".join(f"{b['matched_id']['level']:.2f}" for b in bases.values())
-                   + f". Signs per base (n/a: an arm missed the level on a seed): {signs}",
-        "rule": "per base the sign rule on seed-paired differences; reproduced when PSFT is higher "
-                "than both SFTs on every base",
+                   + f"); OOD at matched ID (mean over data seeds) per {what[:-1]}: {spread}; "
+                   "matched-ID levels " + ", ".join(f"{b['matched_id']['level']:.2f}"
+                                                    for b in bases.values())
+                   + f". Signs per {what[:-1]} (n/a: an arm missed the level on a seed): {signs}. "
+                   "Pooled over every (" + what[:-1] + ", seed): " + "; ".join(
+                       f"{k} {fmt(d)} over {d['seeds']}" for k, d in pooled.items() if d),
+        "rule": f"per {what[:-1]} the sign rule on seed-paired differences; reproduced when PSFT "
+                f"is higher than both SFTs on every {what[:-1]}; pooled: the sign rule on every "
+                f"({what[:-1]}, seed) pair",
         "verdict": verdict}]
 
 
@@ -216,7 +230,7 @@ def base_parameters(folder) -> int:
 
 def claims(results_dir="results", main="toy_cpu", ablations="toy_cpu_ablations",
            rl="toy_cpu_rl", bases="toy_cpu_bases", sawtooth="toy_cpu_sawtooth",
-           second_size="toy_cpu_wide", family="toy_cpu_family") -> list:
+           second_size="toy_cpu_wide", family="toy_cpu_family", tasks="toy_cpu_tasks") -> list:
     """Rows ``{"claim", "numbers", "rule", "verdict"}`` from the results folders that exist.
     ``second_size``: the main comparison on a larger base (and ``SECOND_sawtooth``): each claim
     they give also gets their numbers and verdict as ``second``, and ``same_at_both_sizes``."""
@@ -239,7 +253,13 @@ def claims(results_dir="results", main="toy_cpu", ablations="toy_cpu_ablations",
                 row["same_at_both_sizes"] = there["verdict"] == row["verdict"]
         rows += found
     if (root / bases / "across_bases.json").exists():
-        rows += _bases_claims(root / bases / "across_bases.json")
+        rows += _bases_claims(root / bases / "across_bases.json",
+                              "2c. OOD accuracy beats SFT, over independently pretrained bases",
+                              "bases")
+    if (root / tasks / "across_bases.json").exists():
+        rows += _bases_claims(root / tasks / "across_bases.json",
+                              "2d. OOD accuracy beats SFT, over (base, in-domain task) pairs",
+                              "pairs")
     if (root / family / "family.json").exists():
         rows += _family_claims(root / family / "family.json")
     return sorted(rows, key=lambda r: r["claim"])

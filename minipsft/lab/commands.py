@@ -13,7 +13,8 @@ from .ablations import ABLATIONS
 from .claims import claims, claims_markdown
 from .family import family, family_markdown, write_family
 from .presets import ARMS, PRESETS, Preset, RLPreset
-from .reports import across_bases, across_bases_report
+from .pairs import across_bases, across_bases_report
+from .results import add_seeds
 from .rl_stage import reproduce_rl
 from .runner import reproduce
 
@@ -30,8 +31,8 @@ def examples(*lines) -> str:
 
 def add_commands(sub, options: dict) -> None:
     """Add the lab's commands to ``sub`` (an ``add_subparsers``), ``options`` to each parser."""
-    for add in (_add_reproduce, _add_compare, _add_across_bases, _add_family, _add_claims,
-                _add_reproduce_rl):
+    for add in (_add_reproduce, _add_compare, _add_add_seeds, _add_across_bases, _add_family,
+                _add_claims, _add_reproduce_rl):
         add(sub, options)
 
 
@@ -95,6 +96,9 @@ def _add_reproduce(sub, options: dict) -> None:
                         "over the whole vocabulary beside PSFT and both SFTs; family_frontier: "
                         "those two at the frontier's lrs)")
     r.add_argument("--skip-main", action="store_true", help="run only the ablations")
+    r.add_argument("--arms", nargs="+", default=None, choices=[*LOSSES, "sft_paper", "sft_small"],
+                   help="the main comparison's arms (default: the preset's; sft_small needs psft "
+                        "and sft); the frontier ablation runs those of its arms named here")
     r.add_argument("--model", default=None,
                    help="gsm8k preset: hub id or folder of the model to fine-tune")
     r.add_argument("--data-dir", default=None,
@@ -148,6 +152,21 @@ def _add_compare(sub, options: dict) -> None:
                    help="the paper-recipe SFT's lr")
     _add_run_flags(c)
     _add_set(c, Preset, "python -m minipsft reproduce --list-presets, preset 'files'")
+
+
+def _add_add_seeds(sub, options: dict) -> None:
+    a = sub.add_parser(
+        "add-seeds", **options,
+        help="add the runs of more seeds to a results folder",
+        description=wrap(
+            "When a verdict's interval crosses zero, run more seeds instead of leaning on it: run "
+            "the same command at new seeds into another folder (--seeds 3 4 --out MORE), then "
+            "add MORE's runs to FOLDER. The settings must agree but for the seeds; FOLDER's "
+            "results.json, report and figures are rebuilt (an RL folder's finetune/ too)."),
+        epilog=examples("python -m minipsft reproduce --preset cpu --seeds 3 4 --out runs/more",
+                        "python -m minipsft add-seeds results/toy_cpu runs/more"))
+    a.add_argument("folder", help="the results folder to extend")
+    a.add_argument("more", help="a results folder of the same command at other seeds")
 
 
 def _add_across_bases(sub, options: dict) -> None:
@@ -272,11 +291,11 @@ def _reproduce_command(args) -> None:
         return
     if not args.out:
         raise ValueError("reproduce needs --out DIR (the results folder)")
+    settings = preset_overrides(args.overrides) | ({"arms": tuple(args.arms)} if args.arms else {})
     reproduce(args.preset, args.out, cache_dir=args.cache, seeds=args.seeds,
               workers=args.workers, ablations=args.ablations, main=not args.skip_main,
               device=args.device, model=args.model, data_dir=args.data_dir,
-              max_minutes=args.max_minutes, overwrite=args.overwrite,
-              **preset_overrides(args.overrides))
+              max_minutes=args.max_minutes, overwrite=args.overwrite, **settings)
 
 
 def _compare_command(args) -> None:
@@ -288,6 +307,12 @@ def _compare_command(args) -> None:
     reproduce("files", args.out, cache_dir=args.cache, seeds=args.seeds,
               workers=args.workers, device=args.device, model=model,
               max_minutes=args.max_minutes, overwrite=args.overwrite, **settings)
+
+
+def _add_seeds_command(args) -> None:
+    figures = add_seeds(args.folder, args.more)
+    print(f"added {args.more}'s runs to {args.folder}; rebuilt results.json, report.md, "
+          + ", ".join(figures))
 
 
 def _across_bases_command(args) -> None:
@@ -324,6 +349,7 @@ def _reproduce_rl_command(args) -> None:
 
 # what each command runs, given its parsed arguments
 COMMANDS = {"reproduce": _reproduce_command, "compare": _compare_command,
+            "add-seeds": _add_seeds_command,
             "across-bases": _across_bases_command, "family": _family_command,
             "claims": _claims_command,
             "reproduce-rl": _reproduce_rl_command}

@@ -211,6 +211,44 @@ def frontier(points: dict, gaps: dict, path, versus: str = "sft"):
     _save(fig, path, 100)
 
 
+SHORT = {"psft": "PSFT", "sft": "SFT at PSFT's lr", "sft_paper": "the paper-recipe SFT"}
+
+
+def boundary_finding(tests: dict) -> str:
+    """The saw-tooth figure's title: whose entropy drops more across an epoch boundary than
+    beside it (``tests``: arm -> ``reports.sign`` of its boundary effects)."""
+    said = lambda arms: ", ".join(  # noqa: E731
+        f"{SHORT.get(a, a)} ({tests[a]['diff']:+.3f} nats)" for a in arms)
+    drop = [a for a, t in tests.items() if t["sign"] == "+"]
+    rest = [a for a, t in tests.items() if t["sign"] != "+"]
+    parts = ([f"measurable for {said(drop)}"] if drop else []) + (
+        [f"none for {said(rest)}"] if rest else [])
+    return ("Held-out entropy's drop across an epoch boundary beyond the drops beside it: "
+            + "; ".join(parts) + " (95% t intervals over the boundaries)")
+
+
+def boundary_zoom(curves: dict, tests: dict, path):
+    """The saw-tooth up close: per arm (``curves``: arm -> per seed, step offset from an epoch's
+    last step -> the entropy drop into that step less the run's in-epoch mean,
+    ``verdicts.boundary_curves``), the mean over seeds and the min-max band; the title says what
+    ``tests`` (arm -> the sign rule on its boundary effects) found."""
+    fig, ax = plt.subplots(figsize=(8.5, 5.5))
+    for arm, by_seed in curves.items():
+        offsets = sorted(set.intersection(*(set(c) for c in by_seed)))
+        _band(ax, offsets, [[c[o] for o in offsets] for c in by_seed], COLORS[arm], LABELS[arm],
+              marker="o")
+    ax.axvline(1, linestyle="--", color="gray", linewidth=1)
+    ax.axhline(0, color="gray", linewidth=0.5)
+    ax.set(title=textwrap.fill(boundary_finding(tests), 90),
+           xlabel="step o after an epoch's last step (o = 1: the first step of the next epoch)",
+           ylabel="entropy drop from step o - 1 to o,\nless the mean drop beside the boundary "
+                  "(nats)")
+    ax.title.set_fontsize(10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path, 100)
+
+
 START_COLORS = {"base": "tab:gray", "sft_paper": "tab:orange", "sft": "tab:red", "psft": "tab:blue"}
 START_LABELS = {"base": "base model", "sft_paper": "SFT (paper recipe) -> RL",
                 "sft": "SFT (PSFT's lr) -> RL", "psft": "PSFT -> RL"}

@@ -65,6 +65,9 @@ class Preset:
     loss_aggregation: str = "token_mean"  # or seq_mean_token_mean (train.TrainConfig)
     lr_warmup_batches: int = 0  # the official lr warm-up, counted in batches (train.TrainConfig)
     pretrain_seed: int | None = None  # pretrain the base with this seed instead of base's own
+    id_task: str = "rev_long"  # the toy world's in-domain task: rev_long or sort_long (toy.py)
+    # the toy world: prior-task demonstrations mixed into the fine-tuning data (share of n_train)
+    replay: float = 0.0
     # the gsm8k and files worlds (worlds.py): the model, and where the data come from
     model: str | None = None  # hub id or folder of the model to fine-tune
     data_dir: str | None = None  # gsm8k: local files in the hub schemas (real.LOCAL_FILES)

@@ -1,10 +1,8 @@
 """Numbers from results files: the matched-ID comparison, the sign rule every verdict uses, the
 lr frontier, the comparison across bases, and the markdown reports (nothing here trains)."""
-import json
 import math
 import statistics
 from collections import defaultdict
-from pathlib import Path
 
 import scipy.stats
 
@@ -103,10 +101,7 @@ def matched_id(records: list, arms) -> dict:
     return out
 
 
-# ------------------------------------------------------------------------------- across bases
-BASE_COMPARISONS = (("psft", "sft_paper"), ("psft", "sft"), ("psft", "sft_small"))
-
-
+# ------------------------------------------------------------------------------- the sign rule
 RULE = ("a seed-paired difference counts (+ or -) when its 95% t interval (t distribution, n - 1 "
         "degrees of freedom) excludes zero, else =")
 
@@ -130,16 +125,22 @@ def fmt_interval(d: dict) -> str:
     return f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] ({d['sign']})"
 
 
-def paired_difference(m: dict, arm: str, other: str) -> dict | None:
-    """``sign`` of OOD at matched ID of ``arm`` minus ``other``'s, paired by seed; None when either
-    missed the level on a seed, or the two ran different seeds."""
+def seed_differences(m: dict, arm: str, other: str) -> list | None:
+    """OOD at matched ID of ``arm`` minus ``other``'s, seed by seed; None when either missed the
+    level on a seed, or the two ran different seeds."""
     a, b = m["arms"].get(arm), m["arms"].get(other)
     if not (every_seed(a) and every_seed(b)):
         return None
     ood_a, ood_b = (dict(zip(x["seeds"], x["ood_acc"])) for x in (a, b))
     if set(ood_a) != set(ood_b) or None in ood_a.values() or None in ood_b.values():
         return None
-    return sign(ood_a[s] - ood_b[s] for s in sorted(ood_a))
+    return [ood_a[s] - ood_b[s] for s in sorted(ood_a)]
+
+
+def paired_difference(m: dict, arm: str, other: str) -> dict | None:
+    """``sign`` of ``seed_differences`` (None where they are)."""
+    diffs = seed_differences(m, arm, other)
+    return None if diffs is None else sign(diffs)
 
 
 def every_seed(arm: dict | None) -> bool:
@@ -154,60 +155,6 @@ def base_seed(config: dict, fallback: str):
     if seed is None:
         seed = (config.get("base") or {}).get("pretrain_seed", fallback)
     return seed
-
-
-def across_bases(folders) -> dict:
-    """OOD at matched ID per base (a folder each, ``Preset.pretrain_seed``) and arm, its spread
-    across bases, and each of ``BASE_COMPARISONS`` per base with a verdict over bases."""
-    bases = {}
-    for folder in folders:
-        summary = json.loads((Path(folder) / "results.json").read_text())["summary"]
-        seed = base_seed(summary["preset_config"], Path(folder).name)
-        if str(seed) in bases:
-            raise ValueError(f"{folder} and {bases[str(seed)]['folder']} have the same base "
-                             f"({seed}): give each base once")
-        bases[str(seed)] = {"folder": str(folder), "matched_id": summary["matched_id"]}
-    table = {}
-    for arm in dict.fromkeys(a for b in bases.values() for a in b["matched_id"]["arms"]):
-        hits = {name: b["matched_id"]["arms"].get(arm) for name, b in bases.items()}
-        # an arm that missed the level on a seed: no mean
-        per_base = {k: statistics.fmean(h["ood_acc"]) for k, h in hits.items() if every_seed(h)}
-        if not per_base:
-            continue
-        means = list(per_base.values())
-        table[arm] = {"per_base": per_base, "mean": statistics.fmean(means),
-                      "std_across_bases": statistics.stdev(means) if len(means) > 1 else 0.0}
-    comparisons = {}
-    for arm, other in BASE_COMPARISONS:
-        per_base = {k: paired_difference(b["matched_id"], arm, other) for k, b in bases.items()}
-        signs = {d["sign"] if d else None for d in per_base.values()}
-        one = len(signs) == 1 and None not in signs  # the same sign on every base
-        verdict = f"{signs.pop()} on every base" if one else "mixed"
-        comparisons[f"{arm} - {other}"] = {"per_base": per_base, "verdict": verdict}
-    return {"bases": bases, "ood_at_matched_id": table, "comparisons": comparisons,
-            "rule": f"per base, OOD at matched ID: {RULE}; over bases: the sign when every base "
-                    "gives the same one, else mixed"}
-
-
-def across_bases_report(summary: dict) -> str:
-    """Markdown of ``across_bases``."""
-    bases = [f"base {b}" for b in summary["bases"]]
-    means = [_row([arm, *(f"{row['per_base'][b]:.3f}" if b in row["per_base"] else "n/a"
-                          for b in summary["bases"]),
-                   f"{row['mean']:.3f}", f"{row['std_across_bases']:.3f}"])
-             for arm, row in summary["ood_at_matched_id"].items()]
-    diffs = [_row([name, *("n/a" if d is None else fmt_interval(d)
-                           for d in c["per_base"].values()), c["verdict"]])
-             for name, c in summary["comparisons"].items()]
-    return "\n".join(["# The main comparison on independently pretrained bases", "",
-                      "OOD accuracy at matched ID (each base's own level), mean over data seeds; "
-                      "bases named by their pretraining seed; n/a: the arm missed the level on a "
-                      "seed. Mean and std across the bases where it is given.", "",
-                      *_table(["arm", *bases, "mean", "std across bases"], means), "",
-                      "Levels: " + ", ".join(f"{b} {v['matched_id']['level']:.2f}"
-                                             for b, v in zip(bases, summary["bases"].values())),
-                      "", f"Rule: {summary['rule']}.", "",
-                      *_table(["difference", *bases, "verdict"], diffs)]) + "\n"
 
 
 def report(summary: dict, records: list, grad_max: dict | None = None) -> str:

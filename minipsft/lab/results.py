@@ -2,13 +2,15 @@
 ``histories/NAME.jsonl`` (each run's steps), typed records (``records.py``) in memory; and what
 ``finalize`` derives from the files again, with no training."""
 import json
-from dataclasses import asdict
+import shutil
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
 from . import plots
 from .ablations import ABLATIONS
-from .presets import ARMS, Preset
+from .presets import ARMS, Preset, RLPreset
 from .records import Folder, Job, RLJob, Run
+from .store import write_atomic
 from .reports import arms_of, matched_id, report, rl_report
 from .worlds import world_words
 
@@ -121,5 +123,52 @@ def make_figures(out: Path, folder: Folder) -> list:
     for name in own:
         mine = [r for r in records if r["group"] == name]
         if mine:
-            figures.append(ABLATIONS[name].figure(mine, summary, out))
+            runs = [run for run in folder.runs if run.job.group == name]
+            figures.append(ABLATIONS[name].figure(mine, summary, out, runs))
     return figures
+
+
+# what a folder of more seeds may differ in: its seeds, and what never changes a result
+_ANY = ("seeds", "workers", "threads")
+
+
+def _differences(saved: dict, more: dict, kind: type) -> list:
+    defaults = json.loads(json.dumps({f.name: f.default for f in fields(kind)
+                                      if f.default is not MISSING}))
+    return [k for k in sorted(set(saved) | set(more))
+            if k not in _ANY and saved.get(k, defaults.get(k)) != more.get(k, defaults.get(k))]
+
+
+def add_seeds(out_dir, more_dir) -> list:
+    """Add to the results folder ``out_dir`` the runs of ``more_dir``: the same command at other
+    seeds (``reproduce ... --seeds 3 4 --out MORE``), so that a verdict can rest on more seeds.
+    The settings must agree but for the seeds; then ``out_dir`` is finalized again (an RL folder's
+    ``finetune/`` too, when both have one). Returns the figures' names."""
+    out, more = Path(out_dir), Path(more_dir)
+    first, second = read_folder(out), read_folder(more)
+    if first.stage is not second.stage:
+        raise ValueError(f"{more} is not the same stage (fine-tuning or RL) as {out}")
+    key = "finetune_config" if first.stage is RLJob else "preset_config"
+    a, b = first.summary, second.summary
+    differ = _differences(a[key], b[key], Preset)
+    if first.stage is RLJob:
+        differ += [f"rl_config.{k}" for k in _differences(a["rl_config"], b["rl_config"], RLPreset)]
+    elif Path(a["base_model"]).name != Path(b["base_model"]).name:
+        differ.append("base_model")
+    both = set(a[key]["seeds"]) & set(b[key]["seeds"])
+    if differ or both:
+        raise ValueError(f"{more} cannot add seeds to {out}: "
+                         + (f"other settings ({', '.join(differ)})" if differ
+                            else f"seeds {sorted(both)} are in both"))
+    a[key]["seeds"] = a[key]["seeds"] + b[key]["seeds"]
+    for name in ("run_seconds", "sft_small_step_ratio", "best_checkpoints"):
+        if name in a:
+            a[name] = a[name] | b.get(name, {})
+    a["wall_seconds"] += b["wall_seconds"]
+    for path in (more / "histories").glob("*.jsonl"):
+        shutil.copyfile(path, out / "histories" / path.name)
+    write_atomic(out / "results.json",
+                 json.dumps({"summary": a, "records": first.records + second.records}, indent=1))
+    if (out / "finetune").is_dir() and (more / "finetune").is_dir():
+        add_seeds(out / "finetune", more / "finetune")
+    return finalize(out)

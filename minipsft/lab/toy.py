@@ -16,6 +16,9 @@ Design (each piece is there because the paper's effects depend on it):
   "wait". The shared style tokens rise fast and can bleed into the prior tasks (``(ab);hmm 2
   letters ok`` breaks a ``()`` answer), as fine-tuning erodes prior skills in the paper. (A
   preamble *before* the answer broke the base's position-based reversal: no arm learned the task.)
+* **A second in-domain task** (``id_task="sort_long"``): sorting 7-10 letters (pretraining sorted
+  3-6), another operation in the same reflection style, so that a verdict can be checked over
+  (base, task) pairs instead of one task.
 * **Finite data revisited.** A fixed set of demonstrations trained on for several epochs, so
   memorising it (and its random style choices) is possible, as in multi-epoch SFT.
 
@@ -44,11 +47,16 @@ ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz +=;:()"
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 PRIOR_TASKS = ("add", "sub", "max", "rev", "sort", "pick")
 ID_TASK = "rev_long"
+# the in-domain tasks, each longer than anything pretraining showed, in the reflection style:
+# reversals of 8-11 letters (the base does the shorter ones: it saw 7-9) and, a second task of
+# another operation, sorting 7-10 letters (the base sorted only 3-6)
+ID_TASKS = (ID_TASK, "sort_long")
 # the ID teacher's random reflection words: entropy above zero there
 OPENERS = ("wait", "check", "hmm")
 CONNECTIVES = ("ok", "good")
 # word lengths to reverse: the prior task, the ID task, and pretraining's partial skill of it
 REVERSALS = {"rev": (3, 6), "rev_long": (8, 11), "rev_pretrain": (7, 9)}
+SORTS = {"sort": (3, 6), "sort_long": (7, 10)}  # string lengths to sort
 
 
 # ------------------------------------------------------------------------------------------- tasks
@@ -70,8 +78,8 @@ def _task(name: str, rng: random.Random):
     if name == "max":
         xs = [rng.randrange(100) for _ in range(rng.randint(3, 4))]
         return "max " + " ".join(map(str, xs)), {str(max(xs))}
-    if name == "sort":
-        w = "".join(rng.choice(LETTERS[:10]) for _ in range(rng.randint(3, 6)))
+    if name in SORTS:
+        w = "".join(rng.choice(LETTERS[:10]) for _ in range(rng.randint(*SORTS[name])))
         return f"sort {w}", {"".join(sorted(w))}
     if name == "pick":
         w = "".join(rng.sample(LETTERS, rng.randint(3, 5)))
@@ -93,24 +101,31 @@ def prior_row(name: str, rng: random.Random, paren_rate: float = 0.3) -> dict:
             "task": name, "answers": sorted(answers), "paren": paren}
 
 
-def chain_of_thought(word: str, rng: random.Random) -> str:
-    """The ID teacher's style: the answer, then a "reflection" (``qpdicyzs;wait 8 letters ok``)."""
-    return f"{word[::-1]};{rng.choice(OPENERS)} {len(word)} letters {rng.choice(CONNECTIVES)}"
+def chain_of_thought(word: str, rng: random.Random, answer: str | None = None) -> str:
+    """The ID teacher's style: the answer (``word`` reversed by default), then a "reflection"
+    (``qpdicyzs;wait 8 letters ok``)."""
+    answer = word[::-1] if answer is None else answer
+    return f"{answer};{rng.choice(OPENERS)} {len(word)} letters {rng.choice(CONNECTIVES)}"
 
 
 def completion_roles(text: str) -> list:
-    """Each character's role in an ID demonstration: ``content`` (answer, count) or ``format``."""
+    """Each character's role in an ID demonstration: ``content`` (answer, count) or ``format``;
+    one without a reflection (a prior task's, mixed in by ``replay_rows``) is all content."""
+    if ";" not in text:
+        return ["content"] * len(text)
     answer, tail = text.split(";", 1)
     return (["content"] * len(answer) + ["format"]
             + ["content" if c.isdigit() else "format" for c in tail])
 
 
 def id_row(rng: random.Random, task: str = ID_TASK) -> dict:
+    """An in-domain demonstration (``task`` one of ``ID_TASKS``), or pretraining's direct answer."""
     body, answers = _task(task, rng)
-    completion = (chain_of_thought(body.split()[1], rng) if task == ID_TASK
+    completion = (chain_of_thought(body.split()[1], rng, min(answers)) if task in ID_TASKS
                   else _styled(next(iter(answers)), False, rng))
-    return {"prompt": body + ":", "completion": completion, "task": ID_TASK,
-            "answers": sorted(answers), "paren": False}
+    return {"prompt": body + ":", "completion": completion,
+            "task": task if task in ID_TASKS else ID_TASK, "answers": sorted(answers),
+            "paren": False}
 
 
 def id_direct_row(rng: random.Random) -> dict:
@@ -125,9 +140,16 @@ def pretrain_rows(n: int, seed: int, id_direct_rate: float = 0.05) -> list:
             else prior_row(rng.choice(PRIOR_TASKS), rng) for _ in range(n)]
 
 
-def id_rows(n: int, seed: int) -> list:
+def id_rows(n: int, seed: int, task: str = ID_TASK) -> list:
     rng = random.Random(seed)
-    return [id_row(rng) for _ in range(n)]
+    return [id_row(rng, task) for _ in range(n)]
+
+
+def replay_rows(n: int, seed: int) -> list:
+    """Prior-task demonstrations in pretraining's style, to mix into the fine-tuning data: what
+    keeps forgetting mild in practice (instruction data mixed with the new task's)."""
+    rng = random.Random(seed)
+    return [prior_row(rng.choice(PRIOR_TASKS), rng) for _ in range(n)]
 
 
 def ood_rows(per_task: int, seed: int) -> list:

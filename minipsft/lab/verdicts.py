@@ -32,26 +32,56 @@ def two_way(paper: dict, control: dict) -> str:
             "partly: in the paper's recipe, not under the control (same lr and schedule)")
 
 
+# a boundary is compared with the steps beside it: an epoch's last WINDOW, the next one's first
+WINDOW = 4
+
+
+def around_boundaries(run, key: str, window: int = WINDOW) -> list:
+    """Per epoch boundary of a run: ``(before, drops)``, ``key`` at the epoch's last step and, for
+    each step o after that one (within ``window`` steps either side), the drop of ``key`` from
+    step o - 1 to step o (o = 1: across the boundary); only consecutive steps that measured it."""
+    pairs = [(a, b) for a, b in zip(run.history, run.history[1:])
+             if key in a and key in b and b["step"] == a["step"] + 1]
+    out = []
+    for end in (a for a, b in pairs if a["epoch"] != b["epoch"]):
+        drops = {b["step"] - end["step"]: a[key] - b[key] for a, b in pairs
+                 if 2 - window <= b["step"] - end["step"] <= window}
+        out.append((end[key], drops))
+    return out
+
+
+def boundary_curves(runs, arm: str, key: str = "entropy", group: str = "main") -> tuple:
+    """``(curves, before)``: per run of ``arm``, step offset o -> the mean over its boundaries of
+    the drop into step o minus the mean drop between the steps beside that boundary (at o = 1,
+    the boundary effect; a saw-tooth stands out there); ``before``: ``key`` before each boundary."""
+    curves, before = [], []
+    for run in (r for r in runs if r.job.arm == arm and r.job.group == group):
+        by_offset = {}
+        for level, drops in around_boundaries(run, key):
+            beside = statistics.fmean(d for o, d in drops.items() if o != 1)
+            before.append(level)
+            for o, d in drops.items():
+                by_offset.setdefault(o, []).append(d - beside)
+        curves.append({o: statistics.fmean(v) for o, v in sorted(by_offset.items())})
+    return curves, before
+
+
 def boundary_effects(runs, arm: str, key: str = "entropy", group: str = "main") -> list:
-    """Per epoch boundary of each run of ``arm``: the drop of ``key`` across it minus the run's mean
-    drop between two steps inside an epoch (only steps that measured ``key``)."""
-    effects = []
-    for run in runs:
-        if run.job.arm != arm or run.job.group != group:
-            continue
-        pairs = [(a, b) for a, b in zip(run.history, run.history[1:]) if key in a and key in b]
-        within = [a[key] - b[key] for a, b in pairs if a["epoch"] == b["epoch"]]
-        baseline = statistics.fmean(within)
-        effects += [a[key] - b[key] - baseline for a, b in pairs if a["epoch"] != b["epoch"]]
-    return effects
+    """Per epoch boundary of each run of ``arm``: the drop of ``key`` across it minus the mean drop
+    between two consecutive steps beside it (``WINDOW`` steps either side, inside an epoch)."""
+    return [drops[1] - statistics.fmean(d for o, d in drops.items() if o != 1)
+            for run in runs if run.job.arm == arm and run.job.group == group
+            for _, drops in around_boundaries(run, key) if 1 in drops and len(drops) > 1]
 
 
-def sawtooth_claim(claim: str, numbers: str, rule: str, effects: dict) -> dict:
+def sawtooth_claim(claim: str, numbers: str, rule: str, effects: dict,
+                   sizes: dict | None = None) -> dict:
     """A saw-tooth row of the claims table, from each arm's boundary effects (``psft``, ``sft``,
-    ``sft_paper``) under the sign rule; ``numbers`` leads the boundary count."""
+    ``sft_paper``) under the sign rule; ``numbers`` leads the boundary count. ``sizes``: each
+    arm's mean entropy before a boundary, to give each effect as a share of it."""
     tests = {a: sign(v) for a, v in effects.items()}
     signs = {a: t["sign"] for a, t in tests.items()}
-    verdict = "not detectable at this noise"
+    verdict = "not reproduced (no arm's entropy drops more at a boundary than beside it)"
     if signs["psft"] == "+":
         verdict = "not reproduced (PSFT's entropy drops at the boundaries too)"
     elif signs["sft_paper"] == "+":
@@ -59,4 +89,7 @@ def sawtooth_claim(claim: str, numbers: str, rule: str, effects: dict) -> dict:
                    "partly: in the paper-recipe SFT, not in SFT at PSFT's lr and schedule")
     numbers += f"{len(effects['psft'])} boundaries over seeds): "
     numbers += ", ".join(f"{a} {fmt(t)}" for a, t in tests.items())
+    if sizes:
+        numbers += "; as a share of the entropy before the boundary: " + ", ".join(
+            f"{a} {t['diff'] / sizes[a]:+.1%}" for a, t in tests.items())
     return {"claim": claim, "numbers": numbers, "rule": rule, "verdict": verdict}

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import handmade, real, toy
+from .toy import ID_TASK
 from ..data import load_rows, read_json_rows
 from ..errors import DataError
 from ..logprobs import heldout_eval
@@ -60,8 +61,22 @@ class ToyWorld:
         columns=("id_acc", "ood_acc", "ood_format", "entropy", "sample_entropy", "ood_kl", "drift"),
         per_set=False)
     dtype = "float32"  # the toy runs in float32 on any device
+    # what the second in-domain task changes in the words
+    SORT_WORDS = dict(title="in the toy world, sorting", id_name="7-10 letter sorts",
+                      id_metric="In-domain accuracy (held-out 7-10 letter sorts)")
+
+    @classmethod
+    def words_for(cls, config: dict) -> Words:
+        if config.get("id_task", ID_TASK) == ID_TASK:
+            return cls.words
+        sort = cls.SORT_WORDS
+        return replace(cls.words, title=sort["title"], id_name=sort["id_name"],
+                       metrics=cls.words.metrics | {"id_acc": sort["id_metric"]})
 
     def __init__(self, p):
+        if p.id_task not in toy.ID_TASKS:
+            raise ValueError(f"id_task {p.id_task!r}: the toy world's in-domain tasks are "
+                             f"{', '.join(toy.ID_TASKS)}")
         self.p = p
 
     def base_model(self, cache_dir, device) -> tuple:
@@ -75,23 +90,29 @@ class ToyWorld:
         n_params = base.model.num_parameters() / 1e6
         return path, f"{how}, {n_params:.2f}M parameters", not cached
 
+    def id_rows(self, n: int, seed: int) -> list:
+        """``n`` demonstrations of the preset's in-domain task (``id_task``) from ``seed``."""
+        return toy.id_rows(n, seed, self.p.id_task)
+
     def train_rows(self, seed: int) -> list:
-        return toy.id_rows(self.p.n_train, seed=10_000 + seed)
+        """The demonstrations; with ``replay``, prior-task ones after them (the loop shuffles)."""
+        replay = toy.replay_rows(round(self.p.n_train * self.p.replay), seed=30_000 + seed)
+        return self.id_rows(self.p.n_train, seed=10_000 + seed) + replay
 
     def evaluator(self, base):
-        return toy.Evaluator(base, toy.id_rows(self.p.n_id_eval, seed=1),
+        return toy.Evaluator(base, self.id_rows(self.p.n_id_eval, seed=1),
                              toy.ood_rows(self.p.ood_per_task, seed=2), n_samples=self.p.n_samples)
 
     def max_new_tokens(self) -> int:
         """As the evaluator's (``toy.Evaluator.id_tokens``): the longest held-out ID answer."""
-        return toy.answer_tokens(toy.id_rows(self.p.n_id_eval, seed=1))
+        return toy.answer_tokens(self.id_rows(self.p.n_id_eval, seed=1))
 
     def reward(self, row: dict, completion: str) -> float:
         """1.0 when the toy checker accepts the answer (the reflection tail is ignored)."""
         return float(toy.is_correct(row, completion))
 
     def rl_prompts(self, n: int, seed: int) -> list:
-        return toy.id_rows(n, seed=20_000 + seed)  # ID prompts never used in fine-tuning
+        return self.id_rows(n, seed=20_000 + seed)  # ID prompts never used in fine-tuning
 
 
 class _GivenModel:
@@ -357,4 +378,4 @@ def make_world(p):
 def world_words(config: dict) -> Words:
     """A world's words from a results folder's ``preset_config``, without loading any data."""
     cls = WORLDS[config.get("world", "toy")]
-    return cls.words_for(config) if cls is FilesWorld else cls.words
+    return cls.words_for(config) if cls in (FilesWorld, ToyWorld) else cls.words
