@@ -199,6 +199,30 @@ def _bases_claims(path: Path, claim: str, what: str) -> list:
         "verdict": verdict}]
 
 
+def _frontier_claims(path: Path) -> list:
+    """PSFT's lr frontier against SFT's at the fixed ID levels, per (base, task) pair, pooled."""
+    front = json.loads(path.read_text()).get("frontier")
+    if not front:
+        return []
+    show = lambda d: "n/a" if d is None else fmt(d)  # noqa: E731
+    signs = {x: d["sign"] if d else None for x, d in front["pooled"].items()}
+    verdict = ("reproduced beyond the step size" if "+" in signs.values()
+               and "-" not in signs.values() else "not reproduced beyond the step size")
+    said = {"+": "above", "=": "level", "-": "below", None: "n/a"}
+    return [{
+        "claim": "2e. OOD beats SFT at every lr: the frontier, over (base, task) pairs",
+        "numbers": f"PSFT's frontier minus {front['other']}'s at ID levels fixed before looking, "
+                   "per pair: " + "; ".join(f"{k}: " + ", ".join(f"{x} {show(d)}"
+                                                              for x, d in gaps.items())
+                                           for k, gaps in front["per_pair"].items())
+                   + "; pooled over (pair, seed): " + ", ".join(
+                       f"{x} {show(d)}" for x, d in front["pooled"].items()),
+        "rule": "the sign rule on every (pair, seed) frontier gap at each level; reproduced when "
+                "PSFT's frontier is above (+) at some level and below (-) at none",
+        "verdict": f"{verdict} (pooled: " + ", ".join(f"ID {x} {said[g]}"
+                                                     for x, g in signs.items()) + ")"}]
+
+
 def _family_claims(path: Path) -> list:
     """Beyond the paper: each anchored loss against PSFT, pooled over bases (``family.py``)."""
     summary = json.loads(path.read_text())
@@ -260,6 +284,7 @@ def claims(results_dir="results", main="toy_cpu", ablations="toy_cpu_ablations",
         rows += _bases_claims(root / tasks / "across_bases.json",
                               "2d. OOD accuracy beats SFT, over (base, in-domain task) pairs",
                               "pairs")
+        rows += _frontier_claims(root / tasks / "across_bases.json")
     if (root / family / "family.json").exists():
         rows += _family_claims(root / family / "family.json")
     return sorted(rows, key=lambda r: r["claim"])

@@ -9,6 +9,7 @@ import typing
 from pathlib import Path
 
 from ..losses import LOSSES
+from . import plots
 from .ablations import ABLATIONS
 from .claims import claims, claims_markdown
 from .family import family, family_markdown, write_family
@@ -172,18 +173,22 @@ def _add_add_seeds(sub, options: dict) -> None:
 def _add_across_bases(sub, options: dict) -> None:
     b = sub.add_parser(
         "across-bases", **options,
-        help="the main comparison's verdicts over several independently pretrained bases",
+        help="the main comparison's verdicts over bases and tasks, and pooled",
         description=wrap(
             "Read reproduce folders made with the same preset on bases pretrained with different "
-            "seeds (--set pretrain_seed=N) and write OUT/across_bases.json and "
-            "OUT/across_bases.md: OOD at matched ID per base and arm, its spread across bases, "
-            "and PSFT's differences from paper-recipe SFT, SFT and SFT at PSFT's step size on "
-            "each base with the rule that turns them into a verdict."),
+            "seeds (--set pretrain_seed=N), or on another toy task (--set id_task=sort_long), "
+            "and write OUT/across_bases.json, OUT/across_bases.md and OUT/across_bases.png: OOD "
+            "at matched ID per (base, task) pair and arm, its spread, and PSFT's differences "
+            "from paper-recipe SFT, SFT and SFT at PSFT's step size on each pair and pooled over "
+            "every (pair, seed), with the rule that turns them into a verdict."),
         epilog=examples("python -m minipsft reproduce --preset cpu --set pretrain_seed=1235 "
                          "--out runs/base1235",
                          "python -m minipsft across-bases results/toy_cpu runs/base1235 "
                          "runs/base1236 --out runs/bases"))
     b.add_argument("folders", nargs="+", help="results folders of 'reproduce'")
+    b.add_argument("--frontier", nargs="+", default=(), metavar="FOLDER",
+                   help="'--ablations frontier' folders, one per (base, task) pair: their gaps at "
+                        "the fixed ID levels, per pair and pooled")
     b.add_argument("--out", required=True, help="output folder")
 
 
@@ -316,11 +321,12 @@ def _add_seeds_command(args) -> None:
 
 
 def _across_bases_command(args) -> None:
-    summary = across_bases(args.folders)
+    summary = across_bases(args.folders, args.frontier)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "across_bases.json").write_text(json.dumps(summary, indent=1))
     (out / "across_bases.md").write_text(across_bases_report(summary))
+    plots.pairs(summary, out / "across_bases.png")
     print(across_bases_report(summary))
 
 

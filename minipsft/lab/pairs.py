@@ -6,7 +6,8 @@ import json
 import statistics
 from pathlib import Path
 
-from .reports import RULE, base_seed, every_seed, fmt_interval, seed_differences, sign
+from .reports import (FRONTIER_LEVELS, RULE, base_seed, every_seed, fmt_interval, frontier_gaps,
+                      seed_differences, sign)
 from .toy import ID_TASK
 from .verdicts import at_last_epoch
 
@@ -43,9 +44,27 @@ def _last_epoch(pairs: dict, arm: str, other: str) -> dict:
     return out
 
 
-def across_bases(folders) -> dict:
+def frontiers(folders, other: str = "sft") -> dict:
+    """PSFT's lr frontier minus ``other``'s at each fixed ID level, per (base, task) pair (a
+    ``--ablations frontier`` folder each) and pooled over every (pair, seed)."""
+    per_pair, pooled = {}, {}
+    for folder in folders:
+        label, _, _ = _pair(folder)
+        records = json.loads((Path(folder) / "results.json").read_text())["records"]
+        per_pair[label] = {}
+        for level in FRONTIER_LEVELS:
+            diffs = frontier_gaps([r for r in records if r["group"] == "frontier"], other, level)
+            per_pair[label][f"{level:.2f}"] = None if diffs is None else sign(diffs)
+            pooled.setdefault(f"{level:.2f}", []).append(diffs)
+    return {"other": other, "per_pair": per_pair,
+            "pooled": {x: sign(v for d in ds for v in d) if all(ds) else None
+                       for x, ds in pooled.items()}}
+
+
+def across_bases(folders, frontier_folders=()) -> dict:
     """OOD at matched ID per (base, task) pair (a folder each) and arm, its spread across pairs,
-    and each of ``COMPARISONS`` per pair, with a verdict over pairs and the pooled difference."""
+    and each of ``COMPARISONS`` per pair, with a verdict over pairs and the pooled difference;
+    with ``frontier_folders``, the lr frontier's gaps per pair and pooled (``frontiers``)."""
     pairs, bases = {}, {}
     for folder in folders:
         label, summary, records = _pair(folder)
@@ -75,6 +94,7 @@ def across_bases(folders) -> dict:
             "pooled": sign(pooled) if len(pooled) > 1 else None,
             "last_epoch": _last_epoch(pairs, arm, other)}
     return {"bases": bases, "ood_at_matched_id": table, "comparisons": comparisons,
+            **({"frontier": frontiers(frontier_folders)} if frontier_folders else {}),
             "rule": f"per base, OOD at matched ID: {RULE}; over bases: the sign when every base "
                     "gives the same one, else mixed; pooled: the rule on every (base, seed) "
                     "pair's difference"}
@@ -103,7 +123,21 @@ def across_bases_report(summary: dict) -> str:
         "", f"Rule: {summary['rule']}.", "",
         *_table(["difference", *bases, "verdict", "pooled over (base, seed)"], diffs), "",
         "At the last epoch, pooled over every (base, seed) pair:", "",
-        *_table(["difference", *LAST_EPOCH.values()], last)]) + "\n"
+        *_table(["difference", *LAST_EPOCH.values()], last), *_frontier_lines(summary)]) + "\n"
+
+
+def _frontier_lines(summary: dict) -> list:
+    front = summary.get("frontier")
+    if not front:
+        return []
+    levels = list(front["pooled"])
+    show = lambda d: "not reached" if d is None else fmt_interval(d)  # noqa: E731
+    rows = [_row([f"base {k}", *(show(g) for g in gaps.values())])
+            for k, gaps in front["per_pair"].items()]
+    rows.append(_row(["pooled", *(show(g) for g in front["pooled"].values())]))
+    return ["", f"The lr frontier: PSFT's minus {front['other']}'s (best OOD among every lr and "
+            "epoch's points with ID >= the level, per seed), per pair and pooled:", "",
+            *_table(["pair", *(f"ID {x}" for x in levels)], rows)]
 
 
 def _table(header: list, rows: list) -> list:

@@ -59,9 +59,11 @@ def _axis(ax, key: str, title: str, xlabel: str) -> None:
 
 
 def _save(fig, path, dpi: int, rect=None) -> None:
+    """Save and close; with no ``path`` the figure stays open (a notebook shows it)."""
     fig.tight_layout(rect=rect)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    if path is not None:
+        fig.savefig(path, dpi=dpi)
+        plt.close(fig)
 
 
 def _finish_grid(fig, axes, ncol: int, title: str, path) -> None:
@@ -84,8 +86,9 @@ def panels(records, words) -> list:
     return out
 
 
-def epoch_stability(runs, arms, words, path):
-    """Training entropy per step, then each of the world's metrics with data per epoch."""
+def epoch_stability(runs, arms, words, path, title: str | None = None):
+    """Training entropy per step, then each of the world's metrics with data per epoch; ``title``
+    (a finding) replaces the neutral one."""
     main = [r for r in runs if r.job.group == "main"]
     records = [x for r in main for x in r.records]
     arms = [a for a in arms if any(r.job.arm == a for r in main)]
@@ -106,13 +109,14 @@ def epoch_stability(runs, arms, words, path):
                 _band(ax, epochs, ys, COLORS[arm], LABELS[arm], marker="o", markersize=3)
         _axis(ax, key, title, "epoch")
     seeds = len({r.job.seed for r in main})
-    _finish_grid(fig, axes, len(arms), f"SFT vs PSFT across epochs {words.title} (mean over "
-                 f"{seeds} seed(s), band = min-max)", path)
+    _finish_grid(fig, axes, len(arms), title or f"SFT vs PSFT across epochs {words.title} (mean "
+                 f"over {seeds} seed(s), band = min-max)", path)
 
 
-def tradeoff(records, arms, matched, words, path):
+def tradeoff(records, arms, matched, words, path, title: str | None = None):
     """Left: OOD against ID along training (a thin line per seed, a thick one for the mean). Right:
-    OOD at the common ID level (``matched``), a bar per arm; the title says each arm's."""
+    OOD at the common ID level (``matched``), a bar per arm; the title says each arm's, or
+    ``title`` (a finding)."""
     fig, (ax, bars) = plt.subplots(1, 2, figsize=(13, 6), width_ratios=(1.35, 1))
     for arm in arms:
         epochs, ys_id = _per_epoch(records, arm, "id_acc")
@@ -149,8 +153,8 @@ def tradeoff(records, arms, matched, words, path):
     bars.grid(alpha=0.3, axis="y")
     finding = ", ".join(f"{a} {statistics.fmean(ood):.2f}" for a, ood in
                         sorted(reached, key=lambda x: -statistics.fmean(x[1])))
-    fig.suptitle(f"Forgetting for the same skill {words.title}: OOD at ID >= {level:.2f}: "
-                 f"{finding}", fontsize=11)
+    fig.suptitle(title or f"Forgetting for the same skill {words.title}: OOD at ID >= "
+                 f"{level:.2f}: {finding}", fontsize=11)
     _save(fig, path, 110)
 
 
@@ -245,6 +249,38 @@ def boundary_zoom(curves: dict, tests: dict, path):
                   "(nats)")
     ax.title.set_fontsize(10)
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path, 100)
+
+
+def pairs(summary: dict, path, names=("psft - sft_paper", "psft - sft")):
+    """PSFT's seed-paired OOD difference at matched ID from each SFT, per (base, task) pair and
+    pooled over (pair, seed), with 95% t intervals (``pairs.across_bases``); the title says the
+    pooled finding."""
+    fig, ax = plt.subplots(figsize=(8.5, 0.5 * len(summary["bases"]) + 3))
+    labels = [*summary["bases"], "pooled"]
+    for k, name in enumerate(names):
+        c = summary["comparisons"][name]
+        rows = [*c["per_base"].values(), c.get("pooled")]
+        ys = [y + 0.2 * k for y in range(len(labels))]
+        kept = [(y, d) for y, d in zip(ys, rows) if d]
+        other = name.split(" - ")[1]
+        ax.errorbar([d["diff"] for _, d in kept], [y for y, _ in kept], fmt="o",
+                    xerr=[[d["diff"] - d["lo"] for _, d in kept],
+                          [d["hi"] - d["diff"] for _, d in kept]],
+                    color=COLORS[other], capsize=3, label=f"PSFT minus {LABELS[other]}")
+    ax.axvline(0, color="gray", linewidth=1)
+    ax.set_yticks(range(len(labels)), [f"base {b}" for b in summary["bases"]] + ["pooled"])
+    ax.invert_yaxis()
+    said = {"+": "above", "=": "level with", "-": "below", None: "not comparable with"}
+    pooled = {n: summary["comparisons"][n].get("pooled") for n in names}
+    finding = "; ".join(f"{said[d['sign'] if d else None]} {LABELS[n.split(' - ')[1]]}"
+                        for n, d in pooled.items())
+    ax.set(title=textwrap.fill(f"PSFT's OOD at matched ID, pooled over {len(summary['bases'])} "
+                               f"(base, task) pairs: {finding}", 90),
+           xlabel="OOD accuracy difference at matched ID (95% t interval)")
+    ax.title.set_fontsize(10)
+    ax.grid(alpha=0.3, axis="x")
     ax.legend(fontsize=8)
     _save(fig, path, 100)
 

@@ -42,20 +42,28 @@ def frontier_value(points, level: float):
 FRONTIER_LEVELS = (0.6, 0.7, 0.8, 0.9, 0.95)
 
 
+def frontier_gaps(records, other: str, level: float) -> list | None:
+    """PSFT's frontier minus ``other``'s at ID ``level``, seed by seed (each seed's own frontier
+    over every lr and epoch); None where a frontier does not reach the level on every seed."""
+    pairs = []
+    for s in sorted({r["seed"] for r in records}):
+        points = frontier_points(records, [s])
+        pairs.append((frontier_value(points["psft"], level), frontier_value(points[other], level)))
+    if any(a is None or b is None for a, b in pairs):
+        return None
+    return [a - b for a, b in pairs]
+
+
 def frontier_summary(records, levels=FRONTIER_LEVELS) -> dict:
-    """PSFT's frontier minus each other arm's at each fixed ID level: per seed (each seed's own
-    frontier over every lr and epoch), then ``sign`` over the seeds; None where an arm's frontier
-    does not reach the level on every seed."""
-    seeds = sorted({r["seed"] for r in records})
-    per_seed = {s: frontier_points(records, [s]) for s in seeds}
+    """PSFT's frontier minus each other arm's at each fixed ID level: ``sign`` of
+    ``frontier_gaps`` (None where they are)."""
+    others = [a for a in arms_of(records) if a != "psft"]
     out = {}
-    for other in (a for a in per_seed[seeds[0]] if a != "psft"):
+    for other in others:
         gaps = {}
         for level in levels:
-            pairs = [(frontier_value(per_seed[s]["psft"], level),
-                      frontier_value(per_seed[s][other], level)) for s in seeds]
-            complete = all(a is not None and b is not None for a, b in pairs)
-            gaps[f"{level:.2f}"] = sign(a - b for a, b in pairs) if complete else None
+            diffs = frontier_gaps(records, other, level)
+            gaps[f"{level:.2f}"] = None if diffs is None else sign(diffs)
         out[other] = gaps
     return out
 
