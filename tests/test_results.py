@@ -121,5 +121,11 @@ def test_add_seeds_rebuilds_a_folder_from_its_seeds(tmp_path):
     data = json.loads((other / "results.json").read_text())
     data["summary"]["preset_config"]["lr"] = 3e-4
     (other / "results.json").write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=r"other settings \(lr\)"):
+    with pytest.raises(ValueError, match=r"other lr"):
+        add_seeds(second, other)
+    data = json.loads((other / "results.json").read_text())
+    data["summary"]["preset_config"]["lr"] = original["summary"]["preset_config"]["lr"]
+    data["records"] = [r for r in data["records"] if r["method"] != "dft"]  # an arm short
+    (other / "results.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"other runs"):
         add_seeds(second, other)

@@ -129,6 +129,10 @@ def test_boundary_effect_is_the_boundary_drop_minus_the_drops_beside_it():
     assert sorted(curves[0]) == [-2, -1, 0, 1, 2, 3, 4]  # the pairs within 4 steps either side
     assert curves[0] == pytest.approx({o: 0.4 if o == 1 else 0.0 for o in curves[0]})
     assert before == pytest.approx([history(0.4)[7]["h"]])
+    # the sign rule counts runs (seeds), not boundaries: one value per run
+    two = Run(Job("sft", 1, "g", "sft"), [], history(0.2) + [
+        {"step": 17 + k, "epoch": 3, "h": history(0.2)[-1]["h"] - 0.7 - 0.1 * k} for k in range(8)])
+    assert boundary_effects([saw, two], "sft", "h", "g") == pytest.approx([0.4, (0.2 + 0.6) / 2])
 
 
 def test_a_second_size_gives_each_main_claim_its_own_verdict(tmp_path):

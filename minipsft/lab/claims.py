@@ -192,7 +192,10 @@ def _bases_claims(path: Path, claim: str, what: str) -> list:
                                                     for b in bases.values())
                    + f". Signs per {what[:-1]} (n/a: an arm missed the level on a seed): {signs}. "
                    "Pooled over every (" + what[:-1] + ", seed): " + "; ".join(
-                       f"{k} {fmt(d)} over {d['seeds']}" for k, d in pooled.items() if d),
+                       f"{k} {fmt(d)} over {d['seeds']}" for k, d in pooled.items() if d)
+                   + f"; over {what[:-1]} means: " + "; ".join(
+                       f"{k} {fmt(c['pair_means'])} over {c['pair_means']['seeds']}"
+                       for k, c in comparisons.items() if c.get("pair_means")),
         "rule": f"per {what[:-1]} the sign rule on seed-paired differences; reproduced when PSFT "
                 f"is higher than both SFTs on every {what[:-1]}; pooled: the sign rule on every "
                 f"({what[:-1]}, seed) pair",
@@ -206,8 +209,9 @@ def _frontier_claims(path: Path) -> list:
         return []
     show = lambda d: "n/a" if d is None else fmt(d)  # noqa: E731
     signs = {x: d["sign"] if d else None for x, d in front["pooled"].items()}
-    verdict = ("reproduced beyond the step size" if "+" in signs.values()
-               and "-" not in signs.values() else "not reproduced beyond the step size")
+    verdict = ("n/a" if set(signs.values()) == {None} else "reproduced beyond the step size"
+               if "+" in signs.values() and "-" not in signs.values()
+               else "not reproduced beyond the step size")
     said = {"+": "above", "=": "level", "-": "below", None: "n/a"}
     return [{
         "claim": "2e. OOD beats SFT at every lr: the frontier, over (base, task) pairs",
@@ -254,10 +258,12 @@ def base_parameters(folder) -> int:
 
 def claims(results_dir="results", main="toy_cpu", ablations="toy_cpu_ablations",
            rl="toy_cpu_rl", bases="toy_cpu_bases", sawtooth="toy_cpu_sawtooth",
-           second_size="toy_cpu_wide", family="toy_cpu_family", tasks="toy_cpu_tasks") -> list:
+           second_size="toy_cpu_wide", family="toy_cpu_family", tasks="toy_cpu_tasks",
+           regime="toy_cpu_mild") -> list:
     """Rows ``{"claim", "numbers", "rule", "verdict"}`` from the results folders that exist.
     ``second_size``: the main comparison on a larger base (and ``SECOND_sawtooth``): each claim
-    they give also gets their numbers and verdict as ``second``, and ``same_at_both_sizes``."""
+    they give also gets their numbers and verdict as ``second``, and ``same_at_both_sizes``;
+    ``regime``: the main comparison where forgetting is milder, as ``regime``."""
     root = Path(results_dir)
     pairs = ((main, second_size, _main_claims), (ablations, None, _ablation_claims),
              (rl, None, _rl_claims), (sawtooth, f"{second_size}_sawtooth", _ablation_claims))
@@ -276,6 +282,10 @@ def claims(results_dir="results", main="toy_cpu", ablations="toy_cpu_ablations",
                                  "verdict": there["verdict"]}
                 row["same_at_both_sizes"] = there["verdict"] == row["verdict"]
         rows += found
+    if (root / regime / "results.json").exists():
+        there = {r["claim"]: r for r in _main_claims(root / regime)}
+        for row in (r for r in rows if r["claim"] in there):
+            row["regime"] = {k: there[row["claim"]][k] for k in ("numbers", "verdict")}
     if (root / bases / "across_bases.json").exists():
         rows += _bases_claims(root / bases / "across_bases.json",
                               "2c. OOD accuracy beats SFT, over independently pretrained bases",
@@ -298,7 +308,7 @@ def claims_markdown(rows: list) -> str:
             "[95% t interval]) | rule | verdict |")
     cells = [f"| {r['claim']} | {r['numbers']} | {r['rule']} | **{r['verdict']}** |" for r in rows]
     if not second:
-        return "\n".join([head, "|---|---|---|---|", *cells]) + "\n"
+        return "\n".join([head, "|---|---|---|---|", *cells, *_regime_lines(rows)]) + "\n"
     size = second[0]["size"]
     lines = [head.replace("| verdict |", f"| verdict ({second[0]['first_size']}-parameter base) |")
              + f" verdict with the {size}-parameter base | same at both sizes |",
@@ -310,4 +320,18 @@ def claims_markdown(rows: list) -> str:
     lines += ["", f"Numbers with the {size}-parameter base (the same preset otherwise):", "",
               "| paper claim | numbers |", "|---|---|"]
     lines += [f"| {r['claim']} | {r['second']['numbers']} |" for r in rows if "second" in r]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _regime_lines(rows)) + "\n"
+
+
+def _regime_lines(rows: list) -> list:
+    """The main claims' verdicts where forgetting is milder, beside the committed regime's."""
+    mild = [r for r in rows if "regime" in r]
+    if not mild:
+        return []
+    return ["", "Where forgetting is milder (prior-task demonstrations mixed into the fine-tuning "
+            "data, lower lrs: preset `cpu_mild`, `results/toy_cpu_mild/`), the same rules:", "",
+            "| paper claim | verdict (committed regime) | verdict (milder regime) | same | numbers "
+            "(milder regime) |", "|---|---|---|---|---|",
+            *(f"| {r['claim']} | {r['verdict']} | {r['regime']['verdict']} | "
+              f"{'yes' if r['verdict'] == r['regime']['verdict'] else 'no'} | "
+              f"{r['regime']['numbers']} |" for r in mild)]

@@ -11,7 +11,7 @@ from .reports import (FRONTIER_LEVELS, RULE, base_seed, every_seed, fmt_interval
 from .toy import ID_TASK
 from .verdicts import at_last_epoch
 
-__all__ = ["COMPARISONS", "LAST_EPOCH", "across_bases", "across_bases_report"]
+__all__ = ["COMPARISONS", "LAST_EPOCH", "across_bases", "across_bases_report", "frontiers"]
 
 # PSFT against each SFT: at matched ID (OOD), and at the last epoch (these measures)
 COMPARISONS = (("psft", "sft_paper"), ("psft", "sft"), ("psft", "sft_small"))
@@ -50,14 +50,18 @@ def frontiers(folders, other: str = "sft") -> dict:
     per_pair, pooled = {}, {}
     for folder in folders:
         label, _, _ = _pair(folder)
-        records = json.loads((Path(folder) / "results.json").read_text())["records"]
+        if label in per_pair:
+            raise ValueError(f"{folder}: a second frontier of pair {label}: give each pair once")
+        records = [r for r in json.loads((Path(folder) / "results.json").read_text())["records"]
+                   if r["group"] == "frontier"]
+        both = {"psft", other} <= {r["method"] for r in records}
         per_pair[label] = {}
         for level in FRONTIER_LEVELS:
-            diffs = frontier_gaps([r for r in records if r["group"] == "frontier"], other, level)
+            diffs = frontier_gaps(records, other, level) if both else None
             per_pair[label][f"{level:.2f}"] = None if diffs is None else sign(diffs)
             pooled.setdefault(f"{level:.2f}", []).append(diffs)
     return {"other": other, "per_pair": per_pair,
-            "pooled": {x: sign(v for d in ds for v in d) if all(ds) else None
+            "pooled": {x: sign(v for d in ds for v in d) if all(ds) and len(ds) > 0 else None
                        for x, ds in pooled.items()}}
 
 
@@ -88,16 +92,21 @@ def across_bases(folders, frontier_folders=()) -> dict:
         per_base = {k: None if d is None else sign(d) for k, d in diffs.items()}
         signs = {d["sign"] if d else None for d in per_base.values()}
         one = len(signs) == 1 and None not in signs  # the same sign on every base
-        pooled = [x for d in diffs.values() if d for x in d]
+        kept = [d for d in diffs.values() if d]  # pairs where both arms reached the level
+        pooled = [x for d in kept for x in d]
         comparisons[f"{arm} - {other}"] = {
             "per_base": per_base, "verdict": f"{signs.pop()} on every base" if one else "mixed",
-            "pooled": sign(pooled) if len(pooled) > 1 else None,
+            "pooled": sign(pooled) if len(pooled) > 1 else None, "pairs": len(kept),
+            # the unit a base or task varies by: one mean per pair (does not treat seeds of one
+            # pair as independent draws of the pair)
+            "pair_means": sign(statistics.fmean(d) for d in kept) if len(kept) > 1 else None,
             "last_epoch": _last_epoch(pairs, arm, other)}
     return {"bases": bases, "ood_at_matched_id": table, "comparisons": comparisons,
             **({"frontier": frontiers(frontier_folders)} if frontier_folders else {}),
             "rule": f"per base, OOD at matched ID: {RULE}; over bases: the sign when every base "
                     "gives the same one, else mixed; pooled: the rule on every (base, seed) "
-                    "pair's difference"}
+                    "difference of the bases where both arms reached the level on every seed; "
+                    "over base means: the rule on one mean difference per base"}
 
 
 def across_bases_report(summary: dict) -> str:
@@ -109,7 +118,8 @@ def across_bases_report(summary: dict) -> str:
                    f"{row['mean']:.3f}", f"{row['std_across_bases']:.3f}"])
              for arm, row in summary["ood_at_matched_id"].items()]
     diffs = [_row([name, *(show(d) for d in c["per_base"].values()), c["verdict"],
-                   show(c.get("pooled"))]) for name, c in summary["comparisons"].items()]
+                   show(c.get("pooled")), show(c.get("pair_means"))])
+             for name, c in summary["comparisons"].items()]
     last = [_row([name, *(show((c.get("last_epoch") or {}).get(k)) for k in LAST_EPOCH)])
             for name, c in summary["comparisons"].items()]
     return "\n".join([
@@ -121,7 +131,8 @@ def across_bases_report(summary: dict) -> str:
         "Levels: " + ", ".join(f"{b} {v['matched_id']['level']:.2f}"
                                for b, v in zip(bases, summary["bases"].values())),
         "", f"Rule: {summary['rule']}.", "",
-        *_table(["difference", *bases, "verdict", "pooled over (base, seed)"], diffs), "",
+        *_table(["difference", *bases, "verdict", "pooled over (base, seed)",
+                 "over base means"], diffs), "",
         "At the last epoch, pooled over every (base, seed) pair:", "",
         *_table(["difference", *LAST_EPOCH.values()], last), *_frontier_lines(summary)]) + "\n"
 

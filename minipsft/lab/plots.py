@@ -228,16 +228,16 @@ def boundary_finding(tests: dict) -> str:
     parts = ([f"measurable for {said(drop)}"] if drop else []) + (
         [f"none for {said(rest)}"] if rest else [])
     return ("Held-out entropy's drop across an epoch boundary beyond the drops beside it: "
-            + "; ".join(parts) + " (95% t intervals over the boundaries)")
+            + "; ".join(parts) + " (95% t intervals over seeds)")
 
 
 def boundary_zoom(curves: dict, tests: dict, path):
     """The saw-tooth up close: per arm (``curves``: arm -> per seed, step offset from an epoch's
-    last step -> the entropy drop into that step less the run's in-epoch mean,
+    last step -> the entropy drop into that step less the mean drop beside the boundary,
     ``verdicts.boundary_curves``), the mean over seeds and the min-max band; the title says what
     ``tests`` (arm -> the sign rule on its boundary effects) found."""
     fig, ax = plt.subplots(figsize=(8.5, 5.5))
-    for arm, by_seed in curves.items():
+    for arm, by_seed in ((a, c) for a, c in curves.items() if c):
         offsets = sorted(set.intersection(*(set(c) for c in by_seed)))
         _band(ax, offsets, [[c[o] for o in offsets] for c in by_seed], COLORS[arm], LABELS[arm],
               marker="o")

@@ -1,5 +1,5 @@
 """Numbers from results files: the matched-ID comparison, the sign rule every verdict uses, the
-lr frontier, the comparison across bases, and the markdown reports (nothing here trains)."""
+lr frontier, and the markdown reports (nothing here trains; over bases and tasks: ``pairs.py``)."""
 import math
 import statistics
 from collections import defaultdict

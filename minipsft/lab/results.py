@@ -139,12 +139,9 @@ def _differences(saved: dict, more: dict, kind: type) -> list:
             if k not in _ANY and saved.get(k, defaults.get(k)) != more.get(k, defaults.get(k))]
 
 
-def add_seeds(out_dir, more_dir) -> list:
-    """Add to the results folder ``out_dir`` the runs of ``more_dir``: the same command at other
-    seeds (``reproduce ... --seeds 3 4 --out MORE``), so that a verdict can rest on more seeds.
-    The settings must agree but for the seeds; then ``out_dir`` is finalized again (an RL folder's
-    ``finetune/`` too, when both have one). Returns the figures' names."""
-    out, more = Path(out_dir), Path(more_dir)
+def _merged(out: Path, more: Path) -> dict:
+    """``out``'s results.json with ``more``'s runs added, or ValueError naming what differs: the
+    stage, a setting but the seeds, the base, the runs each seed has, a seed in both."""
     first, second = read_folder(out), read_folder(more)
     if first.stage is not second.stage:
         raise ValueError(f"{more} is not the same stage (fine-tuning or RL) as {out}")
@@ -155,20 +152,38 @@ def add_seeds(out_dir, more_dir) -> list:
         differ += [f"rl_config.{k}" for k in _differences(a["rl_config"], b["rl_config"], RLPreset)]
     elif Path(a["base_model"]).name != Path(b["base_model"]).name:
         differ.append("base_model")
+    kinds = [{(run.job.group, run.job.name.rsplit("-s", 1)[0]) for run in f.runs}
+             for f in (first, second)]
+    if kinds[0] != kinds[1]:
+        differ.append("runs (groups, arms or settings)")
     both = set(a[key]["seeds"]) & set(b[key]["seeds"])
     if differ or both:
         raise ValueError(f"{more} cannot add seeds to {out}: "
-                         + (f"other settings ({', '.join(differ)})" if differ
+                         + (f"other {', '.join(differ)}" if differ
                             else f"seeds {sorted(both)} are in both"))
     a[key]["seeds"] = a[key]["seeds"] + b[key]["seeds"]
     for name in ("run_seconds", "sft_small_step_ratio", "best_checkpoints"):
         if name in a:
             a[name] = a[name] | b.get(name, {})
     a["wall_seconds"] += b["wall_seconds"]
-    for path in (more / "histories").glob("*.jsonl"):
-        shutil.copyfile(path, out / "histories" / path.name)
-    write_atomic(out / "results.json",
-                 json.dumps({"summary": a, "records": first.records + second.records}, indent=1))
-    if (out / "finetune").is_dir() and (more / "finetune").is_dir():
-        add_seeds(out / "finetune", more / "finetune")
+    return {"summary": a, "records": first.records + second.records}
+
+
+def add_seeds(out_dir, more_dir) -> list:
+    """Add to the results folder ``out_dir`` the runs of ``more_dir``: the same command at other
+    seeds (``reproduce ... --seeds 3 4 --out MORE``), so that a verdict can rest on more seeds.
+    Everything but the seeds must agree (an RL folder's ``finetune/`` too) before anything is
+    written; then ``out_dir`` is finalized again. An RL folder's ``best_checkpoints`` of the new
+    seeds stay where ``more_dir`` has them. Returns the figures' names."""
+    out, more = Path(out_dir), Path(more_dir)
+    pairs = [(out, more)]
+    if (out / "finetune").is_dir() or (more / "finetune").is_dir():
+        pairs.append((out / "finetune", more / "finetune"))  # read_folder fails if one lacks it
+    merged = [_merged(a, b) for a, b in pairs]  # every check, then every write
+    for (a, b), data in zip(pairs, merged):
+        for path in (b / "histories").glob("*.jsonl"):
+            shutil.copyfile(path, a / "histories" / path.name)
+        write_atomic(a / "results.json", json.dumps(data, indent=1))
+    if len(pairs) > 1:
+        finalize(out / "finetune")
     return finalize(out)

@@ -18,7 +18,8 @@ Design (each piece is there because the paper's effects depend on it):
   preamble *before* the answer broke the base's position-based reversal: no arm learned the task.)
 * **A second in-domain task** (``id_task="sort_long"``): sorting 7-10 letters (pretraining sorted
   3-6), another operation in the same reflection style, so that a verdict can be checked over
-  (base, task) pairs instead of one task.
+  (base, task) pairs instead of one task (its OOD set holds the shorter sorts, as the reversals'
+  holds the shorter reversals: that part of OOD measures transfer too).
 * **Finite data revisited.** A fixed set of demonstrations trained on for several epochs, so
   memorising it (and its random style choices) is possible, as in multi-epoch SFT.
 
@@ -147,7 +148,9 @@ def id_rows(n: int, seed: int, task: str = ID_TASK) -> list:
 
 def replay_rows(n: int, seed: int) -> list:
     """Prior-task demonstrations in pretraining's style, to mix into the fine-tuning data: what
-    keeps forgetting mild in practice (instruction data mixed with the new task's)."""
+    keeps forgetting mild in practice (instruction data mixed with the new task's). The tasks'
+    inputs are few (1-digit sums, short words), so some equal held-out OOD prompts: OOD under
+    replay partly measures recall of items trained on, as pretraining's own draws do."""
     rng = random.Random(seed)
     return [prior_row(rng.choice(PRIOR_TASKS), rng) for _ in range(n)]
 
