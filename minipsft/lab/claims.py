@@ -198,7 +198,7 @@ def _bases_claims(path: Path, claim: str, what: str) -> list:
                        for k, c in comparisons.items() if c.get("pair_means")),
         "rule": f"per {what[:-1]} the sign rule on seed-paired differences; reproduced when PSFT "
                 f"is higher than both SFTs on every {what[:-1]}; pooled: the sign rule on every "
-                f"({what[:-1]}, seed) pair",
+                f"({what[:-1]}, seed) difference, and on one mean difference per {what[:-1]}",
         "verdict": verdict}]
 
 

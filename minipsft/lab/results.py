@@ -152,7 +152,7 @@ def _merged(out: Path, more: Path) -> dict:
         differ += [f"rl_config.{k}" for k in _differences(a["rl_config"], b["rl_config"], RLPreset)]
     elif Path(a["base_model"]).name != Path(b["base_model"]).name:
         differ.append("base_model")
-    kinds = [{(run.job.group, run.job.name.rsplit("-s", 1)[0]) for run in f.runs}
+    kinds = [{(getattr(run.job, "group", None), run.job.name.rsplit("-s", 1)[0]) for run in f.runs}
              for f in (first, second)]
     if kinds[0] != kinds[1]:
         differ.append("runs (groups, arms or settings)")
