@@ -203,9 +203,12 @@ def arm_config(p: Preset, arm: str, **overrides) -> TrainConfig:
 
 def same_preset(saved: dict, p: Preset) -> bool:
     """Whether a results folder's ``preset_config`` holds ``p``'s settings (fields added since count
-    as their defaults; ``workers`` and ``threads`` never change a result)."""
+    as their defaults; ``workers`` and ``threads`` never change a result). A folder with more
+    seeds than ``p``'s (``add-seeds``) holds its runs too."""
     defaults = json.loads(json.dumps({f.name: f.default for f in fields(Preset)
                                       if f.default is not MISSING}))
     current = json.loads(json.dumps(asdict(p)))
+    if not set(current.pop("seeds")) <= set(saved.get("seeds", ())):
+        return False
     return all(saved.get(k, defaults.get(k)) == v for k, v in current.items()
                if k not in ("workers", "threads"))
