@@ -129,3 +129,17 @@ def test_add_seeds_rebuilds_a_folder_from_its_seeds(tmp_path):
     (other / "results.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match=r"other runs"):
         add_seeds(second, other)
+
+
+def test_a_folder_with_more_seeds_holds_the_presets_runs():
+    """After ``add-seeds`` the committed folders hold seeds 0-4: the notebooks still load them for
+    the preset's 0-2 (no run again), and not for seeds the folder lacks."""
+    from dataclasses import replace
+
+    from minipsft.lab.presets import PRESETS, same_preset
+
+    saved = json.loads((RESULTS / "toy_cpu" / "results.json").read_text())["summary"]
+    assert saved["preset_config"]["seeds"] == [0, 1, 2, 3, 4]
+    assert same_preset(saved["preset_config"], PRESETS["cpu"])
+    assert not same_preset(saved["preset_config"], replace(PRESETS["cpu"], seeds=(0, 7)))
+    assert not same_preset(saved["preset_config"], replace(PRESETS["cpu"], lr=3e-4))
