@@ -207,7 +207,6 @@ def _frontier_claims(path: Path) -> list:
     front = json.loads(path.read_text()).get("frontier")
     if not front:
         return []
-    show = lambda d: "n/a" if d is None else fmt(d)  # noqa: E731
     signs = {x: d["sign"] if d else None for x, d in front["pooled"].items()}
     verdict = ("n/a" if set(signs.values()) == {None} else "reproduced beyond the step size"
                if "+" in signs.values() and "-" not in signs.values()
@@ -216,11 +215,11 @@ def _frontier_claims(path: Path) -> list:
     return [{
         "claim": "2e. OOD beats SFT at every lr: the frontier, over (base, task) pairs",
         "numbers": f"PSFT's frontier minus {front['other']}'s at ID levels fixed before looking, "
-                   "per pair: " + "; ".join(f"{k}: " + ", ".join(f"{x} {show(d)}"
+                   "per pair: " + "; ".join(f"{k}: " + ", ".join(f"{x} {fmt(d)}"
                                                               for x, d in gaps.items())
                                            for k, gaps in front["per_pair"].items())
                    + "; pooled over (pair, seed): " + ", ".join(
-                       f"{x} {show(d)}" for x, d in front["pooled"].items()),
+                       f"{x} {fmt(d)}" for x, d in front["pooled"].items()),
         "rule": "the sign rule on every (pair, seed) frontier gap at each level; reproduced when "
                 "PSFT's frontier is above (+) at some level and below (-) at none",
         "verdict": f"{verdict} (pooled: " + ", ".join(f"ID {x} {said[g]}"

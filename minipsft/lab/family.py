@@ -10,7 +10,7 @@ from pathlib import Path
 from . import plots
 from .ablations import FAMILY_AGAINST, FAMILY_ARMS, FAMILY_NEW, family_summary
 from .reports import RULE, base_seed, fmt_interval, frontier_points, frontier_summary
-from .reports import every_seed, paired_difference, sign
+from .reports import every_seed, md_row, md_table, paired_difference, sign
 from .verdicts import at_last_epoch
 
 MEASURES = {"ood_at_matched_id": "OOD at matched ID", "last_id": "ID, last epoch",
@@ -107,11 +107,6 @@ def family(base_folders, frontier_folder=None, family_frontier_folder=None,
     return out
 
 
-def _md(header: list, rows: list) -> list:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-            *("| " + " | ".join(row) + " |" for row in rows)]
-
-
 SAID = {"+": "higher", "-": "lower", "=": "not distinguishable from level"}
 
 
@@ -141,25 +136,23 @@ def family_markdown(summary: dict) -> str:
              "OOD accuracy at matched ID (each base's own level: "
              + ", ".join(f"base {b} {summary['bases'][b]['level']:.2f}" for b in bases)
              + "; n/a: the arm missed it on a seed), mean over data seeds.", "",
-             *_md(["arm", *(f"base {b}" for b in bases)], ood), "",
+             *md_table(["arm", *(f"base {b}" for b in bases)], map(md_row, ood)), "",
              f"Differences, paired by data seed (rule: {summary['rule']}).", "",
              "## Verdicts, pooled over bases", "", *verdicts(summary), ""]
     for measure, title in MEASURES.items():
-        rows = [[name, *(fmt_interval(c) if (c := summary["bases"][b]["comparisons"][name]
-                                             .get(measure)) else "n/a" for b in bases),
-                 fmt_interval(summary["pooled"][name][measure])
-                 if summary["pooled"][name][measure] else "n/a"]
+        rows = [[name, *(fmt_interval(summary["bases"][b]["comparisons"][name].get(measure))
+                         for b in bases), fmt_interval(summary["pooled"][name][measure])]
                 for name in summary["pooled"]]
-        lines += [f"## {title}", "", *_md(["difference", *(f"base {b}" for b in bases),
-                                          "pooled"], rows), ""]
+        lines += [f"## {title}", "", *md_table(["difference", *(f"base {b}" for b in bases),
+                                              "pooled"], map(md_row, rows)), ""]
     if "frontier" in summary:
         levels = list(next(iter(summary["frontier"].values())))
-        rows = [[other, *("not reached" if g is None else fmt_interval(g)
-                          for g in gaps.values())] for other, gaps in summary["frontier"].items()]
+        rows = [[other, *(fmt_interval(g, "not reached") for g in gaps.values())]
+                for other, gaps in summary["frontier"].items()]
         lines += ["## The lr frontier (the frontier folder's base)", "",
                   "PSFT's frontier (best OOD at ID >= x over every lr and epoch) minus each arm's, "
                   "per seed, at ID levels fixed before looking.", "",
-                  *_md(["PSFT minus", *(f"ID {x}" for x in levels)], rows), ""]
+                  *md_table(["PSFT minus", *(f"ID {x}" for x in levels)], map(md_row, rows)), ""]
     for b in summary.get("beside", []):
         lines += beside_markdown(b)
     return "\n".join(lines)
@@ -170,13 +163,14 @@ def beside_markdown(b: dict) -> list:
     m = b["matched_id"]
     ood = [[arm, f"{statistics.fmean(v['ood_acc']):.3f}" if every_seed(v) else "n/a"]
            for arm, v in m["arms"].items()]
-    rows = [[name, *(fmt_interval(c[k]) if c[k] else "n/a" for k in MEASURES)]
+    rows = [[name, *(fmt_interval(c[k]) for k in MEASURES)]
             for name, c in b["comparisons"].items()]
     more = f" (more arms from {b['folders'][1]})" if len(b["folders"]) > 1 else ""
     return [f"## Beside {b['folders'][0]}{more}", "",
             f"OOD accuracy at matched ID (first epoch with ID >= {m['level']:.2f}), mean over "
-            "data seeds; n/a: missed on a seed.", "", *_md(["arm", "OOD"], ood), "",
-            *_md(["difference", *MEASURES.values()], rows), ""]
+            "data seeds; n/a: missed on a seed.", "",
+            *md_table(["arm", "OOD"], map(md_row, ood)), "",
+            *md_table(["difference", *MEASURES.values()], map(md_row, rows)), ""]
 
 
 def write_family(out, summary: dict) -> list:

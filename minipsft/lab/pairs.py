@@ -7,7 +7,7 @@ import statistics
 from pathlib import Path
 
 from .reports import (FRONTIER_LEVELS, RULE, base_seed, every_seed, fmt_interval, frontier_gaps,
-                      seed_differences, sign)
+                      md_row, md_table, seed_differences, sign)
 from .toy import ID_TASK
 from .verdicts import at_last_epoch
 
@@ -112,29 +112,28 @@ def across_bases(folders, frontier_folders=()) -> dict:
 def across_bases_report(summary: dict) -> str:
     """Markdown of ``across_bases``."""
     bases = [f"base {b}" for b in summary["bases"]]
-    show = lambda d: "n/a" if d is None else fmt_interval(d)  # noqa: E731
-    means = [_row([arm, *(f"{row['per_base'][b]:.3f}" if b in row["per_base"] else "n/a"
+    means = [md_row([arm, *(f"{row['per_base'][b]:.3f}" if b in row["per_base"] else "n/a"
                           for b in summary["bases"]),
                    f"{row['mean']:.3f}", f"{row['std_across_bases']:.3f}"])
              for arm, row in summary["ood_at_matched_id"].items()]
-    diffs = [_row([name, *(show(d) for d in c["per_base"].values()), c["verdict"],
-                   show(c.get("pooled")), show(c.get("pair_means"))])
+    diffs = [md_row([name, *(fmt_interval(d) for d in c["per_base"].values()), c["verdict"],
+                   fmt_interval(c.get("pooled")), fmt_interval(c.get("pair_means"))])
              for name, c in summary["comparisons"].items()]
-    last = [_row([name, *(show((c.get("last_epoch") or {}).get(k)) for k in LAST_EPOCH)])
+    last = [md_row([name, *(fmt_interval((c.get("last_epoch") or {}).get(k)) for k in LAST_EPOCH)])
             for name, c in summary["comparisons"].items()]
     return "\n".join([
         "# The main comparison on independently pretrained bases (and tasks)", "",
         "OOD accuracy at matched ID (each base's own level), mean over data seeds; bases named by "
         "their pretraining seed (and the in-domain task when it is not the reversals); n/a: the "
         "arm missed the level on a seed. Mean and std across the bases where it is given.", "",
-        *_table(["arm", *bases, "mean", "std across bases"], means), "",
+        *md_table(["arm", *bases, "mean", "std across bases"], means), "",
         "Levels: " + ", ".join(f"{b} {v['matched_id']['level']:.2f}"
                                for b, v in zip(bases, summary["bases"].values())),
         "", f"Rule: {summary['rule']}.", "",
-        *_table(["difference", *bases, "verdict", "pooled over (base, seed)",
-                 "over base means"], diffs), "",
+        *md_table(["difference", *bases, "verdict", "pooled over (base, seed)",
+                   "over base means"], diffs), "",
         "At the last epoch, pooled over every (base, seed) pair:", "",
-        *_table(["difference", *LAST_EPOCH.values()], last), *_frontier_lines(summary)]) + "\n"
+        *md_table(["difference", *LAST_EPOCH.values()], last), *_frontier_lines(summary)]) + "\n"
 
 
 def _frontier_lines(summary: dict) -> list:
@@ -142,18 +141,9 @@ def _frontier_lines(summary: dict) -> list:
     if not front:
         return []
     levels = list(front["pooled"])
-    show = lambda d: "not reached" if d is None else fmt_interval(d)  # noqa: E731
-    rows = [_row([f"base {k}", *(show(g) for g in gaps.values())])
-            for k, gaps in front["per_pair"].items()]
-    rows.append(_row(["pooled", *(show(g) for g in front["pooled"].values())]))
+    pairs = {f"base {k}": v for k, v in front["per_pair"].items()} | {"pooled": front["pooled"]}
+    rows = [md_row([k, *(fmt_interval(g, "not reached") for g in gaps.values())])
+            for k, gaps in pairs.items()]
     return ["", f"The lr frontier: PSFT's minus {front['other']}'s (best OOD among every lr and "
             "epoch's points with ID >= the level, per seed), per pair and pooled:", "",
-            *_table(["pair", *(f"ID {x}" for x in levels)], rows)]
-
-
-def _table(header: list, rows: list) -> list:
-    return [_row(header), "|" + "---|" * len(header), *rows]
-
-
-def _row(cells) -> str:
-    return "| " + " | ".join(str(c) for c in cells) + " |"
+            *md_table(["pair", *(f"ID {x}" for x in levels)], rows)]

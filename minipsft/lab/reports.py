@@ -128,9 +128,9 @@ def sign(diffs, level: float = 0.95) -> dict:
     return {"diff": mean, "lo": mean - half, "hi": mean + half, "seeds": n, "sign": verdict}
 
 
-def fmt_interval(d: dict) -> str:
+def fmt_interval(d: dict | None, missing: str = "n/a") -> str:
     """``+0.016 [-0.009, +0.041] (=)``: the mean difference, its interval, its sign."""
-    return f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] ({d['sign']})"
+    return missing if not d else f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] ({d['sign']})"
 
 
 def seed_differences(m: dict, arm: str, other: str) -> list | None:
@@ -194,14 +194,16 @@ def report(summary: dict, records: list, grad_max: dict | None = None) -> str:
 
 def _section(title: str, intro: str | None, header: str, rows: list) -> list:
     """A report section: the title, the intro (if any), then a table (``header``: ``a | b``)."""
-    return [f"## {title}", ""] + ([intro, ""] if intro else []) + _table(header.split(" | "), rows)
+    intro_lines = [intro, ""] if intro else []
+    return [f"## {title}", "", *intro_lines, *md_table(header.split(" | "), rows)]
 
 
-def _table(header: list, rows: list) -> list:
-    return [_row(header), "|" + "---|" * len(header), *rows]
+def md_table(header: list, rows) -> list:
+    """A markdown table's lines: ``header`` (cells), the rule, then ``rows`` (made by md_row)."""
+    return [md_row(header), "|" + "---|" * len(header), *rows]
 
 
-def _row(cells) -> str:
+def md_row(cells) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
@@ -216,7 +218,7 @@ def _per_epoch_table(main: list, matched: dict, words) -> list:
         for e in range(max(r["epoch"] for r in main) + 1):
             rs = [r for r in main if r["method"] == arm and r["epoch"] == e]
             if rs:
-                rows.append(_row([arm, e] + [_fmt([r.get(k) for r in rs]) for k in keys]
+                rows.append(md_row([arm, e] + [_fmt([r.get(k) for r in rs]) for k in keys]
                                  + [_fmt([r[k] for r in rs]) if e else ""
                                     for k in ("train_entropy", "clipfrac")]))
     return _section("Per epoch (main comparison)", None,
@@ -229,12 +231,12 @@ def _matched_id_table(m: dict) -> list:
     return _section(f"OOD at matched ID (first epoch with id_acc >= {m['level']:.2f})",
                     "The level is the highest that every arm learning the task reaches on "
                     f"average{not_learning}.", "arm | seeds reaching | epoch | id_acc | ood_acc",
-                    [_row([arm, v["reached"], v["epoch"], _fmt(v["id_acc"]), _fmt(v["ood_acc"])])
+                    [md_row([arm, v["reached"], v["epoch"], _fmt(v["id_acc"]), _fmt(v["ood_acc"])])
                      for arm, v in m["arms"].items()])
 
 
 def _clipped_tokens_table(ct: dict) -> list:
-    rows = [_row([role, ct["seen"][role], f"{ct['share_of_tokens'][role]:.3f}",
+    rows = [md_row([role, ct["seen"][role], f"{ct['share_of_tokens'][role]:.3f}",
                   ct["clipped"].get(role, 0), f"{ct['clip_rate'][role]:.4f}",
                   f"{ct['share_of_clipped'][role]:.3f}"]) for role in ct["seen"]]
     return _section("Which tokens PSFT clips (psft, first seed, all steps)", None,
@@ -254,7 +256,7 @@ def _ablations_table(abl: list, grad_max: dict) -> list:
                         key=lambda r: r["id_acc"])
                     for s in sorted({r["seed"] for r in rs})]
             grads = [grad_max.get((group, setting, r["seed"])) for r in end]
-            rows.append(_row([group, setting] + [_fmt([r[k] for r in end])
+            rows.append(md_row([group, setting] + [_fmt([r[k] for r in end])
                                                  for k in ("id_acc", "ood_acc", "entropy")]
                              + [_fmt([r[k] for r in best]) for k in ("id_acc", "ood_acc")]
                              + [_fmt(grads, 1)]))
@@ -265,7 +267,7 @@ def _ablations_table(abl: list, grad_max: dict) -> list:
 
 def _frontier_table(frontier: dict) -> list:
     levels = list(next(iter(frontier.values())))
-    rows = [_row([other, *("not reached" if g is None else fmt_interval(g) for g in gaps.values())])
+    rows = [md_row([other, *(fmt_interval(g, "not reached") for g in gaps.values())])
             for other, gaps in frontier.items()]
     return _section("The lr frontier: OOD vs ID over every lr and epoch",
                     "Frontier of an arm at ID level x: the best OOD among its (lr, epoch) points "
@@ -279,7 +281,7 @@ def _aggregation_table(variants: dict) -> list:
     return _section("Aggregation and warm-up: OOD at matched ID within each variant",
                     "Each variant's level is the highest ID every learning arm reaches in it.",
                     "variant | level | arm | seeds reaching | epoch | id_acc | ood_acc",
-                    [_row([label, f"{m['level']:.2f}", arm, v["reached"], v["epoch"],
+                    [md_row([label, f"{m['level']:.2f}", arm, v["reached"], v["epoch"],
                            _fmt(v["id_acc"]), _fmt(v["ood_acc"])])
                      for label, m in variants.items() for arm, v in m["arms"].items()])
 
@@ -309,7 +311,7 @@ def rl_report(summary: dict, records: list, runs: list = ()) -> str:
                      [statistics.fmean(x["reward"] for x in h[-k:]) for h in hs]]
             cells += [[statistics.fmean(x[key] for x in h) for h in hs]
                       for key in ("zero_adv_groups", "clipfrac_high", "clipfrac_low")]
-            rows.append(_row([start] + [_fmt(c, 4 if i > 2 else 3) for i, c in enumerate(cells)]))
+            rows.append(md_row([start] + [_fmt(c, 4 if i > 2 else 3) for i, c in enumerate(cells)]))
     if runs:
         lines += _section(f"Rollouts (per seed, then mean ± std): reward over the first and last "
                           f"{k} steps, and per step", None, "start | reward first | reward last "
@@ -321,6 +323,6 @@ def rl_report(summary: dict, records: list, runs: list = ()) -> str:
     for start in starts:
         for step in sorted({r["step"] for r in records if r["start"] == start}):
             rs = [r for r in records if r["start"] == start and r["step"] == step]
-            rows.append(_row([start, step] + [_fmt([r.get(k) for r in rs]) for k in keys]))
+            rows.append(md_row([start, step] + [_fmt([r.get(k) for r in rs]) for k in keys]))
     return "\n".join(lines + _section("Along RL", None, " | ".join(["start", "step", *keys]),
                                       rows)) + "\n"

@@ -73,13 +73,7 @@ def boundary_effects(runs, arm: str, key: str = "entropy", group: str = "main") 
     """Per run of ``arm`` (a seed each, the unit the sign rule counts): the mean over its epoch
     boundaries of the drop of ``key`` across a boundary minus the mean drop between two consecutive
     steps beside it (``WINDOW`` steps either side, inside an epoch)."""
-    effects = []
-    for run in (r for r in runs if r.job.arm == arm and r.job.group == group):
-        each = [drops[1] - statistics.fmean(d for o, d in drops.items() if o != 1)
-                for _, drops in around_boundaries(run, key) if 1 in drops and len(drops) > 1]
-        if each:
-            effects.append(statistics.fmean(each))
-    return effects
+    return [curve[1] for curve in boundary_curves(runs, arm, key, group)[0] if curve]
 
 
 def sawtooth_claim(claim: str, numbers: str, rule: str, effects: dict,
