@@ -14,7 +14,6 @@ def render(tok, messages, add_generation_prompt: bool) -> str:
     if getattr(tok, "chat_template", None):
         return tok.apply_chat_template(messages, tokenize=False,
                                        add_generation_prompt=add_generation_prompt)
-    # plain fallback, no template
     text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
     return text + ("assistant: " if add_generation_prompt else "")
 

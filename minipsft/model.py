@@ -128,8 +128,7 @@ class CausalLM:
     def encode(self, rows, max_length=None, all_assistant_turns: bool = False) -> list:
         """Rows -> examples ``{"input_ids", "completion_mask"}`` (chat.encode); ``max_length``
         defaults to the model's context."""
-        return chat.encode(self.tokenizer, rows, max_length or self.max_length,
-                           all_assistant_turns)
+        return chat.encode(self.tokenizer, rows, max_length or self.max_length, all_assistant_turns)
 
     def prompt_ids(self, prompt) -> list:
         """Token ids of a prompt, as ``encode`` and ``generate`` tokenise it (chat.prompt_ids)."""

@@ -11,7 +11,6 @@ file or GPU trick: the outside reaches it through ``eval_fn`` and a ``Run`` (``r
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 
@@ -95,10 +94,9 @@ class TrainConfig:
             raise ValueError("lr_warmup_steps and lr_warmup_batches: set one of the two")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule={self.lr_schedule!r}: choose constant or cosine")
-        if min(self.micro_batch_size, self.sft_warmup_steps, self.lr_warmup_steps,
-               self.lr_warmup_batches, self.eval_every,
-               self.checkpoint_every) < 0 or min(self.grad_clip, self.kl_coef,
-                                                 self.vocab_kl_coef) < 0:
+        if min(self.micro_batch_size, self.sft_warmup_steps, self.lr_warmup_steps, self.eval_every,
+               self.lr_warmup_batches, self.checkpoint_every, self.grad_clip, self.kl_coef,
+               self.vocab_kl_coef) < 0:
             raise ValueError("step counts, sizes, grad_clip and the KL weights must be >= 0")
 
 
@@ -310,14 +308,6 @@ def micro_batches(mb: dict, cfg) -> list:
             for s in range(0, len(mb["input_ids"]), size)]
 
 
-class StartingWeights(Protocol):
-    """The starting weights, frozen (``model.Reference``): what the anchored losses compare with."""
-
-    def logprobs(self, batch) -> torch.Tensor: ...
-
-    def weights(self): ...  # a context manager: the reference model, under no grad
-
-
 @dataclass
 class Objective:
     """One micro-batch's loss as a function of its log-probs: a registered loss with its token
@@ -327,7 +317,7 @@ class Objective:
     weights: torch.Tensor  # per-token weights of the loss (token_weights): 0 off the completion
     logp_old: torch.Tensor | None  # log pi_old; None: pi_old is these very weights (ratio 1)
     logp_ref: torch.Tensor | None  # log pi_ref, the starting weights, when the loss needs it
-    reference: StartingWeights | None = None  # the starting weights, for a vocab_kl loss's KL
+    reference: object = None  # model.Reference, the frozen starting weights: a vocab_kl loss's KL
 
     def __call__(self, logp, kl=None):
         """The loss and its metrics; ``kl``: KL(pi_ref || pi) per position (a vocab_kl loss)."""

@@ -10,7 +10,8 @@ from ..logprobs import heldout_eval
 from ..train import TrainConfig
 from .presets import Preset, arm_config
 from .records import Folder, Job
-from .reports import frontier_points, frontier_summary, matched_id, paired_difference, sign
+from .reports import (arms_of, frontier_points, frontier_summary, matched_id, paired_difference,
+                      sign)
 from .verdicts import (WINDOW, at_last_epoch, boundary_curves, boundary_effects, fmt, mean_std,
                        paired, sawtooth_claim)
 from .worlds import ToyWorld, world_words
@@ -196,8 +197,7 @@ def family_frontier_runs(p: Preset) -> list:
 def family_summary(records) -> dict:
     """OOD at matched ID of every arm, and each arm but PSFT and the SFTs minus SFT (same lr and
     schedule) and minus PSFT, paired by seed: OOD at matched ID, ID and OOD at the last epoch."""
-    present = list(dict.fromkeys(r["method"] for r in records))
-    arms = [a for a in FAMILY_ARMS if a in present] + [a for a in present if a not in FAMILY_ARMS]
+    arms = sorted(arms_of(records), key=lambda a: (*FAMILY_ARMS, a).index(a))
     m = matched_id(records, arms)
     comparisons = {}
     for arm in (a for a in arms if a not in ("psft", "sft", "sft_paper", "sft_small")):

@@ -81,7 +81,6 @@ def _last_epoch_claim(records, key: str, claim: str, numbers: str, rule: str) ->
             "rule": rule, "verdict": two_way(paper, control)}
 
 
-
 def _entropy_claim(records) -> dict:
     """Claim 3 as stated, "over the epochs": PSFT against both SFTs in every epoch, on the mean
     training-minibatch entropy of the epoch, paired by seed."""

@@ -58,7 +58,7 @@ def frontiers(folders, other: str = "sft") -> dict:
         per_pair[label] = {}
         for level in FRONTIER_LEVELS:
             diffs = frontier_gaps(records, other, level) if both else None
-            per_pair[label][f"{level:.2f}"] = None if diffs is None else sign(diffs)
+            per_pair[label][f"{level:.2f}"] = sign(diffs)
             pooled.setdefault(f"{level:.2f}", []).append(diffs)
     return {"other": other, "per_pair": per_pair,
             "pooled": {x: sign(v for d in ds for v in d) if all(ds) and len(ds) > 0 else None
@@ -89,7 +89,7 @@ def across_bases(folders, frontier_folders=()) -> dict:
     comparisons = {}
     for arm, other in COMPARISONS:
         diffs = {k: seed_differences(b["matched_id"], arm, other) for k, b in bases.items()}
-        per_base = {k: None if d is None else sign(d) for k, d in diffs.items()}
+        per_base = {k: sign(d) for k, d in diffs.items()}
         signs = {d["sign"] if d else None for d in per_base.values()}
         one = len(signs) == 1 and None not in signs  # the same sign on every base
         kept = [d for d in diffs.values() if d]  # pairs where both arms reached the level

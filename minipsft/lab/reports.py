@@ -57,15 +57,8 @@ def frontier_gaps(records, other: str, level: float) -> list | None:
 def frontier_summary(records, levels=FRONTIER_LEVELS) -> dict:
     """PSFT's frontier minus each other arm's at each fixed ID level: ``sign`` of
     ``frontier_gaps`` (None where they are)."""
-    others = [a for a in arms_of(records) if a != "psft"]
-    out = {}
-    for other in others:
-        gaps = {}
-        for level in levels:
-            diffs = frontier_gaps(records, other, level)
-            gaps[f"{level:.2f}"] = None if diffs is None else sign(diffs)
-        out[other] = gaps
-    return out
+    return {other: {f"{x:.2f}": sign(frontier_gaps(records, other, x)) for x in levels}
+            for other in arms_of(records) if other != "psft"}
 
 
 # ------------------------------------------------------------------------------------------ results
@@ -114,10 +107,12 @@ RULE = ("a seed-paired difference counts (+ or -) when its 95% t interval (t dis
         "degrees of freedom) excludes zero, else =")
 
 
-def sign(diffs, level: float = 0.95) -> dict:
+def sign(diffs, level: float = 0.95) -> dict | None:
     """The rule every verdict uses (``RULE``): the mean of the seed-paired differences with its
     two-sided t interval; ``+``/``-`` when the interval excludes zero, else ``=`` (always with one
-    seed). With 3 seeds the interval is the mean +- 4.30 standard errors."""
+    seed). With 3 seeds the interval is the mean +- 4.30 standard errors. None for None."""
+    if diffs is None:
+        return None
     diffs = list(diffs)
     n, mean = len(diffs), statistics.fmean(diffs)
     half = math.inf
@@ -147,8 +142,7 @@ def seed_differences(m: dict, arm: str, other: str) -> list | None:
 
 def paired_difference(m: dict, arm: str, other: str) -> dict | None:
     """``sign`` of ``seed_differences`` (None where they are)."""
-    diffs = seed_differences(m, arm, other)
-    return None if diffs is None else sign(diffs)
+    return sign(seed_differences(m, arm, other))
 
 
 def every_seed(arm: dict | None) -> bool:

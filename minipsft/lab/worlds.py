@@ -61,17 +61,13 @@ class ToyWorld:
         columns=("id_acc", "ood_acc", "ood_format", "entropy", "sample_entropy", "ood_kl", "drift"),
         per_set=False)
     dtype = "float32"  # the toy runs in float32 on any device
-    # what the second in-domain task changes in the words
-    SORT_WORDS = dict(title="in the toy world, sorting", id_name="7-10 letter sorts",
-                      id_metric="In-domain accuracy (held-out 7-10 letter sorts)")
-
     @classmethod
     def words_for(cls, config: dict) -> Words:
         if config.get("id_task", ID_TASK) == ID_TASK:
             return cls.words
-        sort = cls.SORT_WORDS
-        return replace(cls.words, title=sort["title"], id_name=sort["id_name"],
-                       metrics=cls.words.metrics | {"id_acc": sort["id_metric"]})
+        return replace(cls.words, title="in the toy world, sorting", id_name="7-10 letter sorts",
+                       metrics=cls.words.metrics | {
+                           "id_acc": "In-domain accuracy (held-out 7-10 letter sorts)"})
 
     def __init__(self, p):
         if p.id_task not in toy.ID_TASKS:
@@ -125,6 +121,9 @@ class _GivenModel:
     def max_new_tokens(self) -> int:
         return self.p.max_new_tokens
 
+    def reward(self, row: dict, completion: str) -> float:  # the number after ####, exactly
+        return real.gsm8k_reward(row, completion)
+
 
 # ------------------------------------------------------------------------------------------- GSM8K
 class GSM8KWorld(_GivenModel):
@@ -154,9 +153,6 @@ class GSM8KWorld(_GivenModel):
     def evaluator(self, base):
         d = self.data()
         return real.Evaluator(base, d["test"], d["ood"], self.p.max_new_tokens, self.p.max_length)
-
-    def reward(self, row: dict, completion: str) -> float:
-        return real.gsm8k_reward(row, completion)
 
     def rl_prompts(self, n: int, seed: int) -> list:
         return self.data()["train"][:n]
@@ -357,15 +353,11 @@ class HandmadeWorld(_GivenModel):
             return dict(self.base_scores[key])
         return evaluate
 
-    def reward(self, row: dict, completion: str) -> float:
-        return real.gsm8k_reward(row, completion)
-
     def rl_prompts(self, n: int, seed: int) -> list:
         return handmade.word_problems(n, seed=20_000 + seed, instruction=real.INSTRUCTION)
 
 
-WORLDS = {"toy": ToyWorld, "gsm8k": GSM8KWorld, "files": FilesWorld,
-          "handmade": HandmadeWorld}
+WORLDS = {"toy": ToyWorld, "gsm8k": GSM8KWorld, "files": FilesWorld, "handmade": HandmadeWorld}
 
 
 def make_world(p):
