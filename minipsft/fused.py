@@ -5,6 +5,7 @@ import functools
 
 import torch
 
+from .logprobs import at_positions
 from .speed import CHUNK_ELEMENTS, CHUNK_ELEMENTS_GPU, decoder_hidden, fast_head, token_logprobs
 
 __all__ = ["fused_head_loss", "objective_terms", "objective_loss"]
@@ -103,12 +104,7 @@ def fused_head_loss(model, input_ids, attention_mask, loss_mask, terms, with_ent
     step = max(1, chunk_elements // max(1, targets.shape[0] * head.out_features))
     loss, logp, entropy = _FusedHeadLoss.apply(hidden, head.weight, targets, mask, terms, step,
                                                with_entropy, compile)
-    keep = attention_mask[:, 1:].bool()
-    zero = logp.new_zeros(logp.shape[0], 1)
-    logp = torch.cat([zero, logp.masked_fill(~keep, 0.0)], 1)
-    if not with_entropy:
-        return loss, logp, None
-    return loss, logp, torch.cat([zero, entropy.masked_fill(~keep, 0.0)], 1)
+    return loss, *at_positions(attention_mask, logp, entropy if with_entropy else None)
 
 
 def objective_terms(objective):

@@ -2,7 +2,15 @@
 path (speed.py, fused.py) is tested against."""
 import torch
 
-__all__ = ["token_logprobs", "token_logprobs_kl", "vocab_kl", "heldout_eval"]
+__all__ = ["token_logprobs", "token_logprobs_kl", "vocab_kl", "heldout_eval", "at_positions"]
+
+
+def at_positions(attention_mask, *values) -> tuple:
+    """Values at the predicted positions 1..T-1 [B, T-1] -> [B, T]: 0 at position 0 (no context)
+    and on padding; None stays None."""
+    keep = attention_mask[:, 1:].bool()
+    return tuple(x if x is None else torch.cat([x.new_zeros(len(x), 1), x.masked_fill(~keep, 0)], 1)
+                 for x in values)
 
 
 def token_logprobs(model, input_ids, attention_mask, with_entropy: bool = False):
@@ -13,14 +21,11 @@ def token_logprobs(model, input_ids, attention_mask, with_entropy: bool = False)
     # float32, so that exp(logp - logp_old) is exact enough to clip; logits at t predict t + 1
     logp_all = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     logp = logp_all.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    keep = attention_mask[:, 1:].bool()
-    zero = logp.new_zeros(logp.shape[0], 1)
-    logp = torch.cat([zero, logp.masked_fill(~keep, 0.0)], 1)
-    if not with_entropy:
-        return logp, None
-    with torch.no_grad():  # a diagnostic: H = -sum_v p_v log p_v
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, torch.cat([zero, entropy.masked_fill(~keep, 0.0)], 1)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():  # a diagnostic: H = -sum_v p_v log p_v
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return at_positions(attention_mask, logp, entropy)
 
 
 def vocab_kl(logp_all, ref_logp_all):
@@ -36,13 +41,11 @@ def token_logprobs_kl(model, input_ids, attention_mask, ref_logits):
     ``ref_logits`` are the reference model's logits on the same batch. Shapes [B, T]."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     logp_all = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    keep = attention_mask[:, 1:].bool()
     logp = logp_all.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     kl = vocab_kl(logp_all, torch.log_softmax(ref_logits[:, :-1].float(), dim=-1))
     with torch.no_grad():
         entropy = -(logp_all.exp() * logp_all).sum(-1)
-    zero = logp.new_zeros(logp.shape[0], 1)
-    return tuple(torch.cat([zero, x.masked_fill(~keep, 0.0)], 1) for x in (logp, entropy, kl))
+    return at_positions(attention_mask, logp, entropy, kl)
 
 
 @torch.no_grad()

@@ -168,11 +168,8 @@ def chunked_logprobs(model, input_ids, attention_mask, with_entropy, chunk_eleme
     outs = [chunk_fn(hidden[:, s:s + step], targets[:, s:s + step], head, with_entropy,
                      None if ref is None else ref_hidden[:, s:s + step], ref_head)
             for s in range(0, T1, step)]
-    keep = attention_mask[:, 1:].bool()
-    zero = hidden.new_zeros(B, 1, dtype=torch.float32)
-    return tuple(None if parts[0] is None else
-                 torch.cat([zero, torch.cat(parts, 1).masked_fill(~keep, 0.0)], 1)
-                 for parts in zip(*outs))
+    return logprobs.at_positions(attention_mask, *(None if parts[0] is None else torch.cat(parts, 1)
+                                                   for parts in zip(*outs)))
 
 
 def compile_layers(model, backend: str) -> None:
