@@ -6,20 +6,10 @@ import functools
 import torch
 
 from .logprobs import at_positions
-from .speed import CHUNK_ELEMENTS, CHUNK_ELEMENTS_GPU, decoder_hidden, fast_head, token_logprobs
+from .speed import (CHUNK_ELEMENTS, CHUNK_ELEMENTS_GPU, decoder_hidden, fast_head, logit_stats,
+                    token_logprobs)
 
 __all__ = ["fused_head_loss", "objective_terms", "objective_loss"]
-
-
-def _fused_chunk_stats(logits, targets, with_entropy: bool):
-    """log Z, log pi(target) and (no grad) the entropy of one chunk's float32 logits."""
-    logz = torch.logsumexp(logits, dim=-1)
-    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz
-    entropy = None
-    if with_entropy:  # H = -sum_v p_v log p_v, not log Z - E[logit]: see speed.chunk_logprobs
-        log_p = logits - logz.unsqueeze(-1)
-        entropy = -(log_p.exp() * log_p).sum(-1)
-    return logz, logp, entropy
 
 
 def _fused_chunk_grad(logits, logz, targets, coef):
@@ -31,7 +21,7 @@ def _fused_chunk_grad(logits, logz, targets, coef):
 
 @functools.cache
 def _compiled_fused(backend: str):
-    return (torch.compile(_fused_chunk_stats, backend=backend, dynamic=True),
+    return (torch.compile(logit_stats, backend=backend, dynamic=True),
             torch.compile(_fused_chunk_grad, backend=backend, dynamic=True))
 
 
@@ -41,8 +31,8 @@ class _FusedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, mask, terms, step, with_entropy, backend):
-        stats_fn, grad_fn = _compiled_fused(backend) if backend else (_fused_chunk_stats,
-                                                                      _fused_chunk_grad)
+        stats_fn, grad_fn = (_compiled_fused(backend) if backend
+                             else (logit_stats, _fused_chunk_grad))
         n_tokens = mask.sum()
         grad_hidden = torch.zeros_like(hidden)
         grad_weight = None  # a frozen head (LoRA) needs no weight gradient

@@ -10,7 +10,7 @@ from torch.utils.checkpoint import checkpoint
 from . import logprobs
 
 __all__ = ["token_logprobs", "token_logprobs_kl", "compile_layers", "fast_head", "logit_scale",
-           "ScaledHead", "decoder_hidden", "CHUNK_ELEMENTS", "CHUNK_ELEMENTS_GPU"]
+           "ScaledHead", "decoder_hidden", "logit_stats", "CHUNK_ELEMENTS", "CHUNK_ELEMENTS_GPU"]
 
 # Elements of one [rows, positions, vocab] float32 logits chunk: 2**25 (128 MiB) on CPU; 2**28
 # (1 GiB) on GPU, where small chunks leave the vocabulary projection's matmuls too thin to be fast.
@@ -18,20 +18,27 @@ CHUNK_ELEMENTS = 2**25
 CHUNK_ELEMENTS_GPU = 2**28
 
 
-def chunk_logprobs(hidden, targets, head, with_entropy: bool, ref_hidden=None, ref_head=None):
-    # [B, c, V], float32 so that exp(logp - logp_old) is exact enough to clip
-    logits = head(hidden).float()
+def logit_stats(logits, targets, with_entropy: bool) -> tuple:
+    """log Z, log pi(target) and (no grad) the entropy of one chunk's float32 logits [B, c, V]."""
     logz = torch.logsumexp(logits, dim=-1)
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz
-    kl = entropy = None
-    if ref_hidden is not None:  # KL(pi_ref || pi) over the vocabulary: this chunk's logits only
-        with torch.no_grad():
-            ref_logp_all = torch.log_softmax(ref_head(ref_hidden).float(), dim=-1)
-        kl = logprobs.vocab_kl(logits - logz.unsqueeze(-1), ref_logp_all)
+    entropy = None
     if with_entropy:
         with torch.no_grad():  # a diagnostic: H = -sum_v p_v log p_v (log Z - E[logit] would lose
             log_p = logits - logz.unsqueeze(-1)  # ~1e-3 nats to float32 when logits reach ~40)
             entropy = -(log_p.exp() * log_p).sum(-1)
+    return logz, logp, entropy
+
+
+def chunk_logprobs(hidden, targets, head, with_entropy: bool, ref_hidden=None, ref_head=None):
+    # [B, c, V], float32 so that exp(logp - logp_old) is exact enough to clip
+    logits = head(hidden).float()
+    logz, logp, entropy = logit_stats(logits, targets, with_entropy)
+    kl = None
+    if ref_hidden is not None:  # KL(pi_ref || pi) over the vocabulary: this chunk's logits only
+        with torch.no_grad():
+            ref_logp_all = torch.log_softmax(ref_head(ref_hidden).float(), dim=-1)
+        kl = logprobs.vocab_kl(logits - logz.unsqueeze(-1), ref_logp_all)
     return logp, entropy, kl
 
 
