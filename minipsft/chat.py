@@ -14,7 +14,7 @@ def render(tok, messages, add_generation_prompt: bool) -> str:
     if getattr(tok, "chat_template", None):
         return tok.apply_chat_template(messages, tokenize=False,
                                        add_generation_prompt=add_generation_prompt)
-    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)  # no template: plain lines
     return text + ("assistant: " if add_generation_prompt else "")
 
 

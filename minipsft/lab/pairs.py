@@ -113,11 +113,11 @@ def across_bases_report(summary: dict) -> str:
     """Markdown of ``across_bases``."""
     bases = [f"base {b}" for b in summary["bases"]]
     means = [md_row([arm, *(f"{row['per_base'][b]:.3f}" if b in row["per_base"] else "n/a"
-                          for b in summary["bases"]),
-                   f"{row['mean']:.3f}", f"{row['std_across_bases']:.3f}"])
+                            for b in summary["bases"]),
+                     f"{row['mean']:.3f}", f"{row['std_across_bases']:.3f}"])
              for arm, row in summary["ood_at_matched_id"].items()]
     diffs = [md_row([name, *(fmt_interval(d) for d in c["per_base"].values()), c["verdict"],
-                   fmt_interval(c.get("pooled")), fmt_interval(c.get("pair_means"))])
+                     fmt_interval(c.get("pooled")), fmt_interval(c.get("pair_means"))])
              for name, c in summary["comparisons"].items()]
     last = [md_row([name, *(fmt_interval((c.get("last_epoch") or {}).get(k)) for k in LAST_EPOCH)])
             for name, c in summary["comparisons"].items()]

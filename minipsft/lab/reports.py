@@ -124,7 +124,8 @@ def sign(diffs, level: float = 0.95) -> dict | None:
 
 
 def fmt_interval(d: dict | None, missing: str = "n/a") -> str:
-    """``+0.016 [-0.009, +0.041] (=)``: the mean difference, its interval, its sign."""
+    """``+0.016 [-0.009, +0.041] (=)``: the mean difference, its interval, its sign; ``missing``
+    where there is none (an arm missed the level)."""
     return missing if not d else f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] ({d['sign']})"
 
 
@@ -213,8 +214,8 @@ def _per_epoch_table(main: list, matched: dict, words) -> list:
             rs = [r for r in main if r["method"] == arm and r["epoch"] == e]
             if rs:
                 rows.append(md_row([arm, e] + [_fmt([r.get(k) for r in rs]) for k in keys]
-                                 + [_fmt([r[k] for r in rs]) if e else ""
-                                    for k in ("train_entropy", "clipfrac")]))
+                                   + [_fmt([r[k] for r in rs]) if e else ""
+                                      for k in ("train_entropy", "clipfrac")]))
     return _section("Per epoch (main comparison)", None,
                     " | ".join(["arm", "epoch", *keys, "train_entropy", "clipfrac"]), rows)
 
@@ -251,9 +252,9 @@ def _ablations_table(abl: list, grad_max: dict) -> list:
                     for s in sorted({r["seed"] for r in rs})]
             grads = [grad_max.get((group, setting, r["seed"])) for r in end]
             rows.append(md_row([group, setting] + [_fmt([r[k] for r in end])
-                                                 for k in ("id_acc", "ood_acc", "entropy")]
-                             + [_fmt([r[k] for r in best]) for k in ("id_acc", "ood_acc")]
-                             + [_fmt(grads, 1)]))
+                                                   for k in ("id_acc", "ood_acc", "entropy")]
+                               + [_fmt([r[k] for r in best]) for k in ("id_acc", "ood_acc")]
+                               + [_fmt(grads, 1)]))
     return _section("Ablations (PSFT; at the last epoch and at the best-ID epoch)", None,
                     "ablation | setting | id_acc (last) | ood_acc (last) | entropy (last) "
                     "| best id_acc | ood at best id | max grad norm", rows)
@@ -276,7 +277,7 @@ def _aggregation_table(variants: dict) -> list:
                     "Each variant's level is the highest ID every learning arm reaches in it.",
                     "variant | level | arm | seeds reaching | epoch | id_acc | ood_acc",
                     [md_row([label, f"{m['level']:.2f}", arm, v["reached"], v["epoch"],
-                           _fmt(v["id_acc"]), _fmt(v["ood_acc"])])
+                             _fmt(v["id_acc"]), _fmt(v["ood_acc"])])
                      for label, m in variants.items() for arm, v in m["arms"].items()])
 
 

@@ -61,8 +61,10 @@ class ToyWorld:
         columns=("id_acc", "ood_acc", "ood_format", "entropy", "sample_entropy", "ood_kl", "drift"),
         per_set=False)
     dtype = "float32"  # the toy runs in float32 on any device
+
     @classmethod
     def words_for(cls, config: dict) -> Words:
+        """The words of a folder's task: the second in-domain task (sorting) renames the ID."""
         if config.get("id_task", ID_TASK) == ID_TASK:
             return cls.words
         return replace(cls.words, title="in the toy world, sorting", id_name="7-10 letter sorts",
