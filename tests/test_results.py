@@ -129,6 +129,12 @@ def test_add_seeds_rebuilds_a_folder_from_its_seeds(tmp_path):
     (other / "results.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match=r"other runs"):
         add_seeds(second, other)
+    data = json.loads((other / "results.json").read_text())
+    data["records"] = [r | {"ood_acc": 0.5} if r["epoch"] == 0 else r for r in original["records"]
+                       if r["seed"] == last]  # a base pretrained again, with other weights
+    (other / "results.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"other base_model"):
+        add_seeds(second, other)
 
 
 def test_a_folder_with_more_seeds_holds_the_presets_runs():

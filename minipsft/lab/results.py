@@ -139,6 +139,11 @@ def _differences(saved: dict, more: dict, kind: type) -> list:
             if k not in _ANY and saved.get(k, defaults.get(k)) != more.get(k, defaults.get(k))]
 
 
+def _base_scores(records) -> set:
+    """The untouched base's ID and OOD scores (every run's epoch 0): one pair for one base."""
+    return {(r.get("id_acc"), r.get("ood_acc")) for r in records if r["epoch"] == 0}
+
+
 def _merged(out: Path, more: Path) -> dict:
     """``out``'s results.json with ``more``'s runs added, or ValueError naming what differs: the
     stage, a setting but the seeds, the base, the runs each seed has, a seed in both."""
@@ -150,8 +155,9 @@ def _merged(out: Path, more: Path) -> dict:
     differ = _differences(a[key], b[key], Preset)
     if first.stage is RLJob:
         differ += [f"rl_config.{k}" for k in _differences(a["rl_config"], b["rl_config"], RLPreset)]
-    elif Path(a["base_model"]).name != Path(b["base_model"]).name:
-        differ.append("base_model")
+    elif (Path(a["base_model"]).name != Path(b["base_model"]).name
+          or _base_scores(first.records) != _base_scores(second.records)):
+        differ.append("base_model (its name or its untouched scores)")  # pretrained again
     kinds = [{(getattr(run.job, "group", None), run.job.name.rsplit("-s", 1)[0]) for run in f.runs}
              for f in (first, second)]
     if kinds[0] != kinds[1]:
