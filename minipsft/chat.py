@@ -3,6 +3,7 @@ tokenizer's chat template, the trained tokens marked, batches right-padded."""
 import warnings
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from .errors import DataError
 
@@ -103,14 +104,9 @@ def encode(tok, rows, max_length: int, all_assistant_turns: bool = False) -> lis
 
 def collate(tok, examples, device) -> dict:
     """Right-pad a list of examples into tensors on the model's device."""
-    T = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), T), tok.pad_token_id, dtype=torch.long)
-    attn = torch.zeros((len(examples), T), dtype=torch.long)
-    comp = torch.zeros((len(examples), T), dtype=torch.long)
-    for b, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[b, :n] = torch.tensor(e["input_ids"])
-        attn[b, :n] = 1
-        comp[b, :n] = torch.tensor(e["completion_mask"])
-    return {k: v.to(device) for k, v in
-            {"input_ids": ids, "attention_mask": attn, "completion_mask": comp}.items()}
+    ids = [torch.tensor(e["input_ids"]) for e in examples]
+    batch = {"input_ids": pad_sequence(ids, batch_first=True, padding_value=tok.pad_token_id),
+             "attention_mask": pad_sequence([torch.ones_like(i) for i in ids], batch_first=True),
+             "completion_mask": pad_sequence([torch.tensor(e["completion_mask"]) for e in examples],
+                                             batch_first=True)}
+    return {k: v.to(device) for k, v in batch.items()}

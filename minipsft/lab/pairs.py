@@ -19,14 +19,15 @@ LAST_EPOCH = {"id_acc": "ID", "ood_acc": "OOD", "ood_format": "format", "entropy
               "held-out entropy"}
 
 
-def _pair(folder) -> tuple:
-    """``(label, summary, records)`` of a folder: its base seed, and its task unless the first."""
+def _pair(folder, group: str = "main") -> tuple:
+    """``(label, summary, records of group)`` of a folder: its base seed, and its task unless the
+    first."""
     data = json.loads((Path(folder) / "results.json").read_text())
     config = data["summary"]["preset_config"]
     task = config.get("id_task", ID_TASK)
     seed = base_seed(config, Path(folder).name)
     label = str(seed) if task == ID_TASK else f"{seed}/{task}"
-    return label, data["summary"], [r for r in data["records"] if r["group"] == "main"]
+    return label, data["summary"], [r for r in data["records"] if r["group"] == group]
 
 
 def _last_epoch(pairs: dict, arm: str, other: str) -> dict:
@@ -49,11 +50,9 @@ def frontiers(folders, other: str = "sft") -> dict:
     ``--ablations frontier`` folder each) and pooled over every (pair, seed)."""
     per_pair, pooled = {}, {}
     for folder in folders:
-        label, _, _ = _pair(folder)
+        label, _, records = _pair(folder, "frontier")
         if label in per_pair:
             raise ValueError(f"{folder}: a second frontier of pair {label}: give each pair once")
-        records = [r for r in json.loads((Path(folder) / "results.json").read_text())["records"]
-                   if r["group"] == "frontier"]
         both = {"psft", other} <= {r["method"] for r in records}
         per_pair[label] = {}
         for level in FRONTIER_LEVELS:

@@ -201,14 +201,17 @@ def arm_config(p: Preset, arm: str, **overrides) -> TrainConfig:
     return replace(cfg, **overrides)
 
 
+def differences(saved: dict, current: dict, kind: type = Preset) -> list:
+    """The settings of ``kind`` two saved configs differ in, a field missing from one read as its
+    default; never the seeds, ``workers`` or ``threads`` (none changes a run's result)."""
+    defaults = json.loads(json.dumps({f.name: f.default for f in fields(kind)
+                                      if f.default is not MISSING}))
+    return [k for k in sorted(set(saved) | set(current)) if k not in ("seeds", "workers", "threads")
+            and saved.get(k, defaults.get(k)) != current.get(k, defaults.get(k))]
+
+
 def same_preset(saved: dict, p: Preset) -> bool:
     """Whether a results folder's ``preset_config`` holds ``p``'s settings (fields added since count
-    as their defaults; ``workers`` and ``threads`` never change a result). A folder with more
-    seeds than ``p``'s (``add-seeds``) holds its runs too."""
-    defaults = json.loads(json.dumps({f.name: f.default for f in fields(Preset)
-                                      if f.default is not MISSING}))
+    as their defaults). A folder with more seeds than ``p``'s (``add-seeds``) holds its runs too."""
     current = json.loads(json.dumps(asdict(p)))
-    if not set(current.pop("seeds")) <= set(saved.get("seeds", ())):
-        return False
-    return all(saved.get(k, defaults.get(k)) == v for k, v in current.items()
-               if k not in ("workers", "threads"))
+    return set(current["seeds"]) <= set(saved.get("seeds", ())) and not differences(saved, current)

@@ -3,12 +3,12 @@
 ``finalize`` derives from the files again, with no training."""
 import json
 import shutil
-from dataclasses import MISSING, asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 from . import plots
 from .ablations import ABLATIONS
-from .presets import ARMS, Preset, RLPreset
+from .presets import ARMS, Preset, RLPreset, differences
 from .records import Folder, Job, RLJob, Run
 from .store import write_atomic
 from .reports import arms_of, matched_id, report, rl_report
@@ -128,17 +128,6 @@ def make_figures(out: Path, folder: Folder) -> list:
     return figures
 
 
-# what a folder of more seeds may differ in: its seeds, and what never changes a result
-_ANY = ("seeds", "workers", "threads")
-
-
-def _differences(saved: dict, more: dict, kind: type) -> list:
-    defaults = json.loads(json.dumps({f.name: f.default for f in fields(kind)
-                                      if f.default is not MISSING}))
-    return [k for k in sorted(set(saved) | set(more))
-            if k not in _ANY and saved.get(k, defaults.get(k)) != more.get(k, defaults.get(k))]
-
-
 def _base_scores(records) -> set:
     """The untouched base's ID and OOD scores (every run's epoch 0): one pair for one base."""
     return {(r.get("id_acc"), r.get("ood_acc")) for r in records if r["epoch"] == 0}
@@ -152,9 +141,9 @@ def _merged(out: Path, more: Path) -> dict:
         raise ValueError(f"{more} is not the same stage (fine-tuning or RL) as {out}")
     key = "finetune_config" if first.stage is RLJob else "preset_config"
     a, b = first.summary, second.summary
-    differ = _differences(a[key], b[key], Preset)
+    differ = differences(a[key], b[key], Preset)
     if first.stage is RLJob:
-        differ += [f"rl_config.{k}" for k in _differences(a["rl_config"], b["rl_config"], RLPreset)]
+        differ += [f"rl_config.{k}" for k in differences(a["rl_config"], b["rl_config"], RLPreset)]
     elif (Path(a["base_model"]).name != Path(b["base_model"]).name
           or _base_scores(first.records) != _base_scores(second.records)):
         differ.append("base_model (its name or its untouched scores)")  # pretrained again

@@ -309,11 +309,10 @@ class Evaluator:
         out["ood_format"] = sum(fmt) / len(fmt)
         held = heldout_eval(lm, self.id_examples)
         out["heldout_nll"], out["entropy"] = held["heldout_nll"], held["heldout_entropy"]
-        state = torch.get_rng_state()
-        torch.manual_seed(self.seed)  # the same sampling noise at every evaluation, restored after
-        samples = lm.generate(self.sample_prompts, max_new_tokens=self.id_tokens, do_sample=True,
-                              batch_size=256)
-        torch.set_rng_state(state)
+        with torch.random.fork_rng(devices=[]):  # the same sampling noise each time, restored after
+            torch.manual_seed(self.seed)
+            samples = lm.generate(self.sample_prompts, max_new_tokens=self.id_tokens,
+                                  do_sample=True, batch_size=256)
         sampled = lm.encode([{"prompt": p, "completion": c}
                              for p, c in zip(self.sample_prompts, samples)])
         out["sample_entropy"] = heldout_eval(lm, sampled)["heldout_entropy"]

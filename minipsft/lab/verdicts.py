@@ -2,7 +2,7 @@
 sign rule (``reports.sign``), the saw-tooth's boundary effect, and how each is written."""
 import statistics
 
-from .reports import fmt_interval, fmt_mean_std as mean_std, sign
+from .reports import fmt_interval as fmt, fmt_mean_std as mean_std, sign
 
 
 def by_seed(records, key: str, epoch: int, **where) -> dict:
@@ -20,8 +20,6 @@ def paired(a: dict, b: dict) -> dict:
     """The sign rule on ``a - b`` over the seeds both have."""
     return sign(a[s] - b[s] for s in sorted(a) if s in b)
 
-
-fmt = fmt_interval
 
 
 def two_way(paper: dict, control: dict) -> str:

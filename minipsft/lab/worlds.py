@@ -18,6 +18,7 @@ more class here plus its entry in ``WORLDS``.
 import re
 import statistics
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 from . import handmade, real, toy
@@ -141,23 +142,21 @@ class GSM8KWorld(_GivenModel):
             raise ValueError("the gsm8k world fine-tunes a given model: pass --model (hub id or "
                              "folder)")
         self.p = p
-        self._data = None
 
+    @cached_property
     def data(self) -> dict:
-        if self._data is None:
-            p = self.p
-            self._data = real.world_data(p.n_train, p.n_id_eval, p.ood_per_task, p.data_dir)
-        return self._data
+        p = self.p
+        return real.world_data(p.n_train, p.n_id_eval, p.ood_per_task, p.data_dir)
 
     def train_rows(self, seed: int) -> list:
-        return self.data()["train"]  # the seed changes the data order only
+        return self.data["train"]  # the seed changes the data order only
 
     def evaluator(self, base):
-        d = self.data()
+        d = self.data
         return real.Evaluator(base, d["test"], d["ood"], self.p.max_new_tokens, self.p.max_length)
 
     def rl_prompts(self, n: int, seed: int) -> list:
-        return self.data()["train"][:n]
+        return self.data["train"][:n]
 
 
 # ------------------------------------------------------------------------------------------- files
