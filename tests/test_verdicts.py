@@ -1,9 +1,11 @@
 """Verdicts computed from results files: the paired sign rule and the verdict over bases."""
 import json
+import statistics
+from pathlib import Path
 
 import pytest
 
-from minipsft.lab.pairs import across_bases
+from minipsft.lab.pairs import across_bases, frontiers
 from minipsft.lab.reports import paired_difference, sign
 
 
@@ -170,3 +172,27 @@ def test_the_t_rule_needs_more_than_two_standard_errors_at_three_seeds():
     ten = sign([0.016 + k] * 5 + [0.016 - k] * 5)
     assert ten["sign"] == "+" and ten["lo"] > 0
     assert sign([-0.05, -0.04, -0.06])["sign"] == "-"
+
+
+def test_frontier_pooled_and_pair_means():
+    """The lr frontier over pairs: pooled over every (pair, seed) gap, and over one mean per pair;
+    a level some pair's seeds missed has neither."""
+    results = Path(__file__).resolve().parents[1] / "results"
+    folders = [results / "toy_cpu_frontier", results / "toy_cpu_tasks/sort_frontier",
+               results / "toy_cpu_tasks/frontier_base1236"]
+    out = frontiers(folders)
+    assert list(out["per_pair"]) == ["1234", "1234/sort_long", "1236"]
+    for x, pooled in out["pooled"].items():
+        per = [gaps[x] for gaps in out["per_pair"].values()]
+        if not all(per):
+            assert pooled is None and out["pair_means"][x] is None
+            continue
+        means = [p["diff"] for p in per]
+        assert out["pair_means"][x]["seeds"] == 3
+        assert out["pair_means"][x]["diff"] == pytest.approx(statistics.fmean(means))
+        assert pooled["seeds"] == sum(p["seeds"] for p in per)
+        assert pooled["diff"] == pytest.approx(
+            sum(p["diff"] * p["seeds"] for p in per) / pooled["seeds"])
+    assert out["pooled"]["0.95"] is None  # base 1236's seeds did not all reach ID 0.95
+    with pytest.raises(ValueError, match="second frontier"):
+        frontiers(folders[:1] * 2)

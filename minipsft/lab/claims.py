@@ -218,11 +218,16 @@ def _frontier_claims(path: Path) -> list:
                                                               for x, d in gaps.items())
                                            for k, gaps in front["per_pair"].items())
                    + "; pooled over (pair, seed): " + ", ".join(
-                       f"{x} {fmt(d)}" for x, d in front["pooled"].items()),
+                       f"{x} {fmt(d)}" for x, d in front["pooled"].items())
+                   + "; over the pairs' means: " + ", ".join(
+                       f"{x} {fmt(d)}" for x, d in front["pair_means"].items()),
         "rule": "the sign rule on every (pair, seed) frontier gap at each level; reproduced when "
-                "PSFT's frontier is above (+) at some level and below (-) at none",
+                "PSFT's frontier is above (+) at some level and below (-) at none (the pairs' "
+                "means, one per pair, are given beside it and do not enter the verdict)",
         "verdict": f"{verdict} (pooled: " + ", ".join(f"ID {x} {said[g]}"
-                                                     for x, g in signs.items()) + ")"}]
+                                                     for x, g in signs.items()) + "; over pair "
+                   "means: " + ", ".join(f"ID {x} {said[d['sign'] if d else None]}"
+                                         for x, d in front["pair_means"].items()) + ")"}]
 
 
 def _family_claims(path: Path) -> list:

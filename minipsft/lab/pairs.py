@@ -59,9 +59,13 @@ def frontiers(folders, other: str = "sft") -> dict:
             diffs = frontier_gaps(records, other, level) if both else None
             per_pair[label][f"{level:.2f}"] = sign(diffs)
             pooled.setdefault(f"{level:.2f}", []).append(diffs)
+    every = {x: ds for x, ds in pooled.items() if all(ds)}  # levels every pair's seeds reached
     return {"other": other, "per_pair": per_pair,
-            "pooled": {x: sign(v for d in ds for v in d) if all(ds) and len(ds) > 0 else None
-                       for x, ds in pooled.items()}}
+            "pooled": {x: sign(v for d in every[x] for v in d) if x in every else None
+                       for x in pooled},
+            # one mean per pair, as for ``pair_means`` of the comparisons
+            "pair_means": {x: sign(statistics.fmean(d) for d in every[x])
+                           if x in every and len(every[x]) > 1 else None for x in pooled}}
 
 
 def across_bases(folders, frontier_folders=()) -> dict:
@@ -140,9 +144,11 @@ def _frontier_lines(summary: dict) -> list:
     if not front:
         return []
     levels = list(front["pooled"])
-    pairs = {f"base {k}": v for k, v in front["per_pair"].items()} | {"pooled": front["pooled"]}
+    pairs = {f"base {k}": v for k, v in front["per_pair"].items()} | {
+        "pooled over (pair, seed)": front["pooled"], "over pair means": front["pair_means"]}
     rows = [md_row([k, *(fmt_interval(g, "not reached") for g in gaps.values())])
             for k, gaps in pairs.items()]
     return ["", f"The lr frontier: PSFT's minus {front['other']}'s (best OOD among every lr and "
-            "epoch's points with ID >= the level, per seed), per pair and pooled:", "",
+            "epoch's points with ID >= the level, per seed), per pair, pooled, and over the pairs' "
+            "means:", "",
             *md_table(["pair", *(f"ID {x}" for x in levels)], rows)]
