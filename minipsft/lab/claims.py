@@ -35,7 +35,8 @@ def _main_claims(path: Path) -> list:
                 "training minibatches (the first of an epoch was trained on in the epoch before), "
                 "not on a held-out set", {a: boundary_effects(folder.runs, a) for a in HEADLINE})]
     ct = folder.summary["clipped_tokens"]
-    return rows + ([_clipped_claim(ct)] if ct else [])
+    seed = folder.summary["preset_config"]["seeds"][0]  # the run that counted them
+    return rows + ([_clipped_claim(ct, seed)] if ct else [])
 
 
 def _id_claim(records, m: dict) -> dict:
@@ -106,7 +107,7 @@ def _entropy_claim(records) -> dict:
             "verdict": verdict}
 
 
-def _clipped_claim(ct: dict) -> dict:
+def _clipped_claim(ct: dict, seed: int) -> dict:
     ratio = ct["clip_rate"]["format"] / ct["clip_rate"]["content"]
     return {
         "claim": "5. clipped tokens are 'thinking-pattern' tokens",
@@ -114,7 +115,7 @@ def _clipped_claim(ct: dict) -> dict:
                    f"{ct['share_of_tokens']['format']:.0%} of demonstration tokens and "
                    f"{ct['share_of_clipped']['format']:.0%} of clipped ones; clip rate "
                    f"{ct['clip_rate']['format']:.2%} vs {ct['clip_rate']['content']:.2%} for "
-                   f"content tokens (first seed, all steps)",
+                   f"content tokens (seed {seed}, all steps)",
         "rule": "reproduced when format tokens are clipped at 2x or more the rate of "
                 "content tokens",
         "verdict": "reproduced" if ratio >= 2 else "not reproduced"}

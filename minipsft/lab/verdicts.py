@@ -21,7 +21,6 @@ def paired(a: dict, b: dict) -> dict:
     return sign(a[s] - b[s] for s in sorted(a) if s in b)
 
 
-
 def two_way(paper: dict, control: dict) -> str:
     """The verdict of "PSFT is higher" against the paper-recipe SFT and against the control."""
     if paper["sign"] != "+":
