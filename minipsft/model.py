@@ -116,9 +116,8 @@ class CausalLM:
     @property
     def hf_model(self):
         """The transformers model itself (under a PEFT wrapper, its base model)."""
-        if hasattr(self.model, "get_base_model"):
-            return self.model.get_base_model()
-        return self.model
+        peft = hasattr(self.model, "get_base_model")
+        return self.model.get_base_model() if peft else self.model
 
     # ---------------------------------------------------------------- encoding and scoring
     @property
@@ -192,10 +191,8 @@ class CausalLM:
         special = dict(pad_token_id=tok.pad_token_id, eos_token_id=self._stop_ids(),
                        bos_token_id=tok.bos_token_id, max_new_tokens=max_new_tokens, num_beams=1,
                        repetition_penalty=1.0, no_repeat_ngram_size=0)
-        if not do_sample:
-            return GenerationConfig(do_sample=False, **special)
-        return GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k,
-                                **special)
+        sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else {}
+        return GenerationConfig(do_sample=do_sample, **sampling, **special)
 
     def _stop_ids(self) -> list:
         """The tokenizer's EOS and any end tokens the model's generation_config lists (Llama-3's

@@ -99,8 +99,7 @@ class RunFolder(Progress):
         super().on_stop(lm, state, error)
         if self.log is not None:
             self.log.close()
-        with open(self.out / "evals.jsonl", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in state.evals)
+        (self.out / "evals.jsonl").write_text("".join(json.dumps(r) + "\n" for r in state.evals))
         if error is None:
             lm.save_pretrained(self.out / "final")
         elif isinstance(error, NonFiniteLossError):

@@ -74,10 +74,8 @@ class ScaledHead(torch.nn.Module):
 
     def forward(self, hidden):
         logits = self.linear(hidden)
-        if self.scale != 1.0 and self.divide:
-            logits = logits / (1.0 / self.scale)
-        elif self.scale != 1.0:
-            logits = logits * self.scale
+        if self.scale != 1.0:  # as the architecture writes it: x / (1 / scale) or x * scale
+            logits = logits / (1.0 / self.scale) if self.divide else logits * self.scale
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits

@@ -65,12 +65,10 @@ class PSFTTrainer(SFTTrainer):
 
     def log(self, logs: dict, start_time=None) -> None:
         if self.model.training and self._psft_sums.get("_tokens"):
-            n = self._psft_sums.pop("_tokens")
-            ratio_max = self._psft_sums.pop("ratio_max")
-            for k, v in self._psft_sums.items():
-                self._metrics["train"][k] = [v / n]  # replaces TRL's per-micro-batch means
-            self._metrics["train"]["ratio_max"] = [ratio_max]
-            self._psft_sums = {}
+            sums, self._psft_sums = self._psft_sums, {}
+            n = sums.pop("_tokens")
+            for k, v in sums.items():  # replaces TRL's per-micro-batch means
+                self._metrics["train"][k] = [v if k == "ratio_max" else v / n]
         super().log(logs, start_time)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):

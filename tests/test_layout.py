@@ -1,6 +1,7 @@
 """The package's shape (issue 23): three floors, each importing only from below; no function over
 60 lines, no module over 400, no line over 100 characters; the core within 700 lines."""
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +97,13 @@ def test_importing_the_core_loads_no_lab_cli_trl_or_peft():
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=PACKAGE.parent, check=True).stdout.strip()
     assert loaded == "[]", loaded
+
+
+def test_the_readmes_reading_order_gives_each_files_line_count():
+    """The README's reading order says how long each file (or the lab folder) is: kept true."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    listed = re.findall(r"minipsft/(\S*)\s+\((\d+) lines\)", readme)
+    assert len(listed) >= 10, listed
+    for name, count in listed:
+        files = sorted((PACKAGE / name).rglob("*.py")) if name.endswith("/") else [PACKAGE / name]
+        assert sum(len(f.read_text().splitlines()) for f in files) == int(count), name

@@ -5,7 +5,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Callable
 
-from . import plots, toy
+from . import plots
 from ..logprobs import heldout_eval
 from ..train import TrainConfig
 from .presets import Preset, arm_config
@@ -184,11 +184,6 @@ FAMILY_ARMS = ("psft", "sft", "sft_paper", "asft", "sft_kl_vocab")
 FAMILY_NEW, FAMILY_AGAINST = ("asft", "sft_kl_vocab"), ("sft", "psft")
 
 
-def family_runs(p: Preset) -> list:
-    """Each family arm at the main comparison's settings (its lr, or the paper recipe's)."""
-    return [(arm, arm, {}) for arm in FAMILY_ARMS]
-
-
 def family_frontier_runs(p: Preset) -> list:
     """The anchored arms at the lr frontier's lrs (its other arms: the ``frontier`` ablation)."""
     return [(arm, f"{arm} lr={lr:g}", dict(lr=lr)) for arm in FAMILY_NEW for lr in FRONTIER_LRS]
@@ -228,7 +223,8 @@ ABLATIONS = {
     "frontier": Ablation(frontier_runs, summarize=lambda rs: {"frontier": frontier_summary(rs)},
                          figure=frontier_figure),
     # ASFT and SFT+KL over the whole vocabulary beside PSFT, SFT and the paper-recipe SFT
-    "family": Ablation(family_runs, summarize=family_summary, figure=family_figure),
+    "family": Ablation(lambda p: [(arm, arm, {}) for arm in FAMILY_ARMS],
+                       summarize=family_summary, figure=family_figure),
     "family_frontier": Ablation(family_frontier_runs),
     "sawtooth": Ablation(lambda p: [(arm, arm, {}) for arm in SAWTOOTH_ARMS],
                          on_step=heldout_near_boundaries, claims=heldout_sawtooth_claims,

@@ -158,9 +158,6 @@ def _rl_claims(path: Path) -> list:
         "verdict": verdict}]
 
 
-POOLED = {"+": "above", "=": "level with", "-": "below", None: "n/a against"}
-
-
 def _bases_claims(path: Path, claim: str, what: str) -> list:
     """Claim 2 over the folders of an ``across_bases`` summary (``pairs.py``): bases, or (base,
     task) pairs (``what``), per pair and pooled over every (pair, seed)."""
@@ -179,7 +176,8 @@ def _bases_claims(path: Path, claim: str, what: str) -> list:
                f"reproduced on every {what[:-1]}" if control["verdict"] == every else
                f"partly: in the paper's recipe on every {what[:-1]}; under the control on {wins} "
                f"of {len(bases)} {what}")
-    said = {k: POOLED[d["sign"] if d else None] for k, d in pooled.items()}
+    words = {"+": "above", "=": "level with", "-": "below", None: "n/a against"}
+    said = {k: words[d["sign"] if d else None] for k, d in pooled.items()}
     verdict += (f"; pooled, PSFT is {said['psft - sft_paper']} the paper-recipe SFT and "
                 f"{said['psft - sft']} SFT at its lr")
     return [{

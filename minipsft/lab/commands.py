@@ -13,7 +13,7 @@ from . import plots
 from .ablations import ABLATIONS
 from .claims import claims, claims_markdown
 from .family import family, family_markdown, write_family
-from .presets import ARMS, PRESETS, Preset, RLPreset
+from .presets import PRESETS, Preset, RLPreset
 from .pairs import across_bases, across_bases_report
 from .results import add_seeds
 from .rl_stage import reproduce_rl
@@ -114,10 +114,6 @@ def _add_reproduce(sub, options: dict) -> None:
     _add_set(r, Preset, "--list-presets")
 
 
-# every registered loss and the paper-recipe SFT (sft_small needs psft and sft beside it)
-ARM_NAMES = [*LOSSES, "sft_paper"]
-
-
 def _add_compare(sub, options: dict) -> None:
     c = add_parser(
         sub, options, "compare", "SFT vs PSFT on your own data and model (the files world)",
@@ -144,7 +140,8 @@ def _add_compare(sub, options: dict) -> None:
                    help="what exact match compares: 'whole' (the whole completion, stripped), "
                         "'gsm8k' (the number after ####, else the last number) or a regular "
                         "expression (its first group)")
-    c.add_argument("--arms", nargs="+", default=list(PRESETS["files"].arms), choices=ARM_NAMES,
+    c.add_argument("--arms", nargs="+", default=list(PRESETS["files"].arms),
+                   choices=[*LOSSES, "sft_paper"],  # not sft_small: it needs psft and sft beside it
                    help="the methods compared (sft_kl, dft, asft, sft_kl_vocab on request)")
     c.add_argument("--epochs", type=int, default=PRESETS["files"].epochs, help="epochs per run")
     c.add_argument("--lr", type=float, default=PRESETS["files"].lr,

@@ -45,10 +45,8 @@ FRONTIER_LEVELS = (0.6, 0.7, 0.8, 0.9, 0.95)
 def frontier_gaps(records, other: str, level: float) -> list | None:
     """PSFT's frontier minus ``other``'s at ID ``level``, seed by seed (each seed's own frontier
     over every lr and epoch); None where a frontier does not reach the level on every seed."""
-    pairs = []
-    for s in sorted({r["seed"] for r in records}):
-        points = frontier_points(records, [s])
-        pairs.append((frontier_value(points["psft"], level), frontier_value(points[other], level)))
+    points = [frontier_points(records, [s]) for s in sorted({r["seed"] for r in records})]
+    pairs = [(frontier_value(p["psft"], level), frontier_value(p[other], level)) for p in points]
     if any(a is None or b is None for a, b in pairs):
         return None
     return [a - b for a, b in pairs]
@@ -155,9 +153,7 @@ def every_seed(arm: dict | None) -> bool:
 def base_seed(config: dict, fallback: str):
     """The pretraining seed of a results folder's base (``preset_config``), else ``fallback``."""
     seed = config.get("pretrain_seed")
-    if seed is None:
-        seed = (config.get("base") or {}).get("pretrain_seed", fallback)
-    return seed
+    return seed if seed is not None else (config.get("base") or {}).get("pretrain_seed", fallback)
 
 
 def report(summary: dict, records: list, grad_max: dict | None = None) -> str:

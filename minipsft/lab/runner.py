@@ -4,7 +4,7 @@ on the same data and order per seed, evaluating every epoch in a pool of process
 results folder (``results.py``). ``--preset gsm8k --model ID`` runs on a given model instead."""
 import statistics
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import asdict, fields, replace
 from functools import partial
 from pathlib import Path
@@ -47,12 +47,9 @@ def run_one(job: Job) -> Run:
 
 def eval_records(job: Job, cfg, result: dict) -> list:
     """One run's rows of results.json: each evaluation, with its epoch's entropy and clipfrac."""
-    by_epoch = defaultdict(list)
-    for r in result["history"]:
-        by_epoch[r["epoch"]].append(r)
     records = []
     for ev in result["evals"]:
-        steps = by_epoch.get(ev["epoch"], [])
+        steps = [r for r in result["history"] if r["epoch"] == ev["epoch"]]
         entropy = statistics.fmean(r["entropy"] for r in steps) if steps else None
         clipfrac = statistics.fmean(r["clipfrac"] for r in steps) if steps else None
         records.append({"method": job.arm, "loss": cfg.method, "seed": job.seed, **ev,

@@ -112,10 +112,8 @@ def chain_of_thought(word: str, rng: random.Random, answer: str | None = None) -
 def completion_roles(text: str) -> list:
     """Each character's role in an ID demonstration: ``content`` (answer, count) or ``format``;
     one without a reflection (a prior task's, mixed in by ``replay_rows``) is all content."""
-    if ";" not in text:
-        return ["content"] * len(text)
-    answer, tail = text.split(";", 1)
-    return (["content"] * len(answer) + ["format"]
+    answer, reflection, tail = text.partition(";")
+    return (["content"] * len(answer) + (["format"] if reflection else [])
             + ["content" if c.isdigit() else "format" for c in tail])
 
 
@@ -289,9 +287,8 @@ class Evaluator:
     """Each evaluation: ID/OOD accuracy (greedy), held-out NLL/entropy, the entropy of the model's
     samples, KL from the base on OOD demonstrations and weight distance from it (``drift``)."""
 
-    def __init__(self, base: CausalLM, id_eval: list, ood_eval: list, n_samples: int = 128,
-                 seed: int = 0):
-        self.id_eval, self.ood_eval, self.seed = id_eval, ood_eval, seed
+    def __init__(self, base: CausalLM, id_eval: list, ood_eval: list, n_samples: int = 128):
+        self.id_eval, self.ood_eval = id_eval, ood_eval
         self.base_model = base.frozen_copy()
         self.id_examples = base.encode(id_eval)
         self.ood_examples = base.encode(ood_eval)
@@ -310,7 +307,7 @@ class Evaluator:
         held = heldout_eval(lm, self.id_examples)
         out["heldout_nll"], out["entropy"] = held["heldout_nll"], held["heldout_entropy"]
         with torch.random.fork_rng(devices=[]):  # the same sampling noise each time, restored after
-            torch.manual_seed(self.seed)
+            torch.manual_seed(0)
             samples = lm.generate(self.sample_prompts, max_new_tokens=self.id_tokens,
                                   do_sample=True, batch_size=256)
         sampled = lm.encode([{"prompt": p, "completion": c}

@@ -86,8 +86,7 @@ class ToyWorld:
         how = "pretrained now"
         if cached:
             how = "shipped with the package" if toy.SHIPPED_BASES in path.parents else "cached"
-        n_params = base.model.num_parameters() / 1e6
-        return path, f"{how}, {n_params:.2f}M parameters", not cached
+        return path, f"{how}, {base.model.num_parameters() / 1e6:.2f}M parameters", not cached
 
     def id_rows(self, n: int, seed: int) -> list:
         """``n`` demonstrations of the preset's in-domain task (``id_task``) from ``seed``."""
@@ -214,9 +213,8 @@ def load_choice_items(path) -> list:
 def _is_choice_file(path) -> bool:
     """Whether a JSONL OOD set is multiple choice (its first row has ``choices``); other formats
     are read as prompt/answer rows by ``load_rows``."""
-    if Path(path).suffix.lower() != ".jsonl" or not Path(path).is_file():
-        return False
-    return "choices" in read_json_rows(Path(path))[0]
+    return (Path(path).suffix.lower() == ".jsonl" and Path(path).is_file()
+            and "choices" in read_json_rows(Path(path))[0])
 
 
 class FilesWorld(_GivenModel):
