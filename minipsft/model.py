@@ -116,8 +116,8 @@ class CausalLM:
     @property
     def hf_model(self):
         """The transformers model itself (under a PEFT wrapper, its base model)."""
-        peft = hasattr(self.model, "get_base_model")
-        return self.model.get_base_model() if peft else self.model
+        wrapped = hasattr(self.model, "get_base_model")
+        return self.model.get_base_model() if wrapped else self.model
 
     # ---------------------------------------------------------------- encoding and scoring
     @property

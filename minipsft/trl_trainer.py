@@ -67,7 +67,7 @@ class PSFTTrainer(SFTTrainer):
         if self.model.training and self._psft_sums.get("_tokens"):
             sums, self._psft_sums = self._psft_sums, {}
             n = sums.pop("_tokens")
-            for k, v in sums.items():  # replaces TRL's per-micro-batch means
+            for k, v in sums.items():  # replaces TRL's per-micro-batch means; ratio_max is a max
                 self._metrics["train"][k] = [v if k == "ratio_max" else v / n]
         super().log(logs, start_time)
 

@@ -222,7 +222,8 @@ ABLATIONS = {
     "aggregation": Ablation(aggregation_runs, summarize=aggregation_summary),
     "frontier": Ablation(frontier_runs, summarize=lambda rs: {"frontier": frontier_summary(rs)},
                          figure=frontier_figure),
-    # ASFT and SFT+KL over the whole vocabulary beside PSFT, SFT and the paper-recipe SFT
+    # ASFT and SFT+KL over the whole vocabulary beside PSFT, SFT and the paper-recipe SFT, each
+    # at the main comparison's settings (no overrides: its lr, or the paper recipe's)
     "family": Ablation(lambda p: [(arm, arm, {}) for arm in FAMILY_ARMS],
                        summarize=family_summary, figure=family_figure),
     "family_frontier": Ablation(family_frontier_runs),

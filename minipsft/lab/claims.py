@@ -176,8 +176,8 @@ def _bases_claims(path: Path, claim: str, what: str) -> list:
                f"reproduced on every {what[:-1]}" if control["verdict"] == every else
                f"partly: in the paper's recipe on every {what[:-1]}; under the control on {wins} "
                f"of {len(bases)} {what}")
-    words = {"+": "above", "=": "level with", "-": "below", None: "n/a against"}
-    said = {k: words[d["sign"] if d else None] for k, d in pooled.items()}
+    phrase = {"+": "above", "=": "level with", "-": "below", None: "n/a against"}
+    said = {k: phrase[d["sign"] if d else None] for k, d in pooled.items()}
     verdict += (f"; pooled, PSFT is {said['psft - sft_paper']} the paper-recipe SFT and "
                 f"{said['psft - sft']} SFT at its lr")
     return [{

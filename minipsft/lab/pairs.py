@@ -38,7 +38,8 @@ def _last_epoch(pairs: dict, arm: str, other: str) -> dict:
         for _, records in pairs.values():
             if not any(r["method"] == other for r in records):
                 continue
-            a, b = (at_last_epoch(records, key, method=x) for x in (arm, other))
+            a = at_last_epoch(records, key, method=arm)
+            b = at_last_epoch(records, key, method=other)
             diffs += [a[s] - b[s] for s in sorted(a) if s in b and None not in (a[s], b[s])]
         out[key] = sign(diffs) if len(diffs) > 1 else None
     return out

@@ -45,8 +45,8 @@ FRONTIER_LEVELS = (0.6, 0.7, 0.8, 0.9, 0.95)
 def frontier_gaps(records, other: str, level: float) -> list | None:
     """PSFT's frontier minus ``other``'s at ID ``level``, seed by seed (each seed's own frontier
     over every lr and epoch); None where a frontier does not reach the level on every seed."""
-    points = [frontier_points(records, [s]) for s in sorted({r["seed"] for r in records})]
-    pairs = [(frontier_value(p["psft"], level), frontier_value(p[other], level)) for p in points]
+    per_seed = [frontier_points(records, [s]) for s in sorted({r["seed"] for r in records})]
+    pairs = [(frontier_value(p["psft"], level), frontier_value(p[other], level)) for p in per_seed]
     if any(a is None or b is None for a, b in pairs):
         return None
     return [a - b for a, b in pairs]
