@@ -64,6 +64,7 @@ def test_id_teacher_style_roles_and_randomness():
     roles = toy.completion_roles(text)
     assert len(roles) == len(text)
     assert [c for c, r in zip(text, roles) if r == "content"] == list("pdicyzs7")
+    assert toy.completion_roles("(cba)") == ["content"] * 5  # a replayed prior task: no reflection
     # the teacher is stochastic: every reflection word appears
     texts = [toy.chain_of_thought("abcdefg", rng) for _ in range(100)]
     assert {t.split(";")[1].split(" ")[0] for t in texts} == set(toy.OPENERS)

@@ -112,9 +112,9 @@ def chain_of_thought(word: str, rng: random.Random, answer: str | None = None) -
 def completion_roles(text: str) -> list:
     """Each character's role in an ID demonstration: ``content`` (answer, count) or ``format``;
     one without a reflection (a prior task's, mixed in by ``replay_rows``) is all content."""
-    answer, reflection, tail = text.partition(";")
-    return (["content"] * len(answer) + (["format"] if reflection else [])
-            + ["content" if c.isdigit() else "format" for c in tail])
+    answer, semicolon, reflection = text.partition(";")
+    return (["content"] * len(answer) + (["format"] if semicolon else [])
+            + ["content" if c.isdigit() else "format" for c in reflection])
 
 
 def id_row(rng: random.Random, task: str = ID_TASK) -> dict:
